@@ -1,0 +1,256 @@
+"""GPT-2 in one file.
+
+References:
+1) Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2).
+2) OpenAI's TensorFlow release, github.com/openai/gpt-2/blob/master/src/model.py.
+3) Hugging Face transformers, models/gpt2/modeling_gpt2.py (the checkpoint layout we read/write).
+4) Karpathy's nanoGPT, whose layout this file follows.
+
+Module names follow the GPT-2 checkpoint (transformer.wte, .h.{i}.attn.c_attn, ...), so
+OpenAI's weights load by name; only HF's Conv1D layers store their matrices transposed
+(see gpt2core/modelfile.py).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gpt2core.config import GPT2Config
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated so decoding never re-allocates.
+
+    Shapes: k, v are (n_layer, B, nh, max_len, hs); `length` positions of each are filled.
+    All rows share one length: a batch decodes in lock-step (left-padding aligns prompts).
+    """
+
+    def __init__(self, config: GPT2Config, batch_size: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if max_len > config.n_positions:
+            raise ValueError(f"cache length {max_len} exceeds n_positions={config.n_positions}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append this step's (B, nh, T, hs) keys/values; return all keys/values so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # query, key and value for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, past + T, hs)
+        # Without an explicit mask, causal attention is is_causal=True; one new token after a
+        # cache attends to every cached position, so it needs no mask at all.
+        is_causal = mask is None and past == 0 and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 used the tanh approximation of GELU; exact GELU drifts ~1e-3 from its weights.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, kv_cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.grad_checkpointing = False  # recompute each block in backward: memory for compute
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017): the output projection is the token embedding.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales residual projections by 1/sqrt(2 * n_layer): each block adds two
+        # residual branches, and this keeps the residual stream's variance flat with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None):
+        """Logits (B, T, V) for input_ids (B, T); with targets (B, T), also the mean cross-entropy.
+
+        attention_mask (B, past + T), 1 for real tokens and 0 for padding, covers the cached
+        positions too (Hugging Face's convention). Left padding is then invisible: positions
+        count real tokens only, and no real token attends to a pad.
+        Targets equal to -100 are ignored in the loss.
+        """
+        B, T = input_ids.size()
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens exceeds n_positions="
+                             f"{self.config.n_positions}; shorten the input or the generation")
+        mask = None
+        if attention_mask is None:
+            pos = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)  # (1, T)
+        else:
+            attention_mask = attention_mask.to(torch.bool)
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            mask = _padded_causal_mask(attention_mask, past, T)  # (B, 1, T, past + T)
+
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask, kv_cache, i)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.length += T
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                               ignore_index=-100)
+        return logits, loss
+
+    # --- Sizes and speed --------------------------------------------------------------------
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (the tied wte/lm_head counted once); optionally without embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12·L·d·T (PaLM, appendix B)."""
+        T = seq_len or self.config.n_positions
+        c = self.config
+        # wte counts (it is also the LM head's matmul); wpe is a lookup, not a matmul.
+        n = self.num_params() - self.transformer.wpe.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_embd * T
+
+    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float,
+                     seq_len: int | None = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak."""
+        return tokens_per_sec * self.flops_per_token(seq_len) / peak_flops
+
+    # --- Optimizer ----------------------------------------------------------------------------
+
+    def configure_optimizer(self, lr: float, weight_decay: float,
+                            betas: tuple[float, float] = (0.9, 0.95),
+                            fused: bool | None = None) -> torch.optim.AdamW:
+        """AdamW with decay on matrices only: biases, LayerNorms and embeddings are exempt."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decay = [p for n, p in params.items() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
+        no_decay = [p for n, p in params.items() if not (p.dim() >= 2 and "wte" not in n
+                                                          and "wpe" not in n)]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if fused is None:  # the fused kernel exists for CUDA and (since torch 2.4) CPU
+            fused = True
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+    # --- Model dirs (Hugging Face GPT-2 format; see modelfile.py) ------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> GPT2:
+        """Load a HF GPT-2 model dir (ours, transformers', or OpenAI's converted weights)."""
+        from gpt2core import modelfile
+
+        config = modelfile.read_config(path)
+        model = cls(config)
+        model.load_state_dict(modelfile.read_weights(path, config), strict=True)
+        return model.to(device)
+
+    def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
+        """Write a HF GPT-2 model dir: config.json, model.safetensors and the tokenizer files."""
+        from gpt2core import modelfile
+
+        modelfile.write_model_dir(path, self.config, self.state_dict(), tokenizer)
+
+
+def _padded_causal_mask(attention_mask: torch.Tensor, past: int, T: int) -> torch.Tensor:
+    """Boolean (B, 1, T, past + T): query i sees key j if j <= past + i and j is not padding.
+
+    Every query also sees itself, so a pad query (whose output is never used) has one key
+    and softmax never divides by zero.
+    """
+    S = past + T
+    device = attention_mask.device
+    q_pos = torch.arange(past, S, device=device).unsqueeze(1)  # (T, 1)
+    k_pos = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    mask = causal.unsqueeze(0) & attention_mask[:, None, :S]  # (B, T, S)
+    mask = mask | (k_pos == q_pos).unsqueeze(0)
+    return mask.unsqueeze(1)  # (B, 1, T, S)

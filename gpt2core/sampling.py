@@ -1,0 +1,150 @@
+"""Sampling: temperature, top-k and nucleus (top-p) over token ids, batched, with a KV cache.
+
+The engine knows nothing about text: ids in, ids out. Every parameter may differ per row, so
+one batch can serve many requests (Ray Serve batches them), and each row may carry its own
+seed so its tokens do not depend on which other rows share the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gpt2core.model import GPT2, KVCache
+
+PerRow = float | Sequence[float] | torch.Tensor
+
+
+def _per_row(value, batch: int, device, dtype=torch.float32) -> torch.Tensor:
+    """A scalar or one value per row -> a (B,) tensor."""
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    return t.expand(batch).clone() if t.dim() == 0 else t
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, V): the smallest set of tokens whose probability sums to >= top_p.
+
+    Sort descending and keep a token while the mass *before* it is still below top_p. E.g.
+    probs [0.5, 0.3, 0.15, 0.05] with top_p 0.8 keeps [0.5, 0.3] (0.5 < 0.8, then 0.8 is
+    reached); with top_p 0.81 it also keeps 0.15. The top token has mass 0 before it, so it is
+    always kept.
+    """
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep_sorted = mass_before < top_p.unsqueeze(-1)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def sample(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: int | Sequence[int] = 0,
+           top_p: PerRow = 1.0,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V). temperature 0 = argmax; top_k 0 / top_p 1 = off.
+
+    `generator` is one torch.Generator for the batch, or one per row (then row i draws only
+    from generator i, so its tokens are the same whatever else is in the batch).
+    """
+    B, V = logits.shape
+    logits = logits.float()
+    temperature = _per_row(temperature, B, logits.device)
+    top_p = _per_row(top_p, B, logits.device)
+    top_k = _per_row(top_k, B, logits.device, torch.long)
+    greedy = temperature == 0
+    logits = logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1)
+    if bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(-1, (k - 1).unsqueeze(-1))  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if bool((top_p < 1).any()):
+        probs = probs * nucleus_mask(probs, top_p)  # multinomial renormalises
+    if generator is None or isinstance(generator, torch.Generator):
+        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        sampled = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).squeeze(-1)
+                             for i, g in enumerate(generator)])
+    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+@torch.inference_mode()
+def stream(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
+           temperature: PerRow = 1.0, top_p: PerRow = 1.0, top_k: int | Sequence[int] = 0,
+           eos_id: int | None = None, seed: int | Sequence[int] | None = None,
+           attention_mask: torch.Tensor | None = None) -> Iterator:
+    """Yield new tokens as they are produced.
+
+    input_ids is one prompt (list of ids or a 1-D tensor) or a batch (B, T) whose shorter
+    prompts are left-padded and marked 0 in attention_mask. For one prompt each step yields an
+    int; for a batch it yields a list with one id per row, None for rows that have stopped.
+    A row stops at eos_id (not yielded) or after its max_new_tokens. seed: an int (row i uses
+    seed + i) or one seed per row; None uses torch's global RNG.
+    """
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    single = ids.dim() == 1
+    if single:
+        ids = ids.unsqueeze(0)
+    B, T = ids.shape
+    if T == 0:
+        raise ValueError("the prompt is empty; give at least one token (e.g. <|endoftext|>)")
+    budget = _per_row(max_new_tokens, B, device, torch.long)
+    if bool((budget < 0).any()):
+        raise ValueError("max_new_tokens must be >= 0")
+    longest = int(budget.max())
+    n_positions = model.config.n_positions
+    if T + longest > n_positions:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({longest}) exceeds the model's "
+                         f"context of {n_positions} tokens; shorten one of them")
+    generators = None
+    if seed is not None:
+        seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
+        generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=device).reshape(B, T).bool()
+
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, B, T + longest, device=device, dtype=dtype)
+    done = budget == 0
+    produced = torch.zeros(B, dtype=torch.long, device=device)
+    try:
+        logits = model(ids, attention_mask=attention_mask, kv_cache=cache)[:, -1]
+        while not bool(done.all()):
+            nxt = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k,
+                         generator=generators)
+            if eos_id is not None:
+                done |= nxt == eos_id
+            out = [None if d else t for d, t in zip(done.tolist(), nxt.tolist())]
+            produced += ~done
+            done |= produced >= budget
+            if not single:
+                yield out
+            elif out[0] is not None:  # one prompt: the stream simply ends at eos
+                yield out[0]
+            if bool(done.all()):
+                break
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            logits = model(nxt.unsqueeze(1), attention_mask=attention_mask, kv_cache=cache)[:, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
+             temperature: PerRow = 1.0, top_p: PerRow = 1.0, top_k: int | Sequence[int] = 0,
+             eos_id: int | None = None, seed: int | Sequence[int] | None = None,
+             attention_mask: torch.Tensor | None = None) -> list[int] | list[list[int]]:
+    """The new token ids: a list for one prompt, a list per row for a batch (see `stream`).
+
+    A row shorter than its max_new_tokens stopped at eos_id (finish reason "stop").
+    """
+    ids = torch.as_tensor(input_ids)
+    single = ids.dim() == 1
+    rows: list[list[int]] = [[] for _ in range(1 if single else ids.size(0))]
+    for step in stream(model, ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                       top_k=top_k, eos_id=eos_id, seed=seed, attention_mask=attention_mask):
+        for row, tok in zip(rows, [step] if single else step):
+            if tok is not None:
+                row.append(tok)
+    return rows[0] if single else rows

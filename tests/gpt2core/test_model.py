@@ -1,0 +1,157 @@
+"""gpt2core.model: shapes, causality, KV cache, left padding, init, loss falls."""
+
+import math
+
+import pytest
+import torch
+
+from gpt2core import GPT2, GPT2Config, KVCache
+
+
+def tiny(**kw) -> GPT2Config:
+    return GPT2Config(**{**dict(vocab_size=97, n_positions=32, n_embd=16, n_layer=2, n_head=4),
+                         **kw})
+
+
+@pytest.fixture
+def model() -> GPT2:
+    torch.manual_seed(0)
+    return GPT2(tiny()).eval()
+
+
+def test_logits_shape_and_loss(model):
+    x = torch.randint(0, 97, (3, 11))
+    logits = model(x)
+    assert logits.shape == (3, 11, 97)
+    logits2, loss = model(x, targets=x)
+    torch.testing.assert_close(logits, logits2)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), x.reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # an untrained model is close to uniform over the vocabulary (random targets: with
+    # targets == inputs, tied embeddings already favour the input token)
+    _, loss = model(x, targets=torch.randint(0, 97, (3, 11)))
+    assert abs(loss.item() - math.log(97)) < 0.15
+
+
+def test_ignore_index_in_targets(model):
+    x = torch.randint(0, 97, (1, 8))
+    t = x.clone()
+    t[0, :4] = -100
+    logits, loss = model(x, targets=t)
+    expected = torch.nn.functional.cross_entropy(logits[0, 4:], x[0, 4:])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_causality(model):
+    x = torch.randint(0, 97, (1, 16))
+    base = model(x)
+    for t in (0, 5, 15):
+        y = x.clone()
+        y[0, t] = (y[0, t] + 1) % 97
+        out = model(y)
+        torch.testing.assert_close(out[0, :t], base[0, :t])  # nothing before t changes
+        assert not torch.allclose(out[0, t], base[0, t])  # position t itself does
+
+
+def test_kv_cache_decoding_equals_full_forward(model):
+    x = torch.randint(0, 97, (2, 20))
+    full = model(x)
+    cache = KVCache(model.config, batch_size=2, max_len=20)
+    pieces = [model(x[:, :7], kv_cache=cache)]  # prefill 7, then one token at a time
+    for t in range(7, 20):
+        pieces.append(model(x[:, t:t + 1], kv_cache=cache))
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_equals_unpadded_rows(model):
+    a = torch.randint(0, 97, (12,))
+    b = torch.randint(0, 97, (5,))
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    ids[1, 7:], mask[1, 7:] = b, 1  # left-padded with token 0
+    out = model(ids, attention_mask=mask)
+    torch.testing.assert_close(out[0], model(a[None])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, 7:], model(b[None])[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()  # pad queries do not produce NaN
+
+    # and with the cache: continue both rows by one token
+    cache = KVCache(model.config, 2, 13)
+    model(ids, attention_mask=mask, kv_cache=cache)
+    nxt = torch.tensor([[3], [4]])
+    step = model(nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                 kv_cache=cache)
+    torch.testing.assert_close(step[1, 0], model(torch.cat([b, nxt[1]])[None])[0, -1],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_too_long_input_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="exceeds n_positions=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_weight_tying_and_param_count():
+    m = GPT2(GPT2Config.from_preset("gpt2"))  # on CPU this takes ~1 s
+    assert m.lm_head.weight is m.transformer.wte.weight
+    assert m.num_params() == 124_439_808  # GPT-2 small, as published by Hugging Face
+    assert m.num_params(exclude_embeddings=True) == 124_439_808 - 50257 * 768 - 1024 * 768
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    m = GPT2(tiny(n_embd=256, n_head=4, n_layer=8, vocab_size=512))
+    proj = m.transformer.h[0].attn.c_proj.weight.std().item()
+    fc = m.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert fc == pytest.approx(0.02, rel=0.05)
+    assert proj == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
+    assert m.transformer.h[0].attn.c_attn.bias.abs().sum() == 0
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    m = GPT2(tiny())
+    x = torch.randint(0, 97, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.grad_checkpointing = ckpt
+        m(x, targets=x)[1].backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1)
+
+
+def test_flops_and_mfu():
+    m = GPT2(tiny())
+    n = m.num_params() - 32 * 16
+    assert m.flops_per_token(32) == 6 * n + 12 * 2 * 16 * 32
+    assert m.estimate_mfu(1000.0, peak_flops=1000.0 * m.flops_per_token(32), seq_len=32) == \
+        pytest.approx(1.0)
+
+
+def test_optimizer_decays_matrices_only():
+    m = GPT2(tiny())
+    opt = m.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"])
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"transformer.wte.weight",
+                                                          "transformer.wpe.weight"}
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == m.num_params()
+
+
+def test_loss_falls_when_training():
+    torch.manual_seed(0)
+    m = GPT2(tiny(dropout=0.1))
+    opt = m.configure_optimizer(lr=1e-2, weight_decay=0.0)
+    x = torch.randint(0, 97, (4, 32))
+    losses = []
+    for _ in range(150):
+        _, loss = m(x[:, :-1], targets=x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]  # memorises a fixed batch

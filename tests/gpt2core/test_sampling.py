@@ -1,0 +1,107 @@
+"""gpt2core.sampling: nucleus exactness, seeds, greedy, per-row parameters and stops."""
+
+import pytest
+import torch
+
+from gpt2core import GPT2, GPT2Config, generate, stream
+from gpt2core.sampling import nucleus_mask, sample
+
+PROBS = torch.tensor([0.05, 0.4, 0.25, 0.15, 0.1, 0.05])  # nucleus(0.8) = {1, 2, 3}
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT2:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=2, n_head=2)
+    return GPT2(cfg).eval()
+
+
+def test_nucleus_mask_is_the_smallest_set_reaching_top_p():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert nucleus_mask(p, torch.tensor([0.8])).tolist() == [[True, True, False, False]]
+    assert nucleus_mask(p, torch.tensor([0.81])).tolist() == [[True, True, True, False]]
+    assert nucleus_mask(p, torch.tensor([0.01])).tolist() == [[True, False, False, False]]
+    assert nucleus_mask(p, torch.tensor([1.0])).all()
+    shuffled = torch.tensor([[0.05, 0.3, 0.5, 0.15]])  # order of the vocab does not matter
+    assert nucleus_mask(shuffled, torch.tensor([0.8])).tolist() == [[False, True, True, False]]
+
+
+def test_nucleus_sampling_matches_the_exact_distribution():
+    n = 30_000
+    logits = PROBS.log().expand(n, -1)
+    g = torch.Generator().manual_seed(1234)
+    draws = sample(logits, top_p=0.8, generator=g)
+    counts = torch.bincount(draws, minlength=6).float()
+    assert counts[[0, 4, 5]].sum() == 0  # never outside the nucleus
+    expected = PROBS[1:4] / PROBS[1:4].sum() * n
+    chi2 = ((counts[1:4] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 13.82  # chi-square, 2 degrees of freedom, p = 0.001
+
+
+def test_temperature_and_top_k():
+    logits = PROBS.log().expand(20_000, -1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample(logits, top_k=2, generator=g).tolist()) == {1, 2}
+    assert set(sample(logits, temperature=0.0).tolist()) == {1}  # greedy
+    # a high temperature flattens the distribution: the rare tokens become common
+    hot = torch.bincount(sample(logits, temperature=5.0, generator=g), minlength=6)
+    assert hot[0] > 0.1 * 20_000
+
+
+def test_per_row_parameters():
+    logits = PROBS.log().expand(4, -1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        out = sample(logits, temperature=[0.0, 1.0, 1.0, 1.0], top_p=[1.0, 0.01, 1.0, 0.8],
+                     top_k=[0, 0, 1, 0], generator=g)
+        assert out[0] == 1 and out[1] == 1 and out[2] == 1 and out[3] in (1, 2, 3)
+
+
+def test_seed_determinism(model):
+    a = generate(model, [1, 2, 3], 20, top_p=0.9, seed=7)
+    b = generate(model, [1, 2, 3], 20, top_p=0.9, seed=7)
+    c = generate(model, [1, 2, 3], 20, top_p=0.9, seed=8)
+    assert a == b and a != c and len(a) == 20
+
+
+def test_greedy_equals_argmax_of_full_forward(model):
+    ids = [5, 6, 7]
+    out = generate(model, ids, 10, temperature=0.0)
+    seq = torch.tensor([ids])
+    for _ in range(10):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out == seq[0, 3:].tolist()
+
+
+def test_batched_rows_equal_single_prompts_under_per_row_seeds(model):
+    a, b = [1, 2, 3, 4, 5], [9, 8]
+    ids = torch.tensor([a, [0, 0, 0] + b])
+    mask = torch.tensor([[1] * 5, [0, 0, 0, 1, 1]])
+    rows = generate(model, ids, [12, 7], top_p=0.9, seed=[11, 22], attention_mask=mask)
+    assert rows[0] == generate(model, a, 12, top_p=0.9, seed=11)
+    assert rows[1] == generate(model, b, 7, top_p=0.9, seed=22)
+    assert [len(r) for r in rows] == [12, 7]
+
+
+def test_stop_at_eos_per_row(model):
+    greedy = generate(model, [1, 2], 15, temperature=0.0)
+    eos = greedy[4]  # make the 5th greedy token the end-of-text id
+    first = greedy.index(eos)
+    assert generate(model, [1, 2], 15, temperature=0.0, eos_id=eos) == greedy[:first]
+    rows = generate(model, torch.tensor([[1, 2], [1, 2]]), 15, temperature=[0.0, 0.0],
+                    eos_id=eos)
+    assert rows == [greedy[:first]] * 2
+
+
+def test_stream_yields_the_same_tokens_as_generate(model):
+    steps = list(stream(model, [3, 4], 9, top_p=0.8, seed=3))
+    assert steps == generate(model, [3, 4], 9, top_p=0.8, seed=3)
+    batch = list(stream(model, torch.tensor([[3, 4], [5, 6]]), [2, 4], seed=0))
+    assert len(batch) == 4 and batch[2][0] is None and batch[3][1] is not None
+
+
+def test_generation_beyond_context_is_a_clear_error(model):
+    with pytest.raises(ValueError, match=r"prompt \(60 tokens\) \+ max_new_tokens \(10\).*64"):
+        generate(model, list(range(60)), 10)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, [], 10)
