@@ -78,11 +78,10 @@ class GPT2Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> GPT2Config:
-        """Read a HF GPT-2 `config.json`; refuse variants whose weights would compute differently."""
+        """Read a HF GPT-2 `config.json`; refuse variants whose weights compute differently."""
         if d.get("model_type") != "gpt2":
-            raise ValueError(
-                f"model_type is {d.get('model_type')!r}, not 'gpt2'; only GPT-2 model dirs load here"
-            )
+            raise ValueError(f"model_type is {d.get('model_type')!r}, not 'gpt2'; "
+                             "only GPT-2 model dirs load here")
         act = d.get("activation_function", "gelu_new")
         unsupported = {
             "activation_function": act not in ("gelu_new", "gelu_pytorch_tanh"),
@@ -93,7 +92,8 @@ class GPT2Config:
         }
         for key, bad in unsupported.items():
             if bad:
-                raise ValueError(f"config.json sets {key}={d.get(key)!r}, a GPT-2 variant not supported")
+                raise ValueError(f"config.json sets {key}={d.get(key)!r}, "
+                                 "a GPT-2 variant not supported")
         return cls(
             vocab_size=d.get("vocab_size", 50257),
             n_positions=d.get("n_positions", d.get("n_ctx", 1024)),

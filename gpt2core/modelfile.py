@@ -1,4 +1,4 @@
-"""Model dirs in the Hugging Face GPT-2 format — the contract between training, evaluation and serving.
+"""Model dirs in the Hugging Face GPT-2 format: the contract between train, evaluate and serve.
 
 A model dir holds `config.json` (model_type gpt2), `model.safetensors` (HF names and layouts) and
 the tokenizer files. `transformers.GPT2LMHeadModel.from_pretrained(dir)` loads what we write, and
@@ -112,14 +112,15 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], where: Path | str = "") -> dict[str, torch.Tensor]:
+def from_hf_state_dict(hf: dict[str, torch.Tensor],
+                       where: Path | str = "") -> dict[str, torch.Tensor]:
     """HF tensors (GPT2LMHeadModel or bare GPT2Model names) -> our state dict."""
     state = {}
     for name, t in hf.items():
         if name.endswith(IGNORED_SUFFIXES):
             continue
         if name != "lm_head.weight" and not name.startswith("transformer."):
-            name = "transformer." + name  # GPT2Model checkpoints (OpenAI's on the Hub) lack the prefix
+            name = "transformer." + name  # GPT2Model checkpoints (OpenAI's) lack the prefix
         if name.endswith(CONV1D_SUFFIXES) and t.dim() == 2:
             t = t.t()
         state[name] = t.contiguous()
@@ -193,7 +194,8 @@ def _check_state(state: dict[str, torch.Tensor], config: GPT2Config, where: Path
                              f"n_layer={config.n_layer}, so the weights belong to another model")
     for name, t in state.items():
         if not t.is_floating_point():
-            raise ModelFileError(f"{where}: tensor {name!r} has dtype {t.dtype}, not floating point")
+            raise ModelFileError(f"{where}: tensor {name!r} has dtype {t.dtype}, "
+                                 "not floating point")
 
 
 def _write_tokenizer_config(path: Path, tokenizer, config: GPT2Config) -> None:

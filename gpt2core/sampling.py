@@ -22,18 +22,30 @@ def _per_row(value, batch: int, device, dtype=torch.float32) -> torch.Tensor:
     return t.expand(batch).clone() if t.dim() == 0 else t
 
 
-def nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Boolean (B, V): the smallest set of tokens whose probability sums to >= top_p.
+def nucleus_prefix(sorted_probs: torch.Tensor, top_p: torch.Tensor,
+                   top_k: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B, V) over probabilities sorted descending: the kept prefix of each row.
 
-    Sort descending and keep a token while the mass *before* it is still below top_p. E.g.
-    probs [0.5, 0.3, 0.15, 0.05] with top_p 0.8 keeps [0.5, 0.3] (0.5 < 0.8, then 0.8 is
-    reached); with top_p 0.81 it also keeps 0.15. The top token has mass 0 before it, so it is
-    always kept.
+    Nucleus = the smallest set of tokens whose probability sums to >= top_p: keep a token while
+    the mass *before* it is still below top_p. E.g. probs [0.5, 0.3, 0.15, 0.05] with top_p 0.8
+    keeps [0.5, 0.3] (0.5 < 0.8, then 0.8 is reached); with top_p 0.81 it also keeps 0.15. The
+    top token has mass 0 before it, so it is always kept. top_k (0 = off) first cuts the row to
+    k tokens, and the nucleus is taken of that renormalised distribution (as in transformers).
     """
+    B, V = sorted_probs.shape
+    cum = sorted_probs.cumsum(dim=-1)
+    rank = torch.arange(V, device=sorted_probs.device)
+    k = torch.full((B,), V, device=sorted_probs.device) if top_k is None else \
+        torch.where(top_k > 0, top_k.clamp(max=V), V)
+    top_k_mass = cum.gather(-1, (k - 1).unsqueeze(-1))  # (B, 1)
+    return (rank < k.unsqueeze(-1)) & (cum - sorted_probs < top_p.unsqueeze(-1) * top_k_mass)
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, V) in vocabulary order: the tokens of each row's nucleus."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep_sorted = mass_before < top_p.unsqueeze(-1)
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    keep = nucleus_prefix(sorted_probs, top_p)
+    return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
 def sample(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: int | Sequence[int] = 0,
@@ -50,20 +62,29 @@ def sample(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: int | Sequ
     top_p = _per_row(top_p, B, logits.device)
     top_k = _per_row(top_k, B, logits.device, torch.long)
     greedy = temperature == 0
-    logits = logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1)
-    if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k.clamp(max=V), V)
-        kth = logits.topk(int(k.max()), dim=-1).values.gather(-1, (k - 1).unsqueeze(-1))  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if bool((top_p < 1).any()):
-        probs = probs * nucleus_mask(probs, top_p)  # multinomial renormalises
+    if bool(greedy.all()):
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1), dim=-1)
+    order = None
+    if bool((top_p < 1).any() or (top_k > 0).any()):
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * nucleus_prefix(probs, top_p, top_k)
+    # Inverse-CDF sampling: one uniform per row, found in the cumulative distribution. Exact,
+    # and cheaper than torch.multinomial over 50k tokens once the row is sorted anyway.
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    total = cdf[:, -1]
+    u = torch.minimum(_uniform(B, generator, logits.device) * total,
+                      torch.nextafter(total, torch.zeros_like(total)))  # u < total, always
+    idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True)  # first token with cdf > u
+    sampled = (idx if order is None else order.gather(-1, idx)).squeeze(-1)
+    return torch.where(greedy, logits.argmax(dim=-1), sampled) if bool(greedy.any()) else sampled
+
+
+def _uniform(batch: int, generator, device) -> torch.Tensor:
+    """(B,) uniforms in [0, 1): from one generator, or row i from generator i."""
     if generator is None or isinstance(generator, torch.Generator):
-        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    else:
-        sampled = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).squeeze(-1)
-                             for i, g in enumerate(generator)])
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        return torch.rand(batch, generator=generator, device=device)
+    return torch.stack([torch.rand((), generator=g, device=device) for g in generator])
 
 
 @torch.inference_mode()

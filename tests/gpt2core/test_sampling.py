@@ -26,16 +26,24 @@ def test_nucleus_mask_is_the_smallest_set_reaching_top_p():
     assert nucleus_mask(shuffled, torch.tensor([0.8])).tolist() == [[False, True, True, False]]
 
 
-def test_nucleus_sampling_matches_the_exact_distribution():
+CHI2_P001 = {1: 10.83, 2: 13.82, 5: 20.52}  # chi-square critical values, p = 0.001, by dof
+
+
+@pytest.mark.parametrize("top_p,top_k,support", [
+    (0.8, 0, [1, 2, 3]),  # nucleus of 0.8: 0.4 + 0.25 + 0.15
+    (1.0, 0, [0, 1, 2, 3, 4, 5]),  # no filter: the full distribution
+    (0.7, 3, [1, 2]),  # top-3 renormalised to (0.5, 0.3125, 0.1875), then its 0.7 nucleus
+])
+def test_sampling_matches_the_exact_distribution(top_p, top_k, support):
     n = 30_000
     logits = PROBS.log().expand(n, -1)
     g = torch.Generator().manual_seed(1234)
-    draws = sample(logits, top_p=0.8, generator=g)
-    counts = torch.bincount(draws, minlength=6).float()
-    assert counts[[0, 4, 5]].sum() == 0  # never outside the nucleus
-    expected = PROBS[1:4] / PROBS[1:4].sum() * n
-    chi2 = ((counts[1:4] - expected) ** 2 / expected).sum().item()
-    assert chi2 < 13.82  # chi-square, 2 degrees of freedom, p = 0.001
+    counts = torch.bincount(sample(logits, top_p=top_p, top_k=top_k, generator=g), minlength=6)
+    outside = [i for i in range(6) if i not in support]
+    assert counts[outside].sum() == 0  # never outside the kept set
+    expected = PROBS[support] / PROBS[support].sum() * n
+    chi2 = ((counts[support].float() - expected) ** 2 / expected).sum().item()
+    assert chi2 < CHI2_P001[len(support) - 1]
 
 
 def test_temperature_and_top_k():

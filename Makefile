@@ -1,0 +1,58 @@
+# gpt2-ray developer targets. Everything runs in .venv, made here on first use.
+#   make test        every test, Ray integration (slow) included; what CI runs
+#   make test-fast   without the slow ones
+#   make lint        ruff
+#   make bench       bench/bench_model.py
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Touched after a successful install; reinstall only when pyproject.toml changes.
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+# Without a GPU the CPU build of torch goes in first (pip's config here finds it on disk);
+# plain `torch` from PyPI would pull a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install test test-fast lint bench demo clean distclean deps-system
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "no nvidia-smi: installing the CPU build of torch ($(TORCH_CPU))"; \
+		$(PIP) install '$(TORCH_CPU)'; \
+	fi
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+test: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	@test -f bench/bench_model.py || { echo "bench/bench_model.py is not built yet" >&2; exit 2; }
+	$(PY) bench/bench_model.py
+
+demo:
+	@echo "make demo comes with the training issue (pipelines/train.py); nothing to run yet" >&2
+	@exit 2
+
+# Debian packages for later browser tests of the Serve playground; not part of `make test` yet.
+deps-system:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update && apt-get install -y chromium; }
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
