@@ -149,10 +149,25 @@ class GPT2(nn.Module):
                 kv_cache: KVCache | None = None):
         """Logits (B, T, V) for input_ids (B, T); with targets (B, T), also the mean cross-entropy.
 
+        Targets equal to -100 are ignored in the loss. For attention_mask and kv_cache see
+        `hidden_states`.
+        """
+        logits = self.lm_head(self.hidden_states(input_ids, attention_mask=attention_mask,
+                                                 kv_cache=kv_cache))  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def hidden_states(self, input_ids: torch.Tensor, *,
+                      attention_mask: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, C): everything but the LM head.
+
+        Decoding needs the head for the last position only, so it applies it itself.
         attention_mask (B, past + T), 1 for real tokens and 0 for padding, covers the cached
         positions too (Hugging Face's convention). Left padding is then invisible: positions
         count real tokens only, and no real token attends to a pad.
-        Targets equal to -100 are ignored in the loss.
         """
         B, T = input_ids.size()
         past = kv_cache.length if kv_cache is not None else 0
@@ -173,15 +188,9 @@ class GPT2(nn.Module):
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask, kv_cache, i)
-        x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(x)  # (B, T, V)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                               ignore_index=-100)
-        return logits, loss
+        return self.transformer.ln_f(x)
 
     # --- Sizes and speed --------------------------------------------------------------------
 
@@ -238,6 +247,40 @@ class GPT2(nn.Module):
         from gpt2core import modelfile
 
         modelfile.write_model_dir(path, self.config, self.state_dict(), tokenizer)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits (N, V) over targets (N,) != -100, as F.cross_entropy.
+
+    Why not F.cross_entropy: its backward zero-fills an (N, V) gradient, scatters into it, then
+    runs log_softmax's backward over two more (N, V) tensors. With a 50k vocabulary those
+    tensors are most of a small model's memory traffic. Here the forward keeps only the
+    log-sum-exp per row, and the backward is softmax - one_hot, built in one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)  # (N,)
+        valid = targets != -100
+        safe = targets.clamp(min=0)  # ignored rows point at token 0, then are masked out
+        target_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (N,)
+        count = valid.sum().clamp(min=1)
+        ctx.save_for_backward(logits, lse, safe, valid, count)
+        return ((lse - target_logit) * valid).sum() / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, lse, safe, valid, count = ctx.saved_tensors
+        grad = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # softmax, (N, V)
+        grad.scatter_add_(-1, safe.unsqueeze(-1), torch.full_like(lse, -1.0).unsqueeze(-1))
+        grad.mul_((grad_loss / count * valid).unsqueeze(-1))
+        return grad, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss, logits (N, V) and targets (N,); targets equal to -100 are ignored."""
+    return _CrossEntropy.apply(logits, targets)
 
 
 def _padded_causal_mask(attention_mask: torch.Tensor, past: int, T: int) -> torch.Tensor:
