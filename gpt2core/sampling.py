@@ -66,10 +66,11 @@ def sample(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: int | Sequ
     if bool(greedy.all()):
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1), dim=-1)
-    order = None
-    if bool((top_p < 1).any() or (top_k > 0).any()):
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs * nucleus_prefix(probs, top_p, top_k)
+    # Every row is sorted, filtering or not: the order the uniform is looked up in must not
+    # depend on the other rows, or a seeded request would change with its batch.
+    probs, order = probs.sort(dim=-1, descending=True)
+    keep = nucleus_prefix(probs, top_p, top_k) | ((top_p >= 1) & (top_k <= 0)).unsqueeze(-1)
+    probs = probs * keep
     # Inverse-CDF sampling: one uniform per row, found in the cumulative distribution. Exact,
     # and cheaper than torch.multinomial over 50k tokens once the row is sorted anyway.
     cdf = probs.cumsum(dim=-1)  # (B, V)
@@ -77,7 +78,7 @@ def sample(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: int | Sequ
     u = torch.minimum(_uniform(B, generator, logits.device) * total,
                       torch.nextafter(total, torch.zeros_like(total)))  # u < total, always
     idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True)  # first token with cdf > u
-    sampled = (idx if order is None else order.gather(-1, idx)).squeeze(-1)
+    sampled = order.gather(-1, idx).squeeze(-1)
     return torch.where(greedy, logits.argmax(dim=-1), sampled) if bool(greedy.any()) else sampled
 
 

@@ -131,3 +131,10 @@ def test_decoding_follows_weight_updates():
     for _ in range(5):
         seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert out == seq[0, 3:].tolist()
+
+
+def test_a_seeded_row_does_not_depend_on_the_other_rows_parameters(model):
+    alone = generate(model, torch.tensor([[1, 2, 3]]), 10, seed=[5])  # top_p 1: no filtering
+    batch = generate(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), 10, top_p=[1.0, 0.5],
+                     top_k=[0, 3], seed=[5, 6])
+    assert batch[0] == alone[0]
