@@ -6,8 +6,8 @@
 A stage plugs in by being a module `pipelines/<stage>.py` with `main(argv=None) -> int | None`
 and a line in STAGES below; `gpt2 <stage> ARGS` imports it only then and calls `main(ARGS)`,
 so `gpt2 --help` imports neither torch nor Ray. A stage whose module does not exist yet says so
-and exits 2. `gpt2 serve` will start the Serve app by its import path (`serve.app:app`), so
-pipelines never import serve.
+and exits 2. `gpt2 serve` (pipelines/serve.py) starts the Serve app by its import path
+(`serve.app:app`), so pipelines never import serve.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("pipelines.evaluate", "loss, perplexity and bits per byte of a model dir"),
     "generate": ("pipelines.generate", "sample text from a model dir"),
     "visualize": ("pipelines.visualize", "plot a run's metrics from a model or run dir"),
-    "serve": ("", "serve a model dir over HTTP: /v1/completions (Ray Serve)"),
+    "serve": ("pipelines.serve", "serve a model dir over HTTP: /v1/completions (Ray Serve)"),
 }
 
 # Where the work on each unbuilt command is tracked, for the "not built yet" message.
-_ISSUE = {"serve": "serve/app.py"}
+_ISSUE: dict[str, str] = {}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -63,8 +63,6 @@ def not_built(name: str) -> int:
 def run_stage(name: str, argv: list[str]) -> int:
     """Import the stage's module now, not before, and hand it the rest of the command line."""
     module_name = STAGES[name][0]
-    if not module_name:  # serve: the serve issue starts serve.app:app here by import path
-        return not_built(name)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

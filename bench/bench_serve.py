@@ -1,0 +1,177 @@
+"""Benchmark the Serve app: dynamic batching vs none, at 1, 4 and 16 concurrent clients.
+
+What it measures, in one run on this machine: a GPT-2 124M-shape model (random weights, OpenAI's
+vocabulary) served by serve/app.py, one replica holding all of the machine's CPUs (torch threads =
+that count, printed). Each client sends POST /v1/completions (prompt of ~16 tokens, 64 new tokens,
+top_p 0.9, its own seed) one after another; tokens/s = completion tokens / wall time of the level;
+latency = per request, end to end, p50 and p99. The same app is deployed twice, one after the
+other: with `max_batch_size=16` (concurrent requests decode together) and with `max_batch_size=1`.
+
+Target at 16 clients: batching >= 4x the tokens/s of max_batch_size=1, and p99 <= 2x p50.
+
+Run:
+    .venv/bin/python bench/bench_serve.py               # full, ~3 min on 2 CPU cores
+    .venv/bin/python bench/bench_serve.py --smoke-test  # a tiny model, seconds
+It prints a table and writes JSON (default bench/results/bench_serve.json) naming the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "The history of the Roman Empire begins with a small city on the banks of the river"
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import ray
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__, "load_avg_at_start": os.getloadavg()[0],
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def make_model_dir(path: Path, smoke: bool) -> None:
+    import torch
+
+    from gpt2core import GPT2, GPT2Config, Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.from_pretrained(ROOT / "tests" / "assets" / "gpt2")
+    shape = dict(n_layer=2, n_head=2, n_embd=64) if smoke else dict(n_layer=12, n_head=12,
+                                                                     n_embd=768)
+    GPT2(GPT2Config(vocab_size=tok.vocab_size, n_positions=1024, **shape)).save_pretrained(
+        path, tokenizer=tok)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+
+
+async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
+    """`clients` concurrent clients, each sending `per_client` requests back to back."""
+    latencies: list[float] = []
+    tokens = 0
+
+    async def client(c: int, http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        for i in range(per_client):
+            t0 = time.perf_counter()
+            r = await http.post(f"{url}/v1/completions", json={
+                "prompt": PROMPT, "max_tokens": max_tokens, "top_p": 0.9,
+                "seed": 1000 * c + i})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            tokens += r.json()["usage"]["completion_tokens"]
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c, http) for c in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": len(latencies), "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "p50_s": statistics.median(latencies),
+            "p99_s": percentile(latencies, 99)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke-test", action="store_true", help="tiny model, few requests")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--rounds", type=int, default=2,
+                   help="requests per client at the highest level (more at lower levels)")
+    p.add_argument("--max_tokens", type=int, default=64)
+    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "bench_serve.json"))
+    args = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from serve.app import AppArgs, app
+
+    cpus = os.cpu_count() or 1
+    info = machine_info()
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="error")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "gpt2-124m-random"
+        make_model_dir(model_dir, args.smoke_test)
+        for mode, batch in (("batched", 16), ("max_batch_size=1", 1)):
+            serve.run(app(AppArgs(model_dir=str(model_dir), num_cpus=cpus, max_batch_size=batch,
+                                  max_queued_requests=256)),
+                      name="bench", route_prefix="/", blocking=False)
+            health = httpx.get(f"{url}/healthz", timeout=60).json()
+            info["torch_threads"] = health["torch_threads"]
+            asyncio.run(level(url, 2, 1, 8))  # warm up
+            top = max(args.clients)
+            for clients in args.clients:
+                # about the same number of requests at every level (>= rounds per client)
+                per_client = max(args.rounds, args.rounds * top // (4 * clients))
+                r = asyncio.run(level(url, clients, per_client, args.max_tokens))
+                batches = httpx.get(f"{url}/healthz", timeout=60).json()["batches"]["recent"]
+                r.update(mode=mode, max_batch_size=batch, recent_batch_sizes=batches[-8:])
+                results.append(r)
+                print(f"{mode:>17} {clients:3d} clients: {r['tokens_per_s']:7.1f} tok/s  "
+                      f"p50 {r['p50_s']:6.2f} s  p99 {r['p99_s']:6.2f} s  "
+                      f"({r['requests']} requests, batches {r['recent_batch_sizes']})",
+                      flush=True)
+            serve.delete("bench")
+    serve.shutdown()
+    ray.shutdown()
+
+    print(f"\nmachine: {info['cpu']}, {info['cores']} cores, torch threads per replica "
+          f"{info['torch_threads']}, load average at start {info['load_avg_at_start']:.1f}")
+    print(f"{'clients':>7} | {'batched tok/s':>13} | {'bs=1 tok/s':>10} | {'ratio':>5} | "
+          f"{'batched p50/p99 s':>17} | {'bs=1 p50/p99 s':>14}")
+    summary = []
+    for clients in args.clients:
+        b = next(r for r in results if r["clients"] == clients and r["max_batch_size"] == 16)
+        o = next(r for r in results if r["clients"] == clients and r["max_batch_size"] == 1)
+        ratio = b["tokens_per_s"] / o["tokens_per_s"]
+        summary.append({"clients": clients, "throughput_ratio": ratio,
+                        "batched_p99_over_p50": b["p99_s"] / b["p50_s"]})
+        print(f"{clients:7d} | {b['tokens_per_s']:13.1f} | {o['tokens_per_s']:10.1f} | "
+              f"{ratio:5.2f} | {b['p50_s']:7.2f} / {b['p99_s']:7.2f} | "
+              f"{o['p50_s']:6.2f} / {o['p99_s']:6.2f}")
+    last = summary[-1]
+    print(f"\ntarget at {last['clients']} clients: >= 4x throughput (got "
+          f"{last['throughput_ratio']:.2f}x), p99 <= 2x p50 (got "
+          f"{last['batched_p99_over_p50']:.2f}x)")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "args": vars(args), "results": results,
+                               "summary": summary}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
