@@ -31,10 +31,8 @@ It prints a table and writes JSON (default bench/results/bench_model.json) namin
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -46,6 +44,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+from machine import machine_info  # noqa: E402  (bench/machine.py, beside this file)
+
 from gpt2core import GPT2, GPT2Config, generate  # noqa: E402
 
 LR, WEIGHT_DECAY, BETAS = 6e-4, 0.1, (0.9, 0.95)
@@ -65,21 +65,11 @@ class TrainCase:
     warmup: int
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def machine() -> dict:
     import transformers
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    return machine_info(torch_threads=torch.get_num_threads(),
+                        transformers=transformers.__version__)
 
 
 def make_pair(n_layer: int, n_head: int, n_embd: int):
@@ -220,7 +210,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" bars from from_pretrained
 
     q = args.quick
-    results: dict = {"machine": machine_info(), "quick": q}
+    results: dict = {"machine": machine(), "quick": q}
     if args.only in (None, "train"):
         cases = [TrainCase("small 4L/128d T64 B12", 4, 4, 128, 64, 12,
                            steps=3 if q else 10, rounds=3 if q else 5, warmup=3),

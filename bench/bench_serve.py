@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import tempfile
@@ -30,27 +28,16 @@ import time
 from pathlib import Path
 
 import httpx
+from machine import machine_info  # bench/machine.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The history of the Roman Empire begins with a small city on the banks of the river"
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def machine() -> dict:
     import ray
-    import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "load_avg_at_start": os.getloadavg()[0],
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    return machine_info(ray=ray.__version__)
 
 
 def make_model_dir(path: Path, smoke: bool) -> None:
@@ -113,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.app import AppArgs, app
 
     cpus = os.cpu_count() or 1
-    info = machine_info()
+    info = machine()
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="error")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
