@@ -103,12 +103,11 @@ def decode_batch(model: GPT2, tokenizer: Tokenizer, jobs: Sequence[Job]
     texts = [TextStream(tokenizer, j.stop) for j in jobs]
     counts = [0] * len(jobs)
     done = [False] * len(jobs)
-    # top_k = the whole vocabulary cuts nothing, but keeps every batch on gpt2core's sorted
-    # sampling path: a top_p=1 row alone would draw from the unsorted distribution, beside a
-    # top_p<1 row from the sorted one, and the same seed would give different tokens.
+    # per-row seeds: gpt2core draws each row from its own generator, so a request's text does
+    # not depend on what else is in the batch
     steps = stream(model, ids.to(device), [j.max_tokens for j in jobs],
                    temperature=[j.temperature for j in jobs], top_p=[j.top_p for j in jobs],
-                   top_k=[model.config.vocab_size] * len(jobs), eos_id=tokenizer.eos_id,
+                   eos_id=tokenizer.eos_id,
                    seed=[j.seed for j in jobs], attention_mask=mask.to(device))
     try:
         for step in steps:
