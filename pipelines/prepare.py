@@ -39,14 +39,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipelines import corpus, dataset, sample
+from pipelines import corpus, dataset, ray_session, sample
 from pipelines.encoding import encoder_spec, get_encoder
 from pipelines.flags import option, parse
 
@@ -214,15 +213,15 @@ def prepare(cfg: PrepareConfig) -> dict:
         print(f"{out} is up to date (same inputs and flags); --overwrite to prepare it again.")
         return {"up_to_date": True, "out": str(out)}
 
-    ray_s = _init_ray(cfg.address)
+    ray_s = ray_session.init_ray(cfg.address)
     t0 = time.perf_counter()
     total = sum(s.size for s in sources)
-    cpus = max(1, int(_ray().cluster_resources().get("CPU", 1)))
+    cpus = max(1, int(ray_session.ray().cluster_resources().get("CPU", 1)))
     target = min(ITEM_BYTES[1], max(ITEM_BYTES[0], total // (ITEMS_PER_CPU * cpus)))
     items = corpus.group(corpus.plan(sources, cfg.max_doc_bytes), target)
     print(f"{len(sources)} files, {total / 1e6:.2f} MB, in {len(items)} work items on {cpus} "
           f"CPUs (Ray start-up {ray_s:.1f} s)")
-    with _data_context():
+    with ray_session.data_context(4 * ENCODE_BYTES):
         cut, sample, scan = _scan(items, cfg, total, training=tokenizer is None)
         t1 = time.perf_counter()
         if tokenizer is None:
@@ -272,46 +271,10 @@ def _fingerprint(cfg, sources, tokenizer) -> tuple[str, dict]:
     return hashlib.sha256(blob.encode()).hexdigest(), config
 
 
-def _ray():
-    import ray
-    import ray.data  # noqa: F401  (a subpackage: not loaded by `import ray`)
-
-    return ray
-
-
-def _init_ray(address: str | None) -> float:
-    """Join RAY_ADDRESS/--address or start a local cluster, unless Ray is up; returns seconds."""
-    ray, start = _ray(), time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level="warning")
-    return time.perf_counter() - start
-
-
-@contextmanager
-def _data_context():
-    """Our settings for Ray Data, restored afterwards.
-
-    preserve_order: blocks come back in corpus order, as the packing needs. No per-operator
-    resource reservation: it holds half the CPUs back for operators this one-map pipeline does
-    not have, and on 2 CPUs it ran one task at a time. Small blocks: the driver's memory then
-    does not grow with the work items, which grow with the corpus.
-    """
-    ctx = _ray().data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled,
-             ctx.target_max_block_size)
-    ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled = True, False
-    ctx.target_max_block_size = 4 * ENCODE_BYTES  # a few runs a block, not a whole item
-    try:
-        yield
-    finally:
-        (ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled,
-         ctx.target_max_block_size) = saved
-
-
 def _items_dataset(items: list[list[dict]], quotas: list[int]):
     rows = [{"item": i, "segments": json.dumps(segs), "quota": q}
             for i, (segs, q) in enumerate(zip(items, quotas))]
-    return _ray().data.from_items(rows, override_num_blocks=len(rows))  # a task per item
+    return ray_session.ray().data.from_items(rows, override_num_blocks=len(rows))  # a task per item
 
 
 def _scan(items, cfg, total: int, training: bool):

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gpt2core.tokenizer import EOS_TOKEN, Tokenizer
-from pipelines import corpus, dataset, prepare, sample
+from pipelines import corpus, dataset, prepare, ray_session, sample
 from pipelines.encoding import encoder_spec
 from pipelines.flags import build_parser, parse
 
@@ -75,7 +75,7 @@ def leftovers(parent: Path) -> list[str]:
 def no_ray(monkeypatch):
     def refuse(address):
         raise AssertionError("Ray was started for an input the driver should have refused")
-    monkeypatch.setattr(prepare, "_init_ray", refuse)
+    monkeypatch.setattr(ray_session, "init_ray", refuse)
 
 
 def test_udfs_work_on_one_item_without_ray(tmp_path, monkeypatch):
