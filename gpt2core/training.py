@@ -1,0 +1,209 @@
+"""The pieces of a training loop, in plain PyTorch: rows to batches, LR schedule, AMP, one step.
+
+pipelines/train.py runs them inside Ray Train workers; bench/bench_train.py runs them in one
+process as the reference. Nothing here knows about Ray or MLflow.
+
+    model = GPT2(config)
+    state = TrainState.create(model, lr=1e-3, weight_decay=0.01, warmup_steps=100,
+                              total_steps=1000, min_lr=1e-4, device="cpu", use_amp=False)
+    for rows, lengths in batches:                       # dataset rows: (B, L + 1) token ids
+        inputs, targets = rows_to_batch(rows, lengths, seq_len=256)
+        loss, grad_norm = state.step([(inputs, targets)], grad_clip=1.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gpt2core.model import GPT2
+
+IGNORE = -100  # targets with this id add nothing to the loss (padding of a split's last row)
+
+
+def rows_to_batch(rows: torch.Tensor, lengths: torch.Tensor | None,
+                  seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dataset rows (B, L + 1) -> (inputs, targets), each (B * L / seq_len, seq_len), int64.
+
+    A row is L + 1 tokens of one stream: inputs are tokens[:-1], targets tokens[1:]. A row's
+    tokens past its `length` are padding and their targets become IGNORE. When the model's
+    seq_len divides L, each row is cut into L / seq_len rows of seq_len: the same targets,
+    shorter contexts (how one dataset serves models with different n_positions).
+    """
+    rows = rows.long()
+    L = rows.size(1) - 1
+    if L % seq_len:
+        raise ValueError(f"seq_len {seq_len} does not divide the dataset's rows of {L} tokens")
+    inputs, targets = rows[:, :-1], rows[:, 1:].clone()
+    if lengths is not None:
+        valid = torch.arange(L, device=rows.device) < (lengths.to(rows.device).long() - 1)[:, None]
+        targets[~valid] = IGNORE
+    return inputs.reshape(-1, seq_len), targets.reshape(-1, seq_len)
+
+
+def lr_factor(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier by step: linear warm-up from 0, then cosine decay to `min_ratio`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def amp_dtype(device: torch.device, use_amp: bool) -> torch.dtype | None:
+    """bf16 where the device supports it (CPUs, Ampere+), else fp16; None without AMP."""
+    if not use_amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The forward pass's autocast context (a no-op without AMP)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class TrainState:
+    """Model, optimizer, LR schedule and grad scaler, and the step count they share.
+
+    `model` may be wrapped (DDP, torch.compile); `raw` is the GPT2 underneath, the one saved.
+    """
+
+    model: nn.Module
+    raw: GPT2
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None
+    step_count: int = 0
+
+    @classmethod
+    def create(cls, model: GPT2, *, lr: float, weight_decay: float, warmup_steps: int,
+               total_steps: int, min_lr: float, device: torch.device | str,
+               use_amp: bool, wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
+        """Move the model to `device`, wrap it (DDP, compile) and build the optimizer around it."""
+        device = torch.device(device)
+        raw = model.to(device)
+        dtype = amp_dtype(device, use_amp)
+        optimizer = raw.configure_optimizer(lr, weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor(warmup_steps, total_steps, min_lr / lr if lr else 0.0))
+        # Loss scaling only for fp16: bf16 has fp32's exponent range and does not underflow.
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        return cls(wrap(raw) if wrap else raw, raw, optimizer, scheduler, scaler, device, dtype)
+
+    def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+             grad_clip: float) -> tuple[float, float]:
+        """One optimizer step over gradient-accumulation micro-batches; (mean loss, grad norm).
+
+        Each micro-batch's loss is divided by their number, so the gradient is that of the
+        mean. Under DDP only the last backward all-reduces (no_sync on the others).
+        """
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") \
+                else self.model.no_sync()
+            with sync:
+                with autocast(self.device, self.dtype):
+                    _, loss = self.model(inputs.to(self.device, non_blocking=True),
+                                         targets.to(self.device, non_blocking=True))
+                loss = loss / len(micro_batches)
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(),
+                                              grad_clip if grad_clip > 0 else math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step_count += 1
+        return total.item(), norm.item()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        """Optimizer, scheduler and scaler state: tensors and numbers only (weights_only loads)."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step_count = state["step"]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device, dtype: torch.dtype | None = None) -> tuple[float, int]:
+    """(summed loss in nats, number of targets) over the batches' non-IGNORE targets."""
+    was_training = model.training
+    model.eval()
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for inputs, targets in batches:
+        targets = targets.to(device)
+        n = int((targets != IGNORE).sum())
+        if n == 0:
+            continue
+        with autocast(device, dtype):
+            _, loss = model(inputs.to(device), targets)
+        nats += loss.double() * n
+        count += n
+    model.train(was_training)
+    return nats.item(), count
+
+
+def bits_per_byte(mean_loss: float, tokens: int, nbytes: int) -> float:
+    """Mean loss in nats per token -> bits per UTF-8 byte of the text those tokens encode."""
+    return mean_loss * tokens / max(1, nbytes) / math.log(2)
+
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) by GPU name, for MFU; others are measured.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+                  "L4": 121e12, "A10G": 70e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None = None) -> float:
+    """The device's peak FLOP/s: a GPU's datasheet number, else a measured matmul rate.
+
+    CPUs have no datasheet number that torch can see, so there the peak is what a large
+    matmul reaches on the threads this process has: MFU then says how close the model comes
+    to the machine's own best, which is what tuning can change.
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    n = 1024
+    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    import time
+    start, reps = time.perf_counter(), 8
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)

@@ -1,0 +1,86 @@
+"""A training run's record, kept by rank 0: MLflow params/metrics/artifacts and metrics.jsonl.
+
+MLflow goes where the driver said (`tracking_uri`: MLFLOW_TRACKING_URI, else a local store in
+the driver's working directory, as an absolute URI so a worker on any node writes the same
+store). The same records also go to the model dir's metrics.jsonl, so `gpt2 visualize` and the
+loss-curve PNG need no MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else `mlflow.db` in the working directory (what `mlflow ui` reads)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def mlflow_params(config: dict) -> dict[str, str]:
+    """A config as MLflow params: every field, None and lists written out."""
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in config.items()}
+
+
+class RunLog:
+    """Rank 0's MLflow run plus the history that becomes metrics.jsonl.
+
+    `run_id` continues a run (a resumed checkpoint carries it); `history` is the record so far.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict,
+                 run_id: str | None = None, history: list[dict] | None = None):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = mlflow.MlflowClient(tracking_uri)
+        self.history = list(history or [])
+        if run_id and self._exists(run_id):
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        params = mlflow_params(params)
+        self.client.log_batch(self.run_id, params=[
+            mlflow.entities.Param(k, v) for k, v in params.items()])
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # another store, or the run was deleted: start a new one
+            return False
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """One record at `step`: to MLflow and to the history."""
+        import time
+
+        now = int(time.time() * 1000)
+        self.history.append({"step": step, **metrics})
+        self.client.log_batch(self.run_id, metrics=[
+            self.mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def write_history(self, model_dir: str | Path) -> Path:
+        path = Path(model_dir) / METRICS_FILE
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
+        return path
+
+    def finish(self, model_dir: str | Path, plot: str | Path) -> None:
+        """Upload the model dir and the loss-curve PNG as artifacts; mark the run finished."""
+        self.client.log_artifacts(self.run_id, str(model_dir), artifact_path="model")
+        self.client.log_artifact(self.run_id, str(plot))
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+
+def read_history(model_dir: str | Path, up_to_step: int) -> list[dict]:
+    """A checkpoint's history, without records past its step (a restarted run redoes those)."""
+    from gpt2core.plots import read_metrics
+
+    path = Path(model_dir) / METRICS_FILE
+    return [r for r in read_metrics(path) if r["step"] <= up_to_step] if path.is_file() else []

@@ -1,0 +1,449 @@
+"""Train GPT-2 with Ray Train: a TorchTrainer over the Parquet shards of a dataset dir.
+
+    python pipelines/train.py                         # demo: sample corpus, tiny model, 2 CPUs
+    gpt2 train --data data/dataset --preset tiny --total_steps 2000 --num_workers 2
+    ray job submit --working-dir . -- python pipelines/train.py --data /shared/data/books \
+        --preset gpt2 --gpus 8 --use_amp --storage_path s3://bucket/runs
+    gpt2 train --train_corpus a.txt --eval_corpus b.txt --save_model_path out/model \
+        --seq_len 128 --layers 6 --heads 8 --dims 256 --batch_train 32 --total_steps 5000
+    gpt2 train --from_checkpoint runs/gpt2-20261124-120000     # resume a run where it stopped
+
+Given text (--train_corpus) it prepares the dataset dir first (pipelines/prepare.py); with no
+--data it uses data/dataset, preparing the sample corpus there when it does not exist.
+
+The job, top to bottom:
+  1. Driver: flags, the dataset's manifest and the model's shape are checked together (vocab,
+     seq_len, batch against the data, GPUs); a bad one ends here in one sentence, exit 2.
+  2. Ray Train: `num_workers` workers each run train_loop_per_worker(config). Each streams its
+     equal share of the train rows (`get_dataset_shard`), shuffled per epoch from --seed;
+     AdamW with warm-up + cosine, grad accumulation and clipping, AMP, DDP across workers.
+     Rank 0 logs to MLflow; every --save_steps all ranks report and rank 0's checkpoint is
+     kept (checkpoint.py). A dead worker restarts the group from the last checkpoint.
+  3. Driver: the final checkpoint's model dir is copied to --save_model_path; a sample of text
+     from it is printed, with where the model, the loss curve and the MLflow run are.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+if __name__ == "__main__":  # as a file (python/ray job submit): import pipelines by package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines import checkpoint, dataset, ray_session, train_plan
+from pipelines.flags import option, parse
+from pipelines.tracking import default_tracking_uri
+from pipelines.train_plan import Plan, make_plan
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = option("data/dataset", "dataset dir from `gpt2 prepare` (made first when "
+                       "--train_corpus is given, or from the sample corpus when missing)")
+    corpus: list[str] = option([], "text to prepare into --data first (the original "
+                               "project's --train_corpus)", aliases=["--train_corpus"])
+    eval_corpus: list[str] = option([], "validation text for that (else 1%% is held out)")
+    vocab_path: str | None = option(None, "tokenizer for that (else a BPE is trained)")
+    vocab_size: int = option(8192, "size of the BPE trained for that")
+    # model
+    preset: str = option("tiny", "model shape: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    layers: int | None = option(None, "transformer blocks (overrides the preset)")
+    heads: int | None = option(None, "attention heads (overrides the preset)")
+    dims: int | None = option(None, "embedding width (overrides the preset)")
+    rate: int = option(4, "MLP width as a multiple of --dims")
+    dropout: float = option(0.0, "dropout on embeddings, attention and residuals")
+    seq_len: int | None = option(None, "context length trained on; default: the dataset's, "
+                                 "cut to the model's n_positions")
+    from_pretrained: str | None = option(None, "start from this HF GPT-2 model dir")
+    # optimisation
+    batch_train: int = option(16, "sequences per worker per micro-batch")
+    batch_eval: int = option(16, "sequences per worker per eval batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    base_lr: float = option(1e-3, "peak learning rate")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(100, "steps of linear warm-up")
+    wd_rate: float = option(0.01, "AdamW weight decay (matrices only)")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    total_steps: int = option(500, "optimizer steps to train")
+    eval_steps: int = option(100, "evaluate on the val split every this many steps")
+    eval_batches: int = option(0, "batches per worker per evaluation (0: the whole split)")
+    save_steps: int = option(250, "checkpoint every this many steps")
+    log_steps: int = option(10, "log train metrics every this many steps")
+    shuffle_buffer: int = option(4096, "rows in each worker's shuffle buffer")
+    seed: int = option(0, "seed for initialisation, shuffling and dropout")
+    use_amp: bool = option(False, "mixed precision: bf16 where supported, else fp16 + scaling")
+    use_grad_ckpt: bool = option(False, "recompute activations in backward (less memory)")
+    compile: bool = option(False, "torch.compile the model")
+    # run
+    name: str | None = option(None, "run name (default gpt2-<time>); reusing one resumes it")
+    storage_path: str = option("runs", "where runs and checkpoints go (local, s3://, gs://)",
+                               aliases=["--save_checkpoint_path"])
+    save_model_path: str | None = option(None, "where the final model dir goes (default "
+                                         "<storage_path>/<name>/model, local)")
+    from_checkpoint: str | None = option(None, "resume from a checkpoint dir or a run dir")
+    keep_checkpoints: int = option(2, "checkpoints kept per run (the latest ones)")
+    max_failures: int = option(3, "restarts from the last checkpoint after a worker dies")
+    experiment: str = option("gpt2", "MLflow experiment")
+    num_workers: int = option(1, "training workers (DDP); with --gpus, one per GPU")
+    gpus: int = option(0, "GPUs to train on: that many workers with one GPU each")
+    cpus_per_worker: float = option(0.0, "CPUs per worker (0: share the CPUs, keeping half a "
+                                    "CPU for Ray Data)")
+    address: str | None = option(None, "Ray cluster to join; default RAY_ADDRESS, else local")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_train", "batch_eval", "grad_accum", "total_steps", "eval_steps",
+                     "save_steps", "log_steps", "num_workers", "rate", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("layers", "heads", "dims", "seq_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        if self.base_lr <= 0 or self.min_lr < 0 or self.min_lr > self.base_lr:
+            raise ValueError("--base_lr must be positive and --min_lr in [0, base_lr].")
+        if self.gpus < 0 or self.cpus_per_worker < 0 or self.max_failures < -1:
+            raise ValueError("--gpus and --cpus_per_worker cannot be negative, "
+                             "--max_failures not below -1 (no limit).")
+
+    @classmethod
+    def from_dict(cls, config: dict) -> TrainConfig:
+        """The config's own fields out of a train_loop_config (which also holds 'runtime')."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+# --- the Ray Train worker ---------------------------------------------------------------------
+
+def train_loop_per_worker(config: dict) -> None:
+    """One worker's training: model, data shard, steps, evaluation, MLflow and checkpoints."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from gpt2core import GPT2, training
+
+    cfg, runtime = TrainConfig.from_dict(config), config["runtime"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(runtime["threads"])  # Ray's OMP_NUM_THREADS=1 would waste CPUs
+    device = ray.train.torch.get_device()
+    plan = make_plan(cfg, runtime["manifest"], world, runtime.get("model_dir"))
+    tokenizer = _tokenizer(runtime["tokenizer"])
+
+    resume = ray.train.get_checkpoint()  # set after a worker failure or for a reused --name
+    if resume is None and cfg.from_checkpoint:
+        resume = ray.train.Checkpoint(cfg.from_checkpoint)
+    start = {"step": 0, "tokens": 0, "epoch": 0, "batch": 0, "run_id": None}
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if resume is not None:
+        with resume.as_directory() as d:
+            model = GPT2.from_pretrained(Path(d) / checkpoint.MODEL_DIR)
+            saved = checkpoint.load_state(d)
+            history = _read_history(Path(d) / checkpoint.MODEL_DIR, saved["step"])
+    elif plan.from_pretrained:
+        model, saved, history = GPT2.from_pretrained(plan.from_pretrained), None, []
+    else:
+        model, saved, history = GPT2(plan.model_config), None, []
+    model.config.dropout = cfg.dropout
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = cfg.dropout
+    model.grad_checkpointing = cfg.use_grad_ckpt
+
+    def wrap(m):
+        m = torch.compile(m) if cfg.compile else m
+        return ray.train.torch.prepare_model(m, move_to_device=False)
+
+    state = training.TrainState.create(
+        model, lr=cfg.base_lr, weight_decay=cfg.wd_rate, warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.total_steps, min_lr=cfg.min_lr, device=device, use_amp=cfg.use_amp,
+        wrap=wrap)
+    if saved is not None:
+        state.load_state_dict(saved)
+        start = {k: saved[k] for k in start}
+
+    log = None
+    if rank == 0:
+        from pipelines.tracking import RunLog
+
+        log = RunLog(runtime["tracking_uri"], cfg.experiment, runtime["name"],
+                     {**asdict(cfg), "num_params": model.num_params(),
+                      "world_size": world}, run_id=start["run_id"], history=history)
+        _say(f"[rank 0] MLflow run {log.run_id} at {runtime['tracking_uri']}; "
+              f"{model.num_params() / 1e6:.2f}M parameters, seq_len {plan.seq_len}, "
+              f"{world} worker(s), {plan.steps_per_epoch} steps per epoch, start step "
+              f"{state.step_count}")
+    peak = training.peak_flops(device, state.dtype)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    tokens_per_step = cfg.batch_train * plan.seq_len * cfg.grad_accum * world
+    tokens, epoch, batch = start["tokens"], start["epoch"], start["batch"]
+    window = {"loss": 0.0, "norm": 0.0, "steps": 0, "time": time.perf_counter()}
+    while state.step_count < cfg.total_steps:
+        micro = _batches(train_shard, plan, cfg, epoch, rank, skip=batch)
+        while state.step_count < cfg.total_steps:
+            group = [b for _, b in zip(range(cfg.grad_accum), micro)]
+            if len(group) < cfg.grad_accum:  # epoch done (every rank has the same count)
+                epoch, batch = epoch + 1, 0
+                break
+            batch += cfg.grad_accum
+            step = state.step_count + 1
+            torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout: resumable
+            loss, norm = state.step(group, cfg.grad_clip)
+            tokens += tokens_per_step
+            window["loss"] += loss
+            window["norm"] += norm
+            window["steps"] += 1
+            metrics = {}
+            if log is not None and (step % cfg.log_steps == 0 or step == cfg.total_steps):
+                elapsed = time.perf_counter() - window["time"]
+                tps = window["steps"] * tokens_per_step / elapsed
+                metrics = {"train/loss": window["loss"] / window["steps"], "train/lr": state.lr,
+                           "train/grad_norm": window["norm"] / window["steps"],
+                           "train/tokens_per_sec": tps,
+                           "train/mfu": state.raw.estimate_mfu(tps / world, peak, plan.seq_len),
+                           "train/tokens": tokens, "train/epoch": epoch}
+            if step % cfg.log_steps == 0 or step == cfg.total_steps:
+                window = {"loss": 0.0, "norm": 0.0, "steps": 0}
+            do_eval = step % cfg.eval_steps == 0 or step == cfg.total_steps
+            do_save = step % cfg.save_steps == 0 or step == cfg.total_steps
+            if do_eval:
+                metrics.update(_evaluate(state, val_shard, plan, cfg, runtime["manifest"]))
+            if log is not None and metrics:
+                log.log(step, metrics)
+                _say(f"step {step}/{cfg.total_steps} " + " ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items() if k in _SHOWN))
+            if do_eval or do_save:
+                position = {"step": step, "tokens": tokens, "epoch": epoch, "batch": batch,
+                            "run_id": log.run_id if log else None}
+                _report(state, tokenizer, log, position, metrics, save=do_save,
+                        final=step == cfg.total_steps)
+            window.setdefault("time", time.perf_counter())
+
+
+_SHOWN = ("train/loss", "train/lr", "train/tokens_per_sec", "eval/loss", "eval/bpb")
+
+
+def _say(message: str) -> None:
+    """A line on the worker's console, once: Train's patched print echoes it twice when
+    another library (MLflow) has wrapped sys.stdout."""
+    print(message, file=sys.__stdout__, flush=True)
+
+
+def _batches(shard, plan: Plan, cfg: TrainConfig, epoch: int, rank: int, skip: int):
+    """This worker's micro-batches of an epoch as (inputs, targets), the first `skip` dropped.
+
+    The order is fixed by the seed: Ray Data splits the rows in order (preserve_order) and the
+    shuffle buffer is seeded by (seed, epoch, rank), so a resumed run skips exactly what the
+    interrupted one had consumed.
+    """
+    from gpt2core.training import rows_to_batch
+
+    it = shard.iter_torch_batches(
+        batch_size=plan.rows_per_batch, drop_last=True, collate_fn=_collate,
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        local_shuffle_seed=cfg.seed * 7919 + epoch * 1009 + rank)
+    for i, (rows, lengths) in enumerate(it):
+        if i >= skip:
+            yield rows_to_batch(rows, lengths, plan.seq_len)
+
+
+def _collate(batch: dict):
+    """A Ray Data numpy batch -> (tokens (B, L + 1) int64, length (B,)) tensors."""
+    import numpy as np
+    import torch
+
+    rows = dataset.stack_rows(batch["tokens"]).astype(np.int64)
+    return torch.from_numpy(rows), torch.from_numpy(np.asarray(batch["length"], np.int64))
+
+
+def _evaluate(state, shard, plan: Plan, cfg: TrainConfig, manifest: dict) -> dict:
+    """Validation loss, perplexity and bits per byte, summed over every worker's share."""
+    import itertools
+
+    import torch
+    import torch.distributed as dist
+
+    from gpt2core.training import bits_per_byte, evaluate, rows_to_batch
+
+    it = shard.iter_torch_batches(batch_size=plan.eval_rows_per_batch, collate_fn=_collate)
+    if cfg.eval_batches:
+        it = itertools.islice(it, cfg.eval_batches)
+    nats, count = evaluate(state.raw, (rows_to_batch(r, n, plan.seq_len) for r, n in it),
+                           state.device, state.dtype)
+    totals = torch.tensor([nats, count], dtype=torch.float64, device=state.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    mean = (totals[0] / totals[1].clamp(min=1)).item()
+    val = manifest["splits"]["val"]
+    return {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0)),
+            "eval/bpb": bits_per_byte(mean, val["tokens"], val["bytes"])}
+
+
+def _report(state, tokenizer, log, position: dict, metrics: dict, save: bool,
+            final: bool) -> None:
+    """ray.train.report on every rank (it is a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    from gpt2core.plots import loss_curve
+
+    metrics = {**metrics, "step": position["step"], "mlflow_run_id": position["run_id"] or ""}
+    if log is None or not save:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        checkpoint.save(path, state.raw, tokenizer, {**state.state_dict(), **position},
+                        log.write_history)
+        if final:
+            plot = loss_curve(log.history, path / checkpoint.MODEL_DIR / "loss_curve.png",
+                              title=f"{log.run_id}: {state.raw.num_params() / 1e6:.1f}M params")
+            log.finish(path / checkpoint.MODEL_DIR, plot)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=checkpoint.dir_name(position["step"]))
+
+
+def _tokenizer(spec: dict):
+    import tokenizers
+
+    from gpt2core import Tokenizer
+
+    return Tokenizer(tokenizers.Tokenizer.from_str(spec["json"]), spec["eos_token"])
+
+
+def _read_history(model_dir: Path, step: int) -> list[dict]:
+    from pipelines.tracking import read_history
+
+    return read_history(model_dir, step)
+
+
+# --- driver ---------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> dict:
+    """Check, prepare if asked, train, export; returns where things went and the last metrics."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    workers = cfg.gpus or cfg.num_workers
+    resume_dir = checkpoint.find(cfg.from_checkpoint) if cfg.from_checkpoint else None
+    if resume_dir:
+        cfg = replace(cfg, from_checkpoint=resume_dir)
+    model_dir = str(Path(resume_dir, checkpoint.MODEL_DIR)) if resume_dir else cfg.from_pretrained
+    if model_dir:
+        from gpt2core.modelfile import read_config
+
+        read_config(model_dir)  # a missing or broken model dir fails here, before Ray
+    given = cfg.data != train_plan.DEFAULT_DATA or Path(cfg.data, dataset.MANIFEST).exists()
+    if given and not cfg.corpus:
+        make_plan(cfg, asdict(dataset.load_manifest(cfg.data)), workers, model_dir)  # pre-Ray
+    ray_session.init_ray(cfg.address)
+    manifest = train_plan.prepare_data(cfg, model_dir, cfg.address)
+    make_plan(cfg, manifest, workers, model_dir)
+    ray = ray_session.ray()
+    cluster = ray.cluster_resources()
+    train_plan.check_gpus(cfg, cluster)
+    largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    cpus, threads = train_plan.worker_cpus(cfg, cluster, largest, workers)
+
+    name = cfg.name or time.strftime("gpt2-%Y%m%d-%H%M%S")
+    storage = cfg.storage_path if "://" in cfg.storage_path \
+        else str(Path(cfg.storage_path).expanduser().resolve())
+    data_dir = Path(cfg.data).resolve()
+    runtime = {"manifest": manifest, "model_dir": model_dir, "threads": threads, "name": name,
+               "tracking_uri": default_tracking_uri(),
+               "tokenizer": _tokenizer_spec(data_dir / manifest["tokenizer"]["file"])}
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # workers print steps
+
+    def read(split: str):
+        files = [str(data_dir / s["file"]) for s in manifest["splits"][split]["shards"]]
+        return ray.data.read_parquet(files, ray_remote_args={"num_cpus": train_plan.READ_TASK_CPUS})
+
+    resources = {"CPU": cpus, **({"GPU": 1} if cfg.gpus else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**asdict(cfg), "runtime": runtime},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.gpus > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        datasets={"train": read("train"), "val": read("val")},
+        # in order: each worker's rows, and so a resumed run's position, are reproducible
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)))
+    print(f"training {name}: {workers} worker(s) x {cpus:g} CPU{' + 1 GPU' if cfg.gpus else ''}"
+          f" ({threads} torch thread(s) each), {cfg.total_steps} steps -> {storage}/{name}")
+    result = trainer.fit()
+    out = Path(cfg.save_model_path or (Path(storage) / name / "model" if "://" not in storage
+                                       else Path("runs", name, "model"))).resolve()
+    _export(result.checkpoint, out)
+    metrics = {k: v for k, v in result.metrics.items()}
+    return {"name": name, "model_dir": str(out), "run_dir": f"{storage}/{name}",
+            "checkpoint": result.checkpoint.path, "metrics": metrics,
+            "tracking_uri": runtime["tracking_uri"]}
+
+
+def _tokenizer_spec(path: Path) -> dict:
+    from gpt2core import Tokenizer
+
+    return {"json": path.read_text(encoding="utf-8"),
+            "eos_token": Tokenizer.from_pretrained(path.parent).eos_token}
+
+
+def _export(ckpt, out: Path) -> None:
+    """The checkpoint's model dir -> `out`, whole or not at all (copied, then renamed)."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        ckpt.to_directory(str(tmp / "ckpt"))
+        dataset.commit(tmp / "ckpt" / checkpoint.MODEL_DIR, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sample(model_dir: str, prompt: str = "\n", tokens: int = 60) -> str:
+    """A few sampled tokens from the trained model (top-p 0.9), to show it works."""
+    from gpt2core import GPT2, Tokenizer, generate
+
+    model, tok = GPT2.from_pretrained(model_dir).eval(), Tokenizer.from_pretrained(model_dir)
+    ids = tok.encode(prompt) or [tok.eos_id]
+    return prompt + tok.decode(generate(model, ids, tokens, top_p=0.9, seed=0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gpt2core import ModelFileError, TokenizerError
+    from pipelines.corpus import CorpusError
+
+    cfg = parse(TrainConfig, argv, prog="gpt2 train", description=__doc__.split("\n")[0])
+    try:
+        out = train(cfg)
+    except (ValueError, ModelFileError, TokenizerError, CorpusError,
+            dataset.DatasetError) as e:  # bad input: one sentence, no traceback
+        if type(e).__module__.startswith("ray"):
+            raise
+        print(f"gpt2 train: error: {e}", file=sys.stderr)
+        return 2
+    m = out["metrics"]
+    print(f"\nfinished {out['name']}: step {m.get('step')}, eval loss "
+          f"{m.get('eval/loss', float('nan')):.4f}, {m.get('eval/bpb', float('nan')):.4f} "
+          f"bits per byte\n--- sample ---\n{_sample(out['model_dir'])}\n--------------")
+    print(f"model dir:   {out['model_dir']}   (loss curve: loss_curve.png inside)\n"
+          f"checkpoints: {out['run_dir']}\n"
+          f"MLflow run:  {m.get('mlflow_run_id')} in {out['tracking_uri']}\n"
+          f"             mlflow ui --backend-store-uri {out['tracking_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""What a training run will do, worked out from its config and dataset before any worker starts.
+
+The driver calls these to refuse bad input early (one sentence, naming the fix); each worker
+calls `make_plan` again with its own config, which under Ray Tune differs per trial.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from pipelines import dataset
+
+DATA_CPUS = 1.0  # kept free of training workers: Ray Data's 1-CPU tasks (ListFiles) must fit
+READ_TASK_CPUS = 0.25  # a Parquet read task's share: several fit in DATA_CPUS
+DEFAULT_DATA = "data/dataset"
+
+
+@dataclass
+class Plan:
+    model_config: object  # gpt2core.GPT2Config
+    from_pretrained: str | None  # weights to start from (None: random init or a checkpoint)
+    seq_len: int  # tokens per training sequence
+    rows_per_batch: int  # dataset rows per micro-batch (a row holds L / seq_len sequences)
+    eval_rows_per_batch: int
+    steps_per_epoch: int  # optimizer steps per pass over one worker's share
+
+
+def model_config(cfg, vocab_size: int, model_dir: str | None):
+    """The model's shape: `model_dir`'s (pretrained or checkpoint), else preset + overrides."""
+    from gpt2core import GPT2Config
+    from gpt2core.modelfile import read_config
+
+    if model_dir:
+        config = read_config(model_dir)
+        if config.vocab_size != vocab_size:
+            raise ValueError(
+                f"the model in {model_dir} has a vocabulary of {config.vocab_size} tokens but the "
+                f"dataset's has {vocab_size}; prepare the dataset with the model's tokenizer "
+                f"(gpt2 prepare --vocab_path {model_dir}).")
+        return replace(config, dropout=cfg.dropout)
+    overrides = {k: v for k, v in (("n_layer", cfg.layers), ("n_head", cfg.heads),
+                                   ("n_embd", cfg.dims)) if v is not None}
+    try:
+        base = GPT2Config.from_preset(cfg.preset)
+        width = overrides.get("n_embd", base.n_embd)
+        positions = max(base.n_positions, cfg.seq_len or 0)  # from scratch: any context
+        return GPT2Config.from_preset(cfg.preset, **overrides, vocab_size=vocab_size,
+                                      n_inner=cfg.rate * width, n_positions=positions,
+                                      dropout=cfg.dropout)
+    except ValueError as e:  # unknown preset, heads not dividing dims, ...
+        raise ValueError(f"{e}.") from None
+
+
+def make_plan(cfg, manifest: dict, world: int, model_dir: str | None = None) -> Plan:
+    """Check the config against the dataset and the model; ValueError names what to change."""
+    config = model_config(cfg, manifest["vocab_size"], model_dir)
+    L = manifest["seq_len"]
+    seq_len = cfg.seq_len or max(d for d in range(1, min(L, config.n_positions) + 1)
+                                 if L % d == 0)
+    if seq_len > config.n_positions:
+        raise ValueError(f"--seq_len {seq_len} is longer than the model's context "
+                         f"(n_positions {config.n_positions}); pass --seq_len "
+                         f"{config.n_positions} or less.")
+    if seq_len > L or L % seq_len:
+        raise ValueError(f"--seq_len {seq_len} does not fit the dataset's rows of {L} tokens; "
+                         f"pass a divisor of {L}, or prepare the dataset with --seq_len "
+                         f"{seq_len}.")
+    k = L // seq_len  # sequences per dataset row
+    if cfg.batch_train % k:
+        raise ValueError(f"--batch_train {cfg.batch_train} must be a multiple of {k}: each "
+                         f"dataset row of {L} tokens makes {k} sequences of {seq_len}.")
+    rows_per_batch = cfg.batch_train // k
+    splits = manifest["splits"]
+    train_rows, val_rows = splits["train"]["rows"] // world, splits["val"]["rows"] // world
+    steps = train_rows // rows_per_batch // cfg.grad_accum
+    if steps == 0:
+        raise ValueError(
+            f"the batch is larger than the data: each of {world} worker(s) gets {train_rows} "
+            f"train row(s) of {L} tokens, a step needs {rows_per_batch * cfg.grad_accum}; lower "
+            "--batch_train, --grad_accum or --num_workers, or prepare more text.")
+    if val_rows == 0:
+        raise ValueError(f"the val split has {splits['val']['rows']} row(s), fewer than the "
+                         f"{world} workers; use fewer workers or a larger --eval_corpus.")
+    return Plan(config, model_dir if model_dir and not cfg.from_checkpoint else None, seq_len,
+                rows_per_batch, max(1, math.ceil(cfg.batch_eval / k)), steps)
+
+
+def prepare_data(cfg, model_dir: str | None, address: str | None) -> dict:
+    """The dataset's manifest as a dict, preparing --data from text first where asked.
+
+    --train_corpus given: prepare it into --data (a no-op when already done). No corpus and
+    the default --data missing: prepare the sample corpus there (the demo).
+    """
+    from pipelines.prepare import PrepareConfig, prepare
+
+    corpus = list(cfg.corpus)
+    if not corpus and cfg.data == DEFAULT_DATA and not Path(cfg.data, dataset.MANIFEST).exists():
+        corpus = ["sample"]
+    if corpus:
+        vocab_path = cfg.vocab_path
+        if vocab_path is None and model_dir and _has_tokenizer(model_dir):
+            vocab_path = model_dir  # fine-tuning: the model's own tokenizer
+        from gpt2core.modelfile import read_config
+
+        positions = (read_config(model_dir) if model_dir
+                     else model_config(cfg, cfg.vocab_size, None)).n_positions
+        prepare(PrepareConfig(corpus=corpus, eval_corpus=list(cfg.eval_corpus), out=cfg.data,
+                              seq_len=cfg.seq_len or positions, vocab_path=vocab_path,
+                              vocab_size=cfg.vocab_size, address=address))
+    return asdict(dataset.load_manifest(cfg.data))
+
+
+def _has_tokenizer(model_dir: str) -> bool:
+    return any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+
+
+def worker_cpus(cfg, cluster: dict, largest_node: float, workers: int) -> tuple[float, int]:
+    """(CPUs each worker reserves, torch threads it runs).
+
+    Workers reserve the CPUs less DATA_CPUS, so Ray Data can stream beside them (with all
+    CPUs reserved its tasks never start). Reading is a small part of the work, so torch runs
+    a thread per CPU of the worker's full share, not of its reservation: one worker on 2 CPUs
+    reserves 1 and computes on 2 (Ray's OMP_NUM_THREADS would have said 1).
+    """
+    total = cluster.get("CPU", 0)
+    share = min(total / workers, largest_node)
+    cpus = cfg.cpus_per_worker or math.floor(
+        20 * min((total - DATA_CPUS) / workers, largest_node - DATA_CPUS)) / 20
+    if cpus <= 0:
+        raise ValueError(f"the cluster has {total:g} CPUs: too few for {workers} training "
+                         "worker(s) plus Ray Data; use fewer workers or --cpus_per_worker.")
+    return cpus, max(1, math.floor(max(share, cpus)))
+
+
+def check_gpus(cfg, cluster: dict) -> None:
+    if cfg.gpus > cluster.get("GPU", 0):
+        raise ValueError(f"--gpus {cfg.gpus} asks for more GPUs than the cluster has "
+                         f"({cluster.get('GPU', 0):g}); pass --gpus {int(cluster.get('GPU', 0))} "
+                         "or join a cluster with more (--address).")
