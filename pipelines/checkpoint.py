@@ -13,9 +13,12 @@ and strings only and is read with torch.load(weights_only=True): never an arbitr
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
+
+from pipelines import dataset
 
 MODEL_DIR = "model"
 STATE_FILE = "train_state.pt"
@@ -59,3 +62,16 @@ def save(path: Path, model, tokenizer, train_state: dict, history_writer) -> Non
 def load_state(path: str | Path) -> dict:
     """train_state.pt of a checkpoint dir, loaded without unpickling code."""
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def export_model(ckpt, out: Path) -> None:
+    """The checkpoint's model dir -> `out`, whole or not at all (copied, then renamed)."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        ckpt.to_directory(str(tmp / "ckpt"))
+        dataset.commit(tmp / "ckpt" / MODEL_DIR, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

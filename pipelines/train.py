@@ -25,7 +25,6 @@ The job, top to bottom:
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 import time
@@ -35,10 +34,10 @@ from pathlib import Path
 if __name__ == "__main__":  # as a file (python/ray job submit): import pipelines by package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import checkpoint, dataset, ray_session, train_plan
+from pipelines import checkpoint, dataset, ray_session, train_data, train_plan
 from pipelines.flags import option, parse
 from pipelines.tracking import default_tracking_uri
-from pipelines.train_plan import Plan, make_plan
+from pipelines.train_plan import make_plan
 
 
 @dataclass
@@ -134,7 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(runtime["threads"])  # Ray's OMP_NUM_THREADS=1 would waste CPUs
     device = ray.train.torch.get_device()
     plan = make_plan(cfg, runtime["manifest"], world, runtime.get("model_dir"))
-    tokenizer = _tokenizer(runtime["tokenizer"])
+    tokenizer = train_data.tokenizer_from_spec(runtime["tokenizer"])
 
     resume = ray.train.get_checkpoint()  # set after a worker failure or for a reused --name
     if resume is None and cfg.from_checkpoint:
@@ -187,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
     tokens, epoch, batch = start["tokens"], start["epoch"], start["batch"]
     window = {"loss": 0.0, "norm": 0.0, "steps": 0, "time": time.perf_counter()}
     while state.step_count < cfg.total_steps:
-        micro = _batches(train_shard, plan, cfg, epoch, rank, skip=batch)
+        micro = train_data.batches(train_shard, plan, cfg, epoch, rank, skip=batch)
         while state.step_count < cfg.total_steps:
             group = [b for _, b in zip(range(cfg.grad_accum), micro)]
             if len(group) < cfg.grad_accum:  # epoch done (every rank has the same count)
@@ -215,7 +214,8 @@ def train_loop_per_worker(config: dict) -> None:
             do_eval = step % cfg.eval_steps == 0 or step == cfg.total_steps
             do_save = step % cfg.save_steps == 0 or step == cfg.total_steps
             if do_eval:
-                metrics.update(_evaluate(state, val_shard, plan, cfg, runtime["manifest"]))
+                metrics.update(train_data.evaluate(state, val_shard, plan, cfg,
+                                                   runtime["manifest"]))
             if log is not None and metrics:
                 log.log(step, metrics)
                 _say(f"step {step}/{cfg.total_steps} " + " ".join(
@@ -235,56 +235,6 @@ def _say(message: str) -> None:
     """A line on the worker's console, once: Train's patched print echoes it twice when
     another library (MLflow) has wrapped sys.stdout."""
     print(message, file=sys.__stdout__, flush=True)
-
-
-def _batches(shard, plan: Plan, cfg: TrainConfig, epoch: int, rank: int, skip: int):
-    """This worker's micro-batches of an epoch as (inputs, targets), the first `skip` dropped.
-
-    The order is fixed by the seed: Ray Data splits the rows in order (preserve_order) and the
-    shuffle buffer is seeded by (seed, epoch, rank), so a resumed run skips exactly what the
-    interrupted one had consumed.
-    """
-    from gpt2core.training import rows_to_batch
-
-    it = shard.iter_torch_batches(
-        batch_size=plan.rows_per_batch, drop_last=True, collate_fn=_collate,
-        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-        local_shuffle_seed=cfg.seed * 7919 + epoch * 1009 + rank)
-    for i, (rows, lengths) in enumerate(it):
-        if i >= skip:
-            yield rows_to_batch(rows, lengths, plan.seq_len)
-
-
-def _collate(batch: dict):
-    """A Ray Data numpy batch -> (tokens (B, L + 1) int64, length (B,)) tensors."""
-    import numpy as np
-    import torch
-
-    rows = dataset.stack_rows(batch["tokens"]).astype(np.int64)
-    return torch.from_numpy(rows), torch.from_numpy(np.asarray(batch["length"], np.int64))
-
-
-def _evaluate(state, shard, plan: Plan, cfg: TrainConfig, manifest: dict) -> dict:
-    """Validation loss, perplexity and bits per byte, summed over every worker's share."""
-    import itertools
-
-    import torch
-    import torch.distributed as dist
-
-    from gpt2core.training import bits_per_byte, evaluate, rows_to_batch
-
-    it = shard.iter_torch_batches(batch_size=plan.eval_rows_per_batch, collate_fn=_collate)
-    if cfg.eval_batches:
-        it = itertools.islice(it, cfg.eval_batches)
-    nats, count = evaluate(state.raw, (rows_to_batch(r, n, plan.seq_len) for r, n in it),
-                           state.device, state.dtype)
-    totals = torch.tensor([nats, count], dtype=torch.float64, device=state.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    mean = (totals[0] / totals[1].clamp(min=1)).item()
-    val = manifest["splits"]["val"]
-    return {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0)),
-            "eval/bpb": bits_per_byte(mean, val["tokens"], val["bytes"])}
 
 
 def _report(state, tokenizer, log, position: dict, metrics: dict, save: bool,
@@ -310,14 +260,6 @@ def _report(state, tokenizer, log, position: dict, metrics: dict, save: bool,
                          checkpoint_dir_name=checkpoint.dir_name(position["step"]))
 
 
-def _tokenizer(spec: dict):
-    import tokenizers
-
-    from gpt2core import Tokenizer
-
-    return Tokenizer(tokenizers.Tokenizer.from_str(spec["json"]), spec["eos_token"])
-
-
 def _read_history(model_dir: Path, step: int) -> list[dict]:
     from pipelines.tracking import read_history
 
@@ -326,24 +268,33 @@ def _read_history(model_dir: Path, step: int) -> list[dict]:
 
 # --- driver ---------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig) -> dict:
-    """Check, prepare if asked, train, export; returns where things went and the last metrics."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+@dataclass
+class Job:
+    """What the driver resolved before any worker starts; pipelines/tune.py reuses it."""
 
+    cfg: TrainConfig
+    manifest: dict
+    runtime: dict  # train_loop_config["runtime"]: what every worker needs beside the config
+    workers: int
+    cpus: float  # reserved per worker
+    storage: str  # absolute local path or a URI
+
+
+def plan_job(cfg: TrainConfig) -> Job:
+    """Check flags, data and model (ValueError & co. name the problem), prepare if asked, and
+    size the workers. Bad input found without Ray fails before Ray starts."""
     workers = cfg.gpus or cfg.num_workers
-    resume_dir = checkpoint.find(cfg.from_checkpoint) if cfg.from_checkpoint else None
-    if resume_dir:
-        cfg = replace(cfg, from_checkpoint=resume_dir)
-    model_dir = str(Path(resume_dir, checkpoint.MODEL_DIR)) if resume_dir else cfg.from_pretrained
+    if cfg.from_checkpoint:
+        cfg = replace(cfg, from_checkpoint=checkpoint.find(cfg.from_checkpoint))
+    model_dir = str(Path(cfg.from_checkpoint, checkpoint.MODEL_DIR)) if cfg.from_checkpoint \
+        else cfg.from_pretrained
     if model_dir:
         from gpt2core.modelfile import read_config
 
-        read_config(model_dir)  # a missing or broken model dir fails here, before Ray
+        read_config(model_dir)  # a missing or broken model dir fails here
     given = cfg.data != train_plan.DEFAULT_DATA or Path(cfg.data, dataset.MANIFEST).exists()
     if given and not cfg.corpus:
-        make_plan(cfg, asdict(dataset.load_manifest(cfg.data)), workers, model_dir)  # pre-Ray
+        make_plan(cfg, asdict(dataset.load_manifest(cfg.data)), workers, model_dir)
     ray_session.init_ray(cfg.address)
     manifest = train_plan.prepare_data(cfg, model_dir, cfg.address)
     make_plan(cfg, manifest, workers, model_dir)
@@ -352,64 +303,61 @@ def train(cfg: TrainConfig) -> dict:
     train_plan.check_gpus(cfg, cluster)
     largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
     cpus, threads = train_plan.worker_cpus(cfg, cluster, largest, workers)
-
-    name = cfg.name or time.strftime("gpt2-%Y%m%d-%H%M%S")
+    data_dir = Path(cfg.data).resolve()
+    runtime = {"manifest": manifest, "model_dir": model_dir, "threads": threads,
+               "data_dir": str(data_dir), "tracking_uri": default_tracking_uri(),
+               "tokenizer": train_data.tokenizer_spec(data_dir / manifest["tokenizer"]["file"])}
     storage = cfg.storage_path if "://" in cfg.storage_path \
         else str(Path(cfg.storage_path).expanduser().resolve())
-    data_dir = Path(cfg.data).resolve()
-    runtime = {"manifest": manifest, "model_dir": model_dir, "threads": threads, "name": name,
-               "tracking_uri": default_tracking_uri(),
-               "tokenizer": _tokenizer_spec(data_dir / manifest["tokenizer"]["file"])}
+    return Job(cfg, manifest, runtime, workers, cpus, storage)
 
+
+def make_trainer(job: Job, name: str, cfg: TrainConfig | None = None, callbacks=None,
+                 storage: str | None = None):
+    """The TorchTrainer for `job` (or for `cfg`, a variant of it: a Tune trial's)."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray, cfg = ray_session.ray(), cfg or job.cfg
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers print steps
 
     def read(split: str):
-        files = [str(data_dir / s["file"]) for s in manifest["splits"][split]["shards"]]
-        return ray.data.read_parquet(files, ray_remote_args={"num_cpus": train_plan.READ_TASK_CPUS})
+        files = [str(Path(job.runtime["data_dir"], s["file"]))
+                 for s in job.manifest["splits"][split]["shards"]]
+        return ray.data.read_parquet(files, ray_remote_args={
+            "num_cpus": train_plan.READ_TASK_CPUS})
 
-    resources = {"CPU": cpus, **({"GPU": 1} if cfg.gpus else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**asdict(cfg), "runtime": runtime},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.gpus > 0,
-                                     resources_per_worker=resources),
+        train_loop_config={**asdict(cfg), "runtime": {**job.runtime, "name": name}},
+        scaling_config=ScalingConfig(
+            num_workers=job.workers, use_gpu=cfg.gpus > 0,
+            resources_per_worker={"CPU": job.cpus, **({"GPU": 1} if cfg.gpus else {})}),
         run_config=RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=storage or job.storage, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": read("train"), "val": read("val")},
         # in order: each worker's rows, and so a resumed run's position, are reproducible
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)))
-    print(f"training {name}: {workers} worker(s) x {cpus:g} CPU{' + 1 GPU' if cfg.gpus else ''}"
-          f" ({threads} torch thread(s) each), {cfg.total_steps} steps -> {storage}/{name}")
-    result = trainer.fit()
-    out = Path(cfg.save_model_path or (Path(storage) / name / "model" if "://" not in storage
-                                       else Path("runs", name, "model"))).resolve()
-    _export(result.checkpoint, out)
-    metrics = {k: v for k, v in result.metrics.items()}
-    return {"name": name, "model_dir": str(out), "run_dir": f"{storage}/{name}",
-            "checkpoint": result.checkpoint.path, "metrics": metrics,
-            "tracking_uri": runtime["tracking_uri"]}
 
 
-def _tokenizer_spec(path: Path) -> dict:
-    from gpt2core import Tokenizer
-
-    return {"json": path.read_text(encoding="utf-8"),
-            "eos_token": Tokenizer.from_pretrained(path.parent).eos_token}
-
-
-def _export(ckpt, out: Path) -> None:
-    """The checkpoint's model dir -> `out`, whole or not at all (copied, then renamed)."""
-    import shutil
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        ckpt.to_directory(str(tmp / "ckpt"))
-        dataset.commit(tmp / "ckpt" / checkpoint.MODEL_DIR, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def train(cfg: TrainConfig) -> dict:
+    """Check, prepare if asked, train, export; returns where things went and the last metrics."""
+    job = plan_job(cfg)
+    cfg = job.cfg
+    name = cfg.name or time.strftime("gpt2-%Y%m%d-%H%M%S")
+    print(f"training {name}: {job.workers} worker(s) x {job.cpus:g} CPU"
+          f"{' + 1 GPU' if cfg.gpus else ''} ({job.runtime['threads']} torch thread(s) each), "
+          f"{cfg.total_steps} steps -> {job.storage}/{name}")
+    result = make_trainer(job, name).fit()
+    local = "://" not in job.storage
+    out = Path(cfg.save_model_path or (Path(job.storage if local else "runs", name, "model")))
+    checkpoint.export_model(result.checkpoint, out.resolve())
+    return {"name": name, "model_dir": str(out.resolve()), "run_dir": f"{job.storage}/{name}",
+            "checkpoint": result.checkpoint.path, "metrics": dict(result.metrics),
+            "tracking_uri": job.runtime["tracking_uri"]}
 
 
 def _sample(model_dir: str, prompt: str = "\n", tokens: int = 60) -> str:

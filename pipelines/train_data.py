@@ -1,0 +1,80 @@
+"""A training worker's view of the dataset dir: its micro-batches, evaluation, tokenizer.
+
+Rows come from Ray Data (`ray.train.get_dataset_shard`) as numpy batches; these turn them into
+model inputs with gpt2core.training, and sum validation loss over every worker.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pipelines import dataset
+from pipelines.train_plan import Plan
+
+
+def batches(shard, plan: Plan, cfg, epoch: int, rank: int, skip: int):
+    """This worker's micro-batches of an epoch as (inputs, targets), the first `skip` dropped.
+
+    The order is fixed by the seed: Ray Data splits the rows in order (preserve_order) and the
+    shuffle buffer is seeded by (seed, epoch, rank), so a resumed run skips exactly what the
+    interrupted one had consumed.
+    """
+    from gpt2core.training import rows_to_batch
+
+    it = shard.iter_torch_batches(
+        batch_size=plan.rows_per_batch, drop_last=True, collate_fn=collate,
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        local_shuffle_seed=cfg.seed * 7919 + epoch * 1009 + rank)
+    for i, (rows, lengths) in enumerate(it):
+        if i >= skip:
+            yield rows_to_batch(rows, lengths, plan.seq_len)
+
+
+def collate(batch: dict):
+    """A Ray Data numpy batch -> (tokens (B, L + 1) int64, length (B,)) tensors."""
+    import numpy as np
+    import torch
+
+    rows = dataset.stack_rows(batch["tokens"]).astype(np.int64)
+    return torch.from_numpy(rows), torch.from_numpy(np.asarray(batch["length"], np.int64))
+
+
+def evaluate(state, shard, plan: Plan, cfg, manifest: dict) -> dict:
+    """Validation loss, perplexity and bits per byte, summed over every worker's share."""
+    import itertools
+
+    import torch
+    import torch.distributed as dist
+
+    from gpt2core.training import bits_per_byte, evaluate, rows_to_batch
+
+    it = shard.iter_torch_batches(batch_size=plan.eval_rows_per_batch, collate_fn=collate)
+    if cfg.eval_batches:
+        it = itertools.islice(it, cfg.eval_batches)
+    nats, count = evaluate(state.raw, (rows_to_batch(r, n, plan.seq_len) for r, n in it),
+                           state.device, state.dtype)
+    totals = torch.tensor([nats, count], dtype=torch.float64, device=state.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    mean = (totals[0] / totals[1].clamp(min=1)).item()
+    val = manifest["splits"]["val"]
+    return {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0)),
+            "eval/bpb": bits_per_byte(mean, val["tokens"], val["bytes"])}
+
+
+def tokenizer_from_spec(spec: dict):
+    """The tokenizer the driver sent (tokenizer_spec): no file access on the worker's node."""
+    import tokenizers
+
+    from gpt2core import Tokenizer
+
+    return Tokenizer(tokenizers.Tokenizer.from_str(spec["json"]), spec["eos_token"])
+
+
+def tokenizer_spec(path: Path) -> dict:
+    """A dataset's tokenizer as data for the workers (they may not see the driver's disk)."""
+    from gpt2core import Tokenizer
+
+    return {"json": path.read_text(encoding="utf-8"),
+            "eos_token": Tokenizer.from_pretrained(path.parent).eos_token}
