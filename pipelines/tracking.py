@@ -32,7 +32,8 @@ class RunLog:
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict,
-                 run_id: str | None = None, history: list[dict] | None = None):
+                 run_id: str | None = None, history: list[dict] | None = None,
+                 tags: dict[str, str] | None = None):
         import mlflow
 
         self.mlflow = mlflow
@@ -45,7 +46,9 @@ class RunLog:
             return
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        # tags: e.g. {"mlflow.parentRunId": sweep_run} nests this run under a Tune sweep's
+        self.run_id = self.client.create_run(exp_id, run_name=run_name,
+                                             tags=tags or {}).info.run_id
         params = mlflow_params(params)
         self.client.log_batch(self.run_id, params=[
             mlflow.entities.Param(k, v) for k, v in params.items()])

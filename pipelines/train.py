@@ -173,7 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
 
         log = RunLog(runtime["tracking_uri"], cfg.experiment, runtime["name"],
                      {**asdict(cfg), "num_params": model.num_params(),
-                      "world_size": world}, run_id=start["run_id"], history=history)
+                      "world_size": world}, run_id=start["run_id"], history=history,
+                     tags=runtime.get("mlflow_tags"))
         _say(f"[rank 0] MLflow run {log.run_id} at {runtime['tracking_uri']}; "
               f"{model.num_params() / 1e6:.2f}M parameters, seq_len {plan.seq_len}, "
               f"{world} worker(s), {plan.steps_per_epoch} steps per epoch, start step "
