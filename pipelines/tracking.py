@@ -15,9 +15,15 @@ from pathlib import Path
 METRICS_FILE = "metrics.jsonl"
 
 
-def default_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else `mlflow.db` in the working directory (what `mlflow ui` reads)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+def tracking_uri(uri: str | None = None) -> str:
+    """`uri`, else MLFLOW_TRACKING_URI, else `mlflow.db` in the working directory (what a bare
+    `mlflow ui` reads); a relative local store made absolute, since workers run elsewhere."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if "://" not in uri:  # a directory: MLflow's file store
+        return str(Path(uri).resolve())
+    return uri
 
 
 def mlflow_params(config: dict) -> dict[str, str]:

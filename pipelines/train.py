@@ -36,7 +36,7 @@ if __name__ == "__main__":  # as a file (python/ray job submit): import pipeline
 
 from pipelines import checkpoint, dataset, ray_session, train_data, train_plan
 from pipelines.flags import option, parse
-from pipelines.tracking import default_tracking_uri
+from pipelines.tracking import tracking_uri
 from pipelines.train_plan import make_plan
 
 
@@ -89,6 +89,8 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "checkpoints kept per run (the latest ones)")
     max_failures: int = option(3, "restarts from the last checkpoint after a worker dies")
     experiment: str = option("gpt2", "MLflow experiment")
+    tracking_uri: str | None = option(None, "MLflow tracking URI; default MLFLOW_TRACKING_URI, "
+                                      "else sqlite:///<working dir>/mlflow.db")
     num_workers: int = option(1, "training workers (DDP); with --gpus, one per GPU")
     gpus: int = option(0, "GPUs to train on: that many workers with one GPU each")
     cpus_per_worker: float = option(0.0, "CPUs per worker (0: share the CPUs, keeping half a "
@@ -306,7 +308,7 @@ def plan_job(cfg: TrainConfig) -> Job:
     cpus, threads = train_plan.worker_cpus(cfg, cluster, largest, workers)
     data_dir = Path(cfg.data).resolve()
     runtime = {"manifest": manifest, "model_dir": model_dir, "threads": threads,
-               "data_dir": str(data_dir), "tracking_uri": default_tracking_uri(),
+               "data_dir": str(data_dir), "tracking_uri": tracking_uri(cfg.tracking_uri),
                "tokenizer": train_data.tokenizer_spec(data_dir / manifest["tokenizer"]["file"])}
     storage = cfg.storage_path if "://" in cfg.storage_path \
         else str(Path(cfg.storage_path).expanduser().resolve())

@@ -1,0 +1,95 @@
+"""pipelines/train_plan.py and checkpoint.find: what the driver refuses before Ray starts."""
+
+import pytest
+
+from gpt2core import GPT2, GPT2Config
+from pipelines import checkpoint
+from pipelines.train import TrainConfig
+from pipelines.train_plan import check_gpus, make_plan, worker_cpus
+
+
+def manifest(seq_len=64, vocab=512, train_rows=100, val_rows=4):
+    split = lambda rows: {"rows": rows, "tokens": rows * seq_len, "bytes": rows * seq_len * 3}  # noqa: E731
+    return {"seq_len": seq_len, "vocab_size": vocab,
+            "splits": {"train": split(train_rows), "val": split(val_rows)}}
+
+
+def test_from_scratch_follows_the_dataset_vocab_and_preset_shape():
+    plan = make_plan(TrainConfig(preset="tiny", layers=2, dims=64), manifest(), world=1)
+    c = plan.model_config
+    assert (c.vocab_size, c.n_layer, c.n_embd, c.n_head, c.n_inner) == (512, 2, 64, 4, 256)
+    assert plan.seq_len == 64 and plan.rows_per_batch == 16 and plan.steps_per_epoch == 6
+
+
+def test_seq_len_defaults_to_the_longest_divisor_that_fits_the_model():
+    plan = make_plan(TrainConfig(preset="tiny", batch_train=16), manifest(seq_len=1024), 1)
+    assert plan.seq_len == 256  # tiny: n_positions 256; a 1024-token row makes 4 sequences
+    assert plan.rows_per_batch == 4
+
+
+def test_steps_per_epoch_counts_each_workers_equal_share():
+    plan = make_plan(TrainConfig(batch_train=4, grad_accum=2), manifest(train_rows=101), 2)
+    assert plan.steps_per_epoch == 50 // 4 // 2
+
+
+@pytest.mark.parametrize("kwargs, world, m, message", [
+    (dict(seq_len=48), 1, manifest(), "does not fit the dataset's rows of 64"),
+    (dict(seq_len=512), 1, manifest(seq_len=256), "does not fit the dataset"),
+    (dict(batch_train=3), 1, manifest(seq_len=512), "must be a multiple of 2"),
+    (dict(batch_train=64), 2, manifest(train_rows=100), "batch is larger than the data"),
+    (dict(), 8, manifest(val_rows=4, train_rows=1000), "fewer than the 8 workers"),
+    (dict(preset="gpt3"), 1, manifest(), "unknown preset"),
+    (dict(heads=3, dims=64), 1, manifest(), "n_embd|divisible|heads"),
+])
+def test_bad_combinations_are_named(kwargs, world, m, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan(TrainConfig(**kwargs), m, world)
+
+
+def test_seq_len_beyond_a_pretrained_models_context(tmp_path):
+    GPT2(GPT2Config(vocab_size=512, n_positions=32, n_embd=32, n_layer=1, n_head=2)) \
+        .save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        make_plan(TrainConfig(seq_len=64), manifest(), 1, str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="vocabulary of 512 tokens but the dataset's has 1000"):
+        make_plan(TrainConfig(), manifest(vocab=1000), 1, str(tmp_path / "m"))
+    assert make_plan(TrainConfig(), manifest(), 1, str(tmp_path / "m")).seq_len == 32
+
+
+def test_flags_are_checked_when_parsed():
+    for kwargs, message in [(dict(batch_train=0), "batch_train"), (dict(dropout=1.0), "dropout"),
+                            (dict(base_lr=1e-4, min_lr=1e-3), "min_lr")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**kwargs)
+
+
+def test_workers_leave_a_cpu_for_ray_data_but_compute_on_their_share():
+    cfg = TrainConfig()
+    assert worker_cpus(cfg, {"CPU": 2}, 2, workers=1) == (1.0, 2)
+    assert worker_cpus(cfg, {"CPU": 2}, 2, workers=2) == (0.5, 1)
+    assert worker_cpus(cfg, {"CPU": 16}, 8, workers=2) == (7.0, 8)  # two 8-CPU nodes
+    assert worker_cpus(TrainConfig(cpus_per_worker=0.25), {"CPU": 2}, 2, 1) == (0.25, 2)
+    with pytest.raises(ValueError, match="too few"):
+        worker_cpus(cfg, {"CPU": 1}, 1, workers=1)
+
+
+def test_gpus_beyond_the_cluster_are_refused():
+    check_gpus(TrainConfig(gpus=1), {"CPU": 4, "GPU": 1})
+    with pytest.raises(ValueError, match="--gpus 2 asks for more GPUs than the cluster has"):
+        check_gpus(TrainConfig(gpus=2), {"CPU": 4, "GPU": 1})
+
+
+def test_checkpoint_find_takes_a_checkpoint_or_the_latest_in_a_run_dir(tmp_path):
+    for step in (10, 20):
+        d = tmp_path / checkpoint.dir_name(step)
+        (d / checkpoint.MODEL_DIR).mkdir(parents=True)
+        (d / checkpoint.MODEL_DIR / "config.json").write_text("{}")
+        (d / checkpoint.STATE_FILE).write_bytes(b"")
+    assert checkpoint.find(str(tmp_path)).endswith("checkpoint_0000020")
+    assert checkpoint.find(str(tmp_path / "checkpoint_0000010")).endswith("checkpoint_0000010")
+    with pytest.raises(ValueError, match="does not exist"):
+        checkpoint.find(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="holds no checkpoint_"):
+        checkpoint.find(str(tmp_path / "checkpoint_0000010" / "model"))
+    with pytest.raises(ValueError, match="local checkpoint dir"):
+        checkpoint.find("s3://bucket/run")
