@@ -328,8 +328,7 @@ def make_trainer(job: Job, name: str, cfg: TrainConfig | None = None, callbacks=
     def read(split: str):
         files = [str(Path(job.runtime["data_dir"], s["file"]))
                  for s in job.manifest["splits"][split]["shards"]]
-        return ray.data.read_parquet(files, ray_remote_args={
-            "num_cpus": train_plan.READ_TASK_CPUS})
+        return ray.data.read_parquet(files, num_cpus=train_plan.READ_TASK_CPUS)
 
     return TorchTrainer(
         train_loop_per_worker,

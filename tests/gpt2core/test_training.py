@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from gpt2core import GPT2, GPT2Config
-from gpt2core.training import (IGNORE, TrainState, bits_per_byte, evaluate, lr_factor,
-                               rows_to_batch)
+from gpt2core.training import IGNORE, TrainState, bits_per_byte, evaluate, lr_factor, rows_to_batch
 
 
 def tiny(seed=0, dropout=0.0):

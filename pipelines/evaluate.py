@@ -1,0 +1,516 @@
+"""Evaluate a model dir: loss, perplexity, bits per byte and next-token accuracy (Ray Data).
+
+    python pipelines/evaluate.py --model_path runs/shakespeare/model --eval_corpus val.txt
+    ray job submit --working-dir . -- python pipelines/evaluate.py --model_path /models/m \
+        --eval_corpus s3://bucket/val/
+    gpt2 evaluate --model_path runs/shakespeare/model --eval_corpus data/dataset --json
+    gpt2 evaluate --model_path M --eval_corpus val.jsonl --mlflow_run_id RUN   # log to that run
+    python pipelines/evaluate.py --smoke-test   # a tiny model, Ray and in-process, compared
+
+--eval_corpus is text (files, directories, globs; .txt, .jsonl, .parquet; local or s3://, as
+`gpt2 prepare` reads them, see pipelines/corpus.py) or a dataset dir made by `gpt2 prepare`,
+whose val split is read. Each text document is scored as <eos> document <eos>: the leading eos
+is context only, so a document's first token is predicted as at the start of a training
+document, and the trailing eos is a target, as in the dataset's token counts.
+
+Sliding window: a sequence longer than the window (the model's n_positions, or --seq_len) is
+scored in windows that start every --stride tokens (default half the window); each window
+scores only the targets no earlier window did, so every token is scored exactly once and, past
+the first window, with at least window - stride tokens of context (the method of Hugging Face's
+perplexity guide). Stride = window scores disjoint chunks, as the training loop's eval does;
+a smaller stride costs window / stride times the compute for lower, truer loss.
+
+The job:
+  1. Driver: flags, model dir, tokenizer and corpus are checked; a bad one ends here, before Ray
+     starts, in one sentence with exit status 2.
+  2. Sequences: Ray Data tasks read and tokenize the text's work items, or read_parquet reads
+     the dataset's val rows.
+  3. Scoring: map_batches over a pool of Scorer actors, each holding the model once (sent
+     through the object store, so nodes need not see the driver's disk), a GPU each when the
+     cluster has GPUs. A batch of sequences -> one row of sums. `--no_ray` runs the same
+     functions in this process: the reference the Ray path is tested against.
+  4. The driver adds the rows up; bits per byte = nats / ln 2 / UTF-8 bytes of the text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipelines import corpus, dataset, ray_session
+from pipelines.flags import option, parse
+
+if TYPE_CHECKING:
+    from gpt2core import GPT2Config, Tokenizer
+
+# text work items: a few per CPU, each big enough that task overhead stays small
+ITEMS_PER_CPU, ITEM_BYTES = 4, (256 << 10, 8 << 20)
+CPUS_PER_ACTOR = 4  # a CPU actor's torch threads: more per actor gains little for small batches
+IDS = np.dtype(np.int32)  # a sequence travels as raw int32 bytes (ragged, so not a tensor column)
+SUMS = ("nats", "correct", "count", "bytes", "documents", "windows")
+
+
+@dataclass
+class EvaluateConfig:
+    model_path: str | None = option(None, "the model dir to evaluate (HF GPT-2 format)")
+    eval_corpus: list[str] = option(
+        [], "text files, directories or globs (.txt, .jsonl, .parquet; local, s3://, gs://), "
+        "or a dataset dir from `gpt2 prepare` (its val split)")
+    vocab_path: str | None = option(
+        None, "tokenizer for the text; it must be the model's vocabulary (default: the "
+        "tokenizer files in --model_path)")
+    batch_eval: int = option(8, "windows per forward pass (and sequences per Ray Data batch)")
+    seq_len: int | None = option(None, "window length in tokens; default and most: the model's "
+                                 "n_positions")
+    stride: int | None = option(
+        None, "tokens a window moves along a long document; default half the window; each "
+        "token is scored once, with at least window - stride tokens of context")
+    doc_per_line: bool = option(False, ".txt files: each line is a document, not each file")
+    text_field: str = option("text", "the text field of .jsonl objects and column of .parquet")
+    max_doc_bytes: int = option(
+        64 << 10, "longer text documents are cut on line boundaries, as `gpt2 prepare` cuts "
+        "them, so evaluating its input files counts the same tokens")
+    actors: int | None = option(None, "model actors; default one per GPU, else one per "
+                                f"{CPUS_PER_ACTOR} CPUs")
+    use_amp: bool = option(False, "bf16 autocast (fp16 on older GPUs); off = exact fp32")
+    no_ray: bool = option(False, "score in this process, without Ray (small corpora)")
+    json: bool = option(False, "print the results as one JSON object")
+    mlflow_run_id: str | None = option(None, "log the results to this MLflow run")
+    tracking_uri: str | None = option(None, "MLflow store; default MLFLOW_TRACKING_URI, else "
+                                      "sqlite:///mlflow.db")
+    address: str | None = option(None, "Ray cluster to join; default RAY_ADDRESS, else local")
+    smoke_test: bool = option(False, "evaluate a tiny model on a few lines, with and without "
+                              "Ray, and compare", aliases=["--smoke-test"])
+
+    def __post_init__(self) -> None:
+        if not self.smoke_test and not self.model_path:
+            raise ValueError("--model_path is required: the model dir to evaluate.")
+        if not self.smoke_test and not self.eval_corpus:
+            raise ValueError("--eval_corpus is required: text files or a dataset dir.")
+        for name in ("batch_eval", "max_doc_bytes", "actors"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ValueError(f"--seq_len must be positive, got {self.seq_len}.")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"--stride must be positive, got {self.stride}.")
+
+
+# --- model and tokenizer (also used by generate) --------------------------------------------
+
+def open_model(model_path: str, vocab_path: str | None) -> tuple[GPT2Config, Tokenizer]:
+    """The model dir's config and the tokenizer to use with it; raises naming the mismatch.
+
+    The tokenizer is --vocab_path's, else the model dir's own. When both exist they must map the
+    same tokens to the same ids; either way it must fit the model's embedding.
+    """
+    from gpt2core import Tokenizer, TokenizerError
+    from gpt2core.modelfile import read_config
+
+    config = read_config(model_path)
+    own = _model_tokenizer(model_path)
+    if vocab_path is None and own is None:
+        raise TokenizerError(f"model dir {model_path} has no tokenizer files; pass --vocab_path "
+                             "with the vocabulary it was trained with.")
+    tokenizer = Tokenizer.from_pretrained(vocab_path) if vocab_path else own
+    if own is not None and vocab_path and not same_vocabulary(tokenizer, own):
+        raise TokenizerError(f"--vocab_path {vocab_path} is not the vocabulary of the model in "
+                             f"{model_path}; leave --vocab_path out to use the model's own.")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model in "
+                             f"{model_path} only {config.vocab_size}; pass the vocabulary it "
+                             "was trained with.")
+    return config, tokenizer
+
+
+def _model_tokenizer(model_path: str) -> Tokenizer | None:
+    from gpt2core import Tokenizer, TokenizerError
+
+    names = ("tokenizer.json", "vocab.json", "encoder.json", "vocab.txt")
+    if not any((Path(model_path) / n).is_file() for n in names):
+        return None
+    try:
+        return Tokenizer.from_pretrained(model_path)
+    except TokenizerError as e:
+        raise TokenizerError(f"the tokenizer files in {model_path} are unreadable ({e}); "
+                             "the model dir is corrupt.") from e
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Same tokens at the same ids (files may differ in layout and still agree)."""
+    return a.sha256() == b.sha256() or (
+        a.backend.get_vocab(with_added_tokens=True) == b.backend.get_vocab(with_added_tokens=True)
+        and a.eos_id == b.eos_id)
+
+
+# --- windows and scoring (pure; the Scorer actor runs these) --------------------------------
+
+def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows over a sequence of n tokens whose targets are tokens 1..n-1: (begin, end, first).
+
+    Inputs are ids[begin:end], targets ids[begin+1:end+1]; only targets from index `first` of
+    the window on are scored, the earlier ones having been scored by the window before.
+    E.g. n=10, window 4, stride 2: (0,4,0) scores 1-4, (2,6,2) 5-6, (4,8,2) 7-8, (6,9,2) 9.
+    """
+    out, scored, begin = [], 0, 0  # scored: index of the last target scored so far
+    while scored < n - 1:
+        end = min(begin + window, n - 1)
+        out.append((begin, end, scored - begin))
+        scored, begin = end, begin + stride
+    return out
+
+
+def score(model, sequences: list[np.ndarray], *, window: int, stride: int, batch: int,
+          device, dtype=None) -> dict[str, float]:
+    """Sum of target nats, correct argmax guesses, targets and windows over the sequences."""
+    import torch
+
+    from gpt2core.training import IGNORE, autocast
+
+    pieces = [(ids, b, e, first) for ids in sequences
+              for b, e, first in windows(len(ids), window, stride)]
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    count = 0
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(pieces), batch):
+            part = pieces[i:i + batch]
+            T = max(e - b for _, b, e, _ in part)  # pad to the longest window of this batch
+            inputs = torch.zeros((len(part), T), dtype=torch.long)
+            targets = torch.full((len(part), T), IGNORE, dtype=torch.long)
+            for row, (ids, b, e, first) in enumerate(part):
+                inputs[row, :e - b] = torch.from_numpy(ids[b:e].astype(np.int64))
+                targets[row, first:e - b] = torch.from_numpy(ids[b + 1 + first:e + 1]
+                                                             .astype(np.int64))
+            inputs, targets = inputs.to(device), targets.to(device)
+            valid = targets != IGNORE
+            with autocast(torch.device(device), dtype):
+                h = model.hidden_states(inputs)[valid]  # (N, C): scored positions only
+                logits = model.lm_head(h).float()  # (N, V)
+            goal = targets[valid]
+            lse = torch.logsumexp(logits, dim=-1)
+            nats += (lse - logits.gather(-1, goal.unsqueeze(-1)).squeeze(-1)).double().sum()
+            correct += (logits.argmax(dim=-1) == goal).sum()
+            count += int(goal.numel())
+    return {"nats": nats.item(), "correct": int(correct.item()), "count": count,
+            "windows": len(pieces)}
+
+
+class Scorer:
+    """A Ray Data actor (or a plain object with --no_ray): the model, once; sequences in, sums
+    out. `weights` is the state dict, or [its ObjectRef] in the object store (in a list, so
+    that Ray leaves fetching it to the actor rather than to actor creation)."""
+
+    def __init__(self, config: dict, weights, window: int, stride: int, batch: int,
+                 threads: int | None = None, use_amp: bool = False):
+        import torch
+
+        from gpt2core import GPT2, GPT2Config
+        from gpt2core.training import amp_dtype
+
+        if isinstance(weights, list):  # [ObjectRef]: fetched once, by this actor
+            import ray
+
+            weights = ray.get(weights[0])
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = GPT2(GPT2Config(**config))
+        self.model.load_state_dict(weights)
+        self.model.to(self.device).eval()
+        self.dtype = amp_dtype(self.device, use_amp)
+        self.window, self.stride, self.batch = window, stride, batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sequences = [np.frombuffer(b, IDS) for b in batch["ids"]]
+        sums = score(self.model, [s for s in sequences if len(s) >= 2], window=self.window,
+                     stride=self.stride, batch=self.batch, device=self.device, dtype=self.dtype)
+        invalid: dict[str, list[int]] = {}
+        for row in batch["invalid"]:
+            for uri, (bad, n) in json.loads(row).items():
+                invalid[uri] = [a + b for a, b in zip(invalid.get(uri, [0, 0]), (bad, n))]
+        errors = [str(e) for e in batch["error"] if e]
+        return {**{k: np.array([v]) for k, v in sums.items()},
+                "bytes": np.array([int(np.sum(batch["bytes"]))]),
+                "documents": np.array([int(np.sum(batch["document"]))]),
+                "error": np.array([errors[0] if errors else ""]),
+                "invalid": np.array([json.dumps(invalid)])}
+
+
+# --- sequences: Ray Data UDFs ---------------------------------------------------------------
+
+def text_sequences(batch: dict[str, np.ndarray], *, encoder: dict, text_field: str,
+                   max_doc_bytes: int) -> dict[str, np.ndarray]:
+    """One text work item -> a row per document: <eos> ids <eos> as int32 bytes, its UTF-8
+    bytes. The item's read error and invalid-UTF-8 counts ride on its first row."""
+    from pipelines.encoding import get_encoder
+
+    texts, sizes, invalid, error = [], [], {}, ""
+    try:
+        for text, data, _, _ in corpus.item_documents(json.loads(batch["segments"][0]),
+                                                       text_field, max_doc_bytes, invalid):
+            texts.append(text)
+            sizes.append(len(data))
+    except corpus.CorpusError as e:
+        error = str(e)
+    eos = np.array([encoder["eos_id"]], IDS)
+    ids = [np.concatenate([eos, doc.astype(IDS), eos]).tobytes()
+           for doc in (get_encoder(encoder)(texts) if texts else [])]
+    n = max(1, len(ids))  # an item with no document still reports its error and counts
+    return _rows(ids or [b""], sizes or [0], [1] * len(ids) or [0],
+                 [error] + [""] * (n - 1), [json.dumps(invalid)] + ["{}"] * (n - 1))
+
+
+def row_sequences(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Dataset rows -> their valid tokens (the first is context, the rest targets)."""
+    rows = dataset.stack_rows(batch["tokens"])
+    ids = [row[:n].astype(IDS).tobytes() for row, n in zip(rows, batch["length"])]
+    k = len(ids)
+    return _rows(ids, [0] * k, [0] * k, [""] * k, ["{}"] * k)
+
+
+def _rows(ids, nbytes, documents, errors, invalid) -> dict[str, np.ndarray]:
+    column = np.empty(len(ids), dtype=object)
+    column[:] = ids  # bytes objects: a 1-D object array, never a 2-D one
+    return {"ids": column, "bytes": np.array(nbytes, np.int64),
+            "document": np.array(documents, np.int64), "error": np.array(errors, dtype=object),
+            "invalid": np.array(invalid, dtype=object)}
+
+
+# --- driver ---------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """What the driver worked out before scoring starts."""
+
+    config: GPT2Config
+    tokenizer: Tokenizer
+    window: int
+    stride: int
+    weights: dict  # the state dict, read and checked on the driver
+    sources: list  # corpus.Source, or [] for a dataset dir
+    manifest: dataset.Manifest | None = None
+    data_dir: Path | None = None
+
+
+def plan(cfg: EvaluateConfig) -> Job:
+    """Check everything that can be checked before Ray starts."""
+    from gpt2core import TokenizerError
+    from gpt2core.modelfile import read_weights
+
+    config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
+    weights = read_weights(cfg.model_path, config)  # corrupt weights end here, not in an actor
+    window = cfg.seq_len or config.n_positions
+    if window > config.n_positions:
+        raise ValueError(f"--seq_len {window} exceeds the model's context of "
+                         f"{config.n_positions} tokens; pass at most that.")
+    stride = cfg.stride or max(1, window // 2)
+    if stride > window:
+        raise ValueError(f"--stride {stride} is longer than the window ({window} tokens) and "
+                         "would skip tokens; pass at most the window.")
+    first = Path(cfg.eval_corpus[0]).expanduser()
+    if len(cfg.eval_corpus) == 1 and (first / dataset.MANIFEST).is_file():
+        manifest = dataset.load_manifest(first)
+        data_tok = _model_tokenizer(str(first))
+        if data_tok is None or not same_vocabulary(data_tok, tokenizer):
+            raise TokenizerError(f"dataset {first} was prepared with another vocabulary than "
+                                 "the model's; prepare it with --vocab_path set to the model dir.")
+        if manifest.splits["val"].tokens == 0:
+            raise corpus.CorpusError(f"the evaluation corpus is empty: dataset {first} has no "
+                                     "val rows.")
+        return Job(config, tokenizer, window, stride, weights, [], manifest, first.resolve())
+    sources = corpus.resolve(cfg.eval_corpus, role="val", per_line=cfg.doc_per_line,
+                             text_field=cfg.text_field)
+    if not any(s.size for s in sources):
+        raise corpus.CorpusError("the evaluation corpus is empty: every --eval_corpus file is "
+                                 "empty.")
+    return Job(config, tokenizer, window, stride, weights, sources)
+
+
+def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
+    """Score the corpus; returns the results (see `summarize`). Raises on bad input."""
+    job = job or plan(cfg)
+    start = time.perf_counter()
+    weights = job.weights
+    ctor = dict(config=job.config.to_dict(), window=job.window, stride=job.stride,
+                batch=cfg.batch_eval, use_amp=cfg.use_amp)
+    if cfg.no_ray:
+        scorer = Scorer(weights=weights, threads=None, **ctor)
+        parts = [{k: v[0] for k, v in scorer(batch).items()}  # rows, as take_all gives them
+                 for batch in _local_sequences(cfg, job)]
+        mode, actors = "in-process", 0
+    else:
+        ray_session.init_ray(cfg.address)
+        ray = ray_session.ray()
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+        actors = cfg.actors or (gpus or max(1, cpus // CPUS_PER_ACTOR))
+        # a CPU actor leaves one CPU to the read/tokenize tasks that feed it
+        actor_cpus = 1 if gpus else max(1, (cpus - 1) // actors)
+        with ray_session.data_context(8 << 20):
+            ds = _ray_sequences(cfg, job, ray, cpus).map_batches(
+                Scorer, batch_size=cfg.batch_eval, compute=ray.data.ActorPoolStrategy(
+                    size=actors), num_cpus=actor_cpus, num_gpus=1 if gpus else 0,
+                fn_constructor_kwargs=dict(weights=[ray.put(weights)], threads=actor_cpus,
+                                           **ctor))
+            parts = ds.take_all()
+        mode = f"Ray Data, {actors} actor(s)" + (" with a GPU each" if gpus else "")
+    return summarize(parts, job, cfg, mode, time.perf_counter() - start)
+
+
+def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> list[dict]:
+    from pipelines.encoding import encoder_spec
+
+    total = sum(s.size for s in job.sources)
+    target = min(ITEM_BYTES[1], max(ITEM_BYTES[0], total // (ITEMS_PER_CPU * cpus)))
+    items = corpus.group(corpus.plan(job.sources, cfg.max_doc_bytes), target)
+    spec = encoder_spec(job.tokenizer, pretokenized=False, probe=[],
+                        prefer_tiktoken=importlib.util.find_spec("tiktoken") is not None)
+    spec["eos_id"] = job.tokenizer.eos_id
+    return [{"segments": json.dumps(segs), "encoder": spec} for segs in items]
+
+
+def _udf_kwargs(cfg: EvaluateConfig, encoder: dict) -> dict:
+    return dict(encoder=encoder, text_field=cfg.text_field, max_doc_bytes=cfg.max_doc_bytes)
+
+
+def _ray_sequences(cfg: EvaluateConfig, job: Job, ray, cpus: int):
+    if job.manifest is not None:
+        files = [str(job.data_dir / s.file) for s in job.manifest.splits["val"].shards]
+        return ray.data.read_parquet(files).map_batches(row_sequences, batch_size=cfg.batch_eval)
+    items = _text_items(cfg, job, cpus)
+    rows = [{"segments": item["segments"]} for item in items]
+    return ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        text_sequences, batch_size=1, fn_kwargs=_udf_kwargs(cfg, items[0]["encoder"]))
+
+
+def _local_sequences(cfg: EvaluateConfig, job: Job) -> Iterator[dict[str, np.ndarray]]:
+    """The same sequences as the Ray path, batch_eval at a time, read in this process."""
+    if job.manifest is not None:
+        for shard in job.manifest.splits["val"].shards:
+            tokens, lengths = dataset.read_shard(job.data_dir / shard.file)
+            for i in range(0, len(tokens), cfg.batch_eval):
+                yield row_sequences({"tokens": tokens[i:i + cfg.batch_eval],
+                                     "length": lengths[i:i + cfg.batch_eval]})
+        return
+    for item in _text_items(cfg, job, cpus=1):
+        rows = text_sequences({"segments": np.array([item["segments"]])},
+                              **_udf_kwargs(cfg, item["encoder"]))
+        for i in range(0, len(rows["ids"]), cfg.batch_eval):
+            yield {k: v[i:i + cfg.batch_eval] for k, v in rows.items()}
+
+
+def summarize(parts: list[dict], job: Job, cfg: EvaluateConfig, mode: str,
+              seconds: float) -> dict:
+    """Per-batch sums -> loss, perplexity, bits per byte, accuracy, counts."""
+    from gpt2core.training import bits_per_byte
+
+    errors = [str(p["error"]) for p in parts if p["error"]]
+    if errors:
+        raise corpus.CorpusError(errors[0])
+    corpus.check_utf8([json.loads(p["invalid"]) for p in parts], max_fraction=0.01)
+    total = {k: sum(float(p[k]) for p in parts) for k in SUMS}
+    if job.manifest is not None:
+        val = job.manifest.splits["val"]
+        total["bytes"], total["documents"] = val.bytes, val.documents
+    if total["count"] == 0:
+        raise corpus.CorpusError("the evaluation corpus is empty: it holds no non-blank "
+                                 "document.")
+    loss = total["nats"] / total["count"]
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": bits_per_byte(loss, int(total["count"]), int(total["bytes"])),
+            "accuracy": total["correct"] / total["count"], "tokens": int(total["count"]),
+            "bytes": int(total["bytes"]), "documents": int(total["documents"]),
+            "windows": int(total["windows"]), "window": job.window, "stride": job.stride,
+            "model_path": str(cfg.model_path), "eval_corpus": list(cfg.eval_corpus),
+            "mode": mode, "seconds": seconds}
+
+
+def report(r: dict) -> str:
+    """The results as a small console table."""
+    return "\n".join([
+        f"model        {r['model_path']}",
+        f"corpus       {', '.join(r['eval_corpus'])}: {r['documents']:,} documents, "
+        f"{r['bytes']:,} bytes",
+        f"tokens       {r['tokens']:,} scored in {r['windows']:,} windows of {r['window']} "
+        f"(stride {r['stride']})",
+        f"loss         {r['loss']:.4f} nats/token",
+        f"perplexity   {r['perplexity']:.2f}",
+        f"bits/byte    {r['bits_per_byte']:.4f}",
+        f"accuracy     {100 * r['accuracy']:.2f} % (next token, argmax)",
+        f"time         {r['seconds']:.1f} s ({r['tokens'] / max(r['seconds'], 1e-9):,.0f} "
+        f"tokens/s; {r['mode']})"])
+
+
+def log_to_mlflow(client, run_id: str, r: dict) -> None:
+    """The results as evaluate/* metrics at the run's last step, the corpus as a tag."""
+    import mlflow
+
+    steps = [m.step for key in ("eval/loss", "train/loss")
+             for m in client.get_metric_history(run_id, key)]
+    step, now = max(steps, default=0), int(time.time() * 1000)
+    names = {"loss": "loss", "perplexity": "ppl", "bits_per_byte": "bpb", "accuracy": "accuracy",
+             "tokens": "tokens"}
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"evaluate/{v}", float(r[k]), now,
+                                                             step) for k, v in names.items()])
+    client.set_tag(run_id, "evaluate/corpus", ", ".join(r["eval_corpus"])[:5000])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gpt2core import ModelFileError, TokenizerError
+    from pipelines.visualize import RunError, open_run
+
+    cfg = parse(EvaluateConfig, argv, prog="gpt2 evaluate", description=__doc__.split("\n")[0])
+    try:
+        if cfg.smoke_test:
+            return _smoke_test(cfg)
+        client = open_run(cfg.mlflow_run_id, cfg.tracking_uri) if cfg.mlflow_run_id else None
+        result = evaluate(cfg, plan(cfg))
+    except (ValueError, ModelFileError, TokenizerError, RunError) as e:
+        if type(e).__module__.startswith("ray"):
+            raise
+        print(f"gpt2 evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if client is not None:
+        log_to_mlflow(client, cfg.mlflow_run_id, result)
+    print(json.dumps(result) if cfg.json else report(result))
+    return 0
+
+
+def _smoke_test(cfg: EvaluateConfig) -> int:
+    """A random tiny model and a few lines, scored in-process and with Ray: the same numbers."""
+    from gpt2core import GPT2, GPT2Config, Tokenizer
+
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(60))
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Tokenizer.train(text, vocab_size=300)
+        GPT2(GPT2Config.from_preset("tiny", vocab_size=tok.vocab_size, n_positions=64)) \
+            .save_pretrained(f"{tmp}/model", tok)
+        Path(tmp, "val.txt").write_text(text, encoding="utf-8")
+        small = replace(cfg, model_path=f"{tmp}/model", eval_corpus=[f"{tmp}/val.txt"],
+                        smoke_test=False)
+        local, ray = evaluate(replace(small, no_ray=True)), evaluate(replace(small, no_ray=False))
+    assert local["tokens"] == ray["tokens"] > 64 and local["windows"] > 1
+    assert math.isclose(local["loss"], ray["loss"], rel_tol=1e-5), (local, ray)
+    print(report(ray) + "\nsmoke test passed")
+    return 0
+
+
+if __name__ == "__main__":
+    # As a file (python pipelines/evaluate.py, ray job submit): import this module by its
+    # package name, so Ray pickles the UDFs by reference and workers import them the same way.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pipelines.evaluate import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,175 @@
+"""Sample text from a model dir: an interactive session, or one prompt for scripts.
+
+    gpt2 generate --model_path runs/shakespeare/model                  # interactive
+    gpt2 generate --model_path runs/shakespeare/model --prompt "ROMEO:" --seed 1
+    python pipelines/generate.py --model_path M --nucleus_prob 0.9 --temperature 0.8 --use_gpu
+
+Interactive: type a prompt after "> "; the continuation prints token by token. Ctrl-C stops the
+current generation and gives a new prompt (at the prompt it just gives a new one); Ctrl-D or
+`exit` leaves. With --prompt only the generated continuation is printed to stdout, nothing
+else, so the output can be piped; --seed makes it repeatable (and an interactive session's
+n-th generation uses seed + n). Generation stops at the end-of-text token or when prompt plus
+continuation reach --seq_len tokens (default the model's context). Sampling is nucleus
+(--nucleus_prob, 0.85 as in the original project), after --temperature and --top_k.
+An empty prompt starts a new document (from <|endoftext|>).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from pipelines.flags import option, parse
+
+if TYPE_CHECKING:
+    from gpt2core import GPT2, Tokenizer
+
+PROMPT = "> "
+
+
+@dataclass
+class GenerateConfig:
+    model_path: str | None = option(None, "the model dir to sample from (HF GPT-2 format)")
+    vocab_path: str | None = option(None, "tokenizer; it must be the model's vocabulary "
+                                    "(default: the tokenizer files in --model_path)")
+    seq_len: int | None = option(None, "most tokens of prompt + continuation; default and "
+                                 "most: the model's n_positions")
+    nucleus_prob: float = option(0.85, "nucleus (top-p) sampling: draw from the fewest tokens "
+                                 "whose probability adds up to this; 1 = off",
+                                 aliases=["--top_p"])
+    temperature: float = option(1.0, "divides the logits before sampling; 0 = greedy")
+    top_k: int = option(0, "draw from the k likeliest tokens only; 0 = off")
+    use_gpu: bool = option(False, "run on the GPU (CUDA)")
+    seed: int | None = option(None, "seed for repeatable samples; default a random one")
+    prompt: str | None = option(None, "generate once from this text and print only the "
+                                "continuation; without it, an interactive session")
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise ValueError("--model_path is required: the model dir to sample from.")
+        if not 0.0 < self.nucleus_prob <= 1.0:
+            raise ValueError(f"--nucleus_prob must be in (0, 1], got {self.nucleus_prob}.")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}.")
+        if self.top_k < 0:
+            raise ValueError(f"--top_k must be >= 0, got {self.top_k}.")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"--seq_len must be at least 2, got {self.seq_len}.")
+
+
+class PromptTooLong(ValueError):
+    """The prompt leaves no room for a continuation within --seq_len."""
+
+
+def load(cfg: GenerateConfig) -> tuple[GPT2, Tokenizer, int]:
+    """The model on its device, its tokenizer and the length limit; raises on bad input."""
+    import torch
+
+    from gpt2core import GPT2
+    from pipelines.evaluate import open_model
+
+    config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
+    limit = cfg.seq_len or config.n_positions
+    if limit > config.n_positions:
+        raise ValueError(f"--seq_len {limit} exceeds the model's context of "
+                         f"{config.n_positions} tokens; pass at most that.")
+    if cfg.use_gpu and not torch.cuda.is_available():
+        raise ValueError("--use_gpu: no CUDA device is visible; leave --use_gpu off to run on "
+                         "the CPU.")
+    model = GPT2.from_pretrained(cfg.model_path, device="cuda" if cfg.use_gpu else "cpu")
+    return model.eval(), tokenizer, limit
+
+
+def generate_text(model: GPT2, tokenizer: Tokenizer, prompt: str, cfg: GenerateConfig,
+                  limit: int, seed: int, out: TextIO) -> str:
+    """Write the continuation of `prompt` to `out` as it is produced; return it.
+
+    The whole continuation is decoded at each token and only the new characters are written,
+    so a character whose bytes span several tokens prints once it is complete (until then the
+    decoder shows U+FFFD, which is held back).
+    """
+    from gpt2core import stream
+
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    room = limit - len(ids)
+    if room < 1:
+        raise PromptTooLong(f"the prompt is {len(ids)} tokens, which leaves no room within "
+                            f"--seq_len {limit}; shorten it.")
+    produced: list[int] = []
+    shown = 0
+    for token in stream(model, ids, room, temperature=cfg.temperature, top_p=cfg.nucleus_prob,
+                        top_k=cfg.top_k, eos_id=tokenizer.eos_id, seed=seed):
+        produced.append(token)
+        text = tokenizer.decode(produced)
+        ready = len(text.rstrip("\ufffd"))
+        if ready > shown:
+            out.write(text[shown:ready])
+            out.flush()
+            shown = ready
+    text = tokenizer.decode(produced)
+    out.write(text[shown:])  # a genuine U+FFFD at the very end
+    out.flush()
+    return text
+
+
+def interactive(model: GPT2, tokenizer: Tokenizer, cfg: GenerateConfig, limit: int,
+                seed: int) -> int:
+    """The read-generate loop; returns the exit status (0 on Ctrl-D or `exit`)."""
+    print(f"{cfg.model_path}: top_p {cfg.nucleus_prob:g}, temperature {cfg.temperature:g}"
+          f"{f', top_k {cfg.top_k}' if cfg.top_k else ''}, up to {limit} tokens with the prompt. "
+          "Ctrl-C stops a generation; Ctrl-D or `exit` leaves.", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            prompt = input(PROMPT)
+        except EOFError:  # Ctrl-D
+            print()
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, like a shell
+            print()
+            continue
+        if prompt.strip() == "exit":
+            return 0
+        sys.stdout.write(prompt)
+        try:
+            generate_text(model, tokenizer, prompt, cfg, limit, seed + turn, sys.stdout)
+        except KeyboardInterrupt:
+            sys.stdout.write("\n[stopped]")
+        except PromptTooLong as e:
+            print(f"\ngpt2 generate: {e}", file=sys.stderr)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        turn += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gpt2core import ModelFileError, TokenizerError
+
+    cfg = parse(GenerateConfig, argv, prog="gpt2 generate", description=__doc__.split("\n")[0])
+    try:
+        model, tokenizer, limit = load(cfg)
+    except (ValueError, ModelFileError, TokenizerError) as e:
+        print(f"gpt2 generate: error: {e}", file=sys.stderr)
+        return 2
+    seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
+    if cfg.prompt is None:
+        return interactive(model, tokenizer, cfg, limit, seed)
+    try:
+        generate_text(model, tokenizer, cfg.prompt, cfg, limit, seed, sys.stdout)
+    except PromptTooLong as e:
+        print(f"gpt2 generate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pipelines.generate import main as _main
+
+    sys.exit(_main())

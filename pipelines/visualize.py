@@ -1,0 +1,195 @@
+"""Plot a training run's metrics: train and eval loss, eval bits per byte, learning rate.
+
+    gpt2 visualize --model_path runs/shakespeare/model              # -> figure.png
+    gpt2 visualize --run_dir runs/shakespeare --output run.png      # the latest checkpoint's
+    gpt2 visualize --run_id 3f2c… --smooth 0.8 --log_loss           # from MLflow
+    gpt2 visualize --model_path runs/shakespeare/model --interactive  # a window, no file
+    python pipelines/visualize.py --model_path runs/shakespeare/model
+
+Sources: a model dir's metrics.jsonl (training writes the run's history there); a run dir
+(<storage_path>/<name>: its latest checkpoint_*/model/metrics.jsonl, else model/metrics.jsonl);
+or an MLflow run's metric history (MLFLOW_TRACKING_URI, else ./mlflow.db, or --tracking_uri).
+The figure is gpt2core.plots.metrics_figure: the whole run on a log-scale step axis, the last
+90 % of steps zoomed in, the last 30 % with a smoothed eval curve, and eval bits per byte with
+the learning rate; tokens seen on a top axis.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.flags import option, parse
+
+DEFAULT_OUTPUT = "figure.png"  # the original project's default
+
+
+class RunError(ValueError):
+    """A run (dir, id or MLflow store) that is missing or holds no metrics."""
+
+
+@dataclass
+class VisualizeConfig:
+    model_path: str | None = option(None, "a model dir; its metrics.jsonl is plotted")
+    run_dir: str | None = option(None, "a run dir (<storage_path>/<name>): its latest "
+                                 "checkpoint's metrics")
+    run_id: str | None = option(None, "an MLflow run id: its metric history")
+    output: str | None = option(None, f"the PNG to write; default {DEFAULT_OUTPUT}, none with "
+                                "--interactive", aliases=["--figure"])
+    interactive: bool = option(False, "show the figure in a window")
+    smooth: float = option(0.0, "EMA weight for the train loss, 0 (raw) to 0.99")
+    log_loss: bool = option(False, "log-scale loss axes")
+    tracking_uri: str | None = option(None, "MLflow store for --run_id; default "
+                                      "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("model_path", "run_dir", "run_id") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError("pass exactly one of --model_path, --run_dir or --run_id "
+                             f"(got {', '.join('--' + n for n in given) or 'none'}).")
+        if not 0.0 <= self.smooth < 1.0:
+            raise ValueError(f"--smooth must be in [0, 1), got {self.smooth}.")
+
+
+# --- sources --------------------------------------------------------------------------------
+
+def metrics_file(model_path: str | Path) -> Path:
+    """A model dir's metrics.jsonl; RunError when there is none."""
+    from pipelines.tracking import METRICS_FILE
+
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise RunError(f"model dir {model_path} does not exist; pass the dir training wrote.")
+    if not (path / METRICS_FILE).is_file():
+        raise RunError(f"{model_path} has no {METRICS_FILE}, so no training history; pass "
+                       "--run_id with its MLflow run instead.")
+    return path / METRICS_FILE
+
+
+def run_dir_metrics(run_dir: str | Path) -> Path:
+    """The latest checkpoint's metrics.jsonl in a run dir, else its exported model's."""
+    from pipelines.checkpoint import MODEL_DIR, PREFIX
+    from pipelines.tracking import METRICS_FILE
+
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise RunError(f"run dir {run_dir} does not exist; pass <storage_path>/<name> of a "
+                       "training run (runs/<name> by default).")
+    found = sorted(c / MODEL_DIR / METRICS_FILE for c in path.glob(f"{PREFIX}*")
+                   if (c / MODEL_DIR / METRICS_FILE).is_file())
+    if found:
+        return found[-1]  # names are zero-padded steps: the last sorts last
+    if (path / MODEL_DIR / METRICS_FILE).is_file():
+        return path / MODEL_DIR / METRICS_FILE
+    raise RunError(f"run dir {run_dir} holds no {PREFIX}*/{MODEL_DIR}/{METRICS_FILE} nor "
+                   f"{MODEL_DIR}/{METRICS_FILE}; has the run saved a checkpoint yet?")
+
+
+def file_records(path: Path) -> list[dict]:
+    from gpt2core.plots import read_metrics
+
+    try:
+        records = read_metrics(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} is damaged ({e}); it is not a metrics.jsonl written by "
+                       "training.") from e
+    if not all(isinstance(r, dict) and "step" in r for r in records):
+        raise RunError(f"{path} has records without a step; it is not a metrics.jsonl written "
+                       "by training.")
+    return records
+
+
+def open_run(run_id: str, tracking_uri: str | None = None):
+    """An MlflowClient on the store that holds `run_id`; RunError when it does not exist."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.tracking import tracking_uri as resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else \
+        uri if "://" not in uri else None
+    if local is not None and not Path(local).exists():
+        # reading would create an empty store there as a side effect
+        raise RunError(f"there is no MLflow store at {uri}; set MLFLOW_TRACKING_URI (or "
+                       "--tracking_uri) to the store training logged to.")
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise RunError(f"MLflow run {run_id} does not exist in {uri}; check the id (`mlflow ui "
+                       f"--backend-store-uri {uri}` lists runs) or the tracking URI.") from None
+    return client
+
+
+def mlflow_records(run_id: str, tracking_uri: str | None = None) -> list[dict]:
+    """The run's metric history as metrics.jsonl-style records, one per step."""
+    client = open_run(run_id, tracking_uri)
+    by_step: dict[int, dict] = {}
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            by_step.setdefault(m.step, {"step": m.step})[key] = m.value
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def load_records(cfg: VisualizeConfig) -> tuple[list[dict], str]:
+    """The chosen source's records and a title naming it."""
+    if cfg.run_id:
+        records, title = mlflow_records(cfg.run_id, cfg.tracking_uri), f"MLflow run {cfg.run_id}"
+    else:
+        path = metrics_file(cfg.model_path) if cfg.model_path else run_dir_metrics(cfg.run_dir)
+        records, title = file_records(path), str(path.parent)
+    if not any("train/loss" in r or "eval/loss" in r for r in records):
+        raise RunError(f"{title} has no train/loss or eval/loss recorded yet; nothing to plot.")
+    return records, title
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    from gpt2core.plots import metrics_figure, save_figure
+
+    cfg = parse(VisualizeConfig, argv, prog="gpt2 visualize", description=__doc__.split("\n")[0])
+    try:
+        records, title = load_records(cfg)
+    except RunError as e:
+        print(f"gpt2 visualize: error: {e}", file=sys.stderr)
+        return 2
+    steps = max(r["step"] for r in records)
+    if cfg.interactive and _show(records, title, cfg):
+        if cfg.output:
+            print(f"{len(records)} records to step {steps} -> {cfg.output}")
+        return 0
+    fig = metrics_figure(records, smooth=cfg.smooth, log_loss=cfg.log_loss, title=title)
+    out = save_figure(fig, cfg.output or DEFAULT_OUTPUT)
+    print(f"{len(records)} records to step {steps} -> {out}")
+    return 0
+
+
+def _show(records: list[dict], title: str, cfg: VisualizeConfig) -> bool:
+    """A window through pyplot; False (after a note) when there is no display to show it on."""
+    import matplotlib.pyplot as plt
+    from matplotlib.backends import BackendFilter, backend_registry
+
+    from gpt2core.plots import metrics_figure, save_figure
+
+    backend = plt.get_backend().lower()
+    if backend not in backend_registry.list_builtin(BackendFilter.INTERACTIVE):
+        print(f"gpt2 visualize: no display for --interactive (matplotlib backend {backend}); "
+              "writing the PNG instead.", file=sys.stderr)
+        return False
+    fig = metrics_figure(records, smooth=cfg.smooth, log_loss=cfg.log_loss, title=title,
+                         fig=plt.figure(figsize=(13, 8.5)))
+    if cfg.output:
+        save_figure(fig, cfg.output)
+    plt.show()
+    return True
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pipelines.visualize import main as _main
+
+    sys.exit(_main())
