@@ -11,28 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.prepare import PrepareConfig, prepare
 from pipelines.train import TrainConfig, main, train
 
 pytestmark = pytest.mark.slow
 
-SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 METRICS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu",
            "eval/loss", "eval/ppl", "eval/bpb"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, ray_local) -> Path:
-    """150 kB of Shakespeare, a 300-token BPE, rows of 32 tokens."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent")
-    tmp = tmp_path_factory.mktemp("train_data")
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:150_000]
-    (tmp / "plays.txt").write_text(text, encoding="utf-8")
-    out = tmp / "dataset"
-    prepare(PrepareConfig(corpus=[str(tmp / "plays.txt")], out=str(out), seq_len=32,
-                          vocab_size=300, val_fraction=0.05, max_doc_bytes=8192))
-    return out
+def data_dir(train_data) -> Path:
+    return train_data
 
 
 def config(tmp: Path, data: Path, **overrides) -> TrainConfig:
