@@ -67,26 +67,26 @@ class EvaluateConfig:
         [], "text files, directories or globs (.txt, .jsonl, .parquet; local, s3://, gs://), "
         "or a dataset dir from `gpt2 prepare` (its val split)")
     vocab_path: str | None = option(
-        None, "tokenizer for the text; it must be the model's vocabulary (default: the "
-        "tokenizer files in --model_path)")
+        None, "tokenizer for the text, which must be the model's vocabulary; without it, the "
+        "tokenizer files in --model_path")
     batch_eval: int = option(8, "windows per forward pass (and sequences per Ray Data batch)")
-    seq_len: int | None = option(None, "window length in tokens; default and most: the model's "
-                                 "n_positions")
+    seq_len: int | None = option(None, "window length in tokens; without it (and at most) the "
+                                 "model's n_positions")
     stride: int | None = option(
-        None, "tokens a window moves along a long document; default half the window; each "
+        None, "tokens a window moves along a long document; without it half the window; each "
         "token is scored once, with at least window - stride tokens of context")
     doc_per_line: bool = option(False, ".txt files: each line is a document, not each file")
     text_field: str = option("text", "the text field of .jsonl objects and column of .parquet")
     max_doc_bytes: int = option(
         64 << 10, "longer text documents are cut on line boundaries, as `gpt2 prepare` cuts "
         "them, so evaluating its input files counts the same tokens")
-    actors: int | None = option(None, "model actors; default one per GPU, else one per "
+    actors: int | None = option(None, "model actors; without it one per GPU, else one per "
                                 f"{CPUS_PER_ACTOR} CPUs")
     use_amp: bool = option(False, "bf16 autocast (fp16 on older GPUs); off = exact fp32")
     no_ray: bool = option(False, "score in this process, without Ray (small corpora)")
     json: bool = option(False, "print the results as one JSON object")
     mlflow_run_id: str | None = option(None, "log the results to this MLflow run")
-    tracking_uri: str | None = option(None, "MLflow store; default MLFLOW_TRACKING_URI, else "
+    tracking_uri: str | None = option(None, "MLflow store; without it MLFLOW_TRACKING_URI, else "
                                       "sqlite:///mlflow.db")
     address: str | None = option(None, "Ray cluster to join; default RAY_ADDRESS, else local")
     smoke_test: bool = option(False, "evaluate a tiny model on a few lines, with and without "
@@ -104,53 +104,6 @@ class EvaluateConfig:
             raise ValueError(f"--seq_len must be positive, got {self.seq_len}.")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"--stride must be positive, got {self.stride}.")
-
-
-# --- model and tokenizer (also used by generate) --------------------------------------------
-
-def open_model(model_path: str, vocab_path: str | None) -> tuple[GPT2Config, Tokenizer]:
-    """The model dir's config and the tokenizer to use with it; raises naming the mismatch.
-
-    The tokenizer is --vocab_path's, else the model dir's own. When both exist they must map the
-    same tokens to the same ids; either way it must fit the model's embedding.
-    """
-    from gpt2core import Tokenizer, TokenizerError
-    from gpt2core.modelfile import read_config
-
-    config = read_config(model_path)
-    own = _model_tokenizer(model_path)
-    if vocab_path is None and own is None:
-        raise TokenizerError(f"model dir {model_path} has no tokenizer files; pass --vocab_path "
-                             "with the vocabulary it was trained with.")
-    tokenizer = Tokenizer.from_pretrained(vocab_path) if vocab_path else own
-    if own is not None and vocab_path and not same_vocabulary(tokenizer, own):
-        raise TokenizerError(f"--vocab_path {vocab_path} is not the vocabulary of the model in "
-                             f"{model_path}; leave --vocab_path out to use the model's own.")
-    if tokenizer.vocab_size > config.vocab_size:
-        raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model in "
-                             f"{model_path} only {config.vocab_size}; pass the vocabulary it "
-                             "was trained with.")
-    return config, tokenizer
-
-
-def _model_tokenizer(model_path: str) -> Tokenizer | None:
-    from gpt2core import Tokenizer, TokenizerError
-
-    names = ("tokenizer.json", "vocab.json", "encoder.json", "vocab.txt")
-    if not any((Path(model_path) / n).is_file() for n in names):
-        return None
-    try:
-        return Tokenizer.from_pretrained(model_path)
-    except TokenizerError as e:
-        raise TokenizerError(f"the tokenizer files in {model_path} are unreadable ({e}); "
-                             "the model dir is corrupt.") from e
-
-
-def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
-    """Same tokens at the same ids (files may differ in layout and still agree)."""
-    return a.sha256() == b.sha256() or (
-        a.backend.get_vocab(with_added_tokens=True) == b.backend.get_vocab(with_added_tokens=True)
-        and a.eos_id == b.eos_id)
 
 
 # --- windows and scoring (pure; the Scorer actor runs these) --------------------------------
@@ -308,6 +261,7 @@ def plan(cfg: EvaluateConfig) -> Job:
     """Check everything that can be checked before Ray starts."""
     from gpt2core import TokenizerError
     from gpt2core.modelfile import read_weights
+    from pipelines.generate import dir_tokenizer, open_model, same_vocabulary
 
     config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
     weights = read_weights(cfg.model_path, config)  # corrupt weights end here, not in an actor
@@ -322,7 +276,7 @@ def plan(cfg: EvaluateConfig) -> Job:
     first = Path(cfg.eval_corpus[0]).expanduser()
     if len(cfg.eval_corpus) == 1 and (first / dataset.MANIFEST).is_file():
         manifest = dataset.load_manifest(first)
-        data_tok = _model_tokenizer(str(first))
+        data_tok = dir_tokenizer(first)
         if data_tok is None or not same_vocabulary(data_tok, tokenizer):
             raise TokenizerError(f"dataset {first} was prepared with another vocabulary than "
                                  "the model's; prepare it with --vocab_path set to the model dir.")
@@ -342,34 +296,40 @@ def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
     """Score the corpus; returns the results (see `summarize`). Raises on bad input."""
     job = job or plan(cfg)
     start = time.perf_counter()
-    weights = job.weights
     ctor = dict(config=job.config.to_dict(), window=job.window, stride=job.stride,
                 batch=cfg.batch_eval, use_amp=cfg.use_amp)
     if cfg.no_ray:
-        scorer = Scorer(weights=weights, threads=None, **ctor)
+        scorer = Scorer(weights=job.weights, **ctor)
         parts = [{k: v[0] for k, v in scorer(batch).items()}  # rows, as take_all gives them
                  for batch in _local_sequences(cfg, job)]
-        mode, actors = "in-process", 0
-    else:
-        ray_session.init_ray(cfg.address)
-        ray = ray_session.ray()
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-        actors = cfg.actors or (gpus or max(1, cpus // CPUS_PER_ACTOR))
-        # a CPU actor leaves one CPU to the read/tokenize tasks that feed it
-        actor_cpus = 1 if gpus else max(1, (cpus - 1) // actors)
-        with ray_session.data_context(8 << 20):
-            ds = _ray_sequences(cfg, job, ray, cpus).map_batches(
-                Scorer, batch_size=cfg.batch_eval, compute=ray.data.ActorPoolStrategy(
-                    size=actors), num_cpus=actor_cpus, num_gpus=1 if gpus else 0,
-                fn_constructor_kwargs=dict(weights=[ray.put(weights)], threads=actor_cpus,
-                                           **ctor))
-            parts = ds.take_all()
-        mode = f"Ray Data, {actors} actor(s)" + (" with a GPU each" if gpus else "")
+        return summarize(parts, job, cfg, "in-process", time.perf_counter() - start)
+    ray_session.init_ray(cfg.address)
+    ray = ray_session.ray()
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    actors = cfg.actors or (gpus or max(1, cpus // CPUS_PER_ACTOR))
+    actor_cpus = 1 if gpus else max(1, (cpus - 1) // actors)  # one CPU left to read the corpus
+    with ray_session.data_context(8 << 20):
+        if job.manifest is not None:
+            files = [str(job.data_dir / s.file) for s in job.manifest.splits["val"].shards]
+            ds = ray.data.read_parquet(files).map_batches(row_sequences,
+                                                          batch_size=cfg.batch_eval)
+        else:
+            items, kwargs = _text_items(cfg, job, cpus)
+            ds = ray.data.from_items([{"segments": s} for s in items],
+                                     override_num_blocks=len(items))  # a task per item
+            ds = ds.map_batches(text_sequences, batch_size=1, fn_kwargs=kwargs)
+        parts = ds.map_batches(
+            Scorer, batch_size=cfg.batch_eval, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=actor_cpus, num_gpus=1 if gpus else 0,
+            fn_constructor_kwargs=dict(weights=[ray.put(job.weights)], threads=actor_cpus,
+                                       **ctor)).take_all()
+    mode = f"Ray Data, {actors} actor(s)" + (" with a GPU each" if gpus else "")
     return summarize(parts, job, cfg, mode, time.perf_counter() - start)
 
 
-def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> list[dict]:
+def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> tuple[list[str], dict]:
+    """Work items (their segments as JSON) and text_sequences' keyword arguments."""
     from pipelines.encoding import encoder_spec
 
     total = sum(s.size for s in job.sources)
@@ -378,35 +338,21 @@ def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> list[dict]:
     spec = encoder_spec(job.tokenizer, pretokenized=False, probe=[],
                         prefer_tiktoken=importlib.util.find_spec("tiktoken") is not None)
     spec["eos_id"] = job.tokenizer.eos_id
-    return [{"segments": json.dumps(segs), "encoder": spec} for segs in items]
-
-
-def _udf_kwargs(cfg: EvaluateConfig, encoder: dict) -> dict:
-    return dict(encoder=encoder, text_field=cfg.text_field, max_doc_bytes=cfg.max_doc_bytes)
-
-
-def _ray_sequences(cfg: EvaluateConfig, job: Job, ray, cpus: int):
-    if job.manifest is not None:
-        files = [str(job.data_dir / s.file) for s in job.manifest.splits["val"].shards]
-        return ray.data.read_parquet(files).map_batches(row_sequences, batch_size=cfg.batch_eval)
-    items = _text_items(cfg, job, cpus)
-    rows = [{"segments": item["segments"]} for item in items]
-    return ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        text_sequences, batch_size=1, fn_kwargs=_udf_kwargs(cfg, items[0]["encoder"]))
+    return [json.dumps(segs) for segs in items], dict(
+        encoder=spec, text_field=cfg.text_field, max_doc_bytes=cfg.max_doc_bytes)
 
 
 def _local_sequences(cfg: EvaluateConfig, job: Job) -> Iterator[dict[str, np.ndarray]]:
     """The same sequences as the Ray path, batch_eval at a time, read in this process."""
     if job.manifest is not None:
-        for shard in job.manifest.splits["val"].shards:
-            tokens, lengths = dataset.read_shard(job.data_dir / shard.file)
-            for i in range(0, len(tokens), cfg.batch_eval):
-                yield row_sequences({"tokens": tokens[i:i + cfg.batch_eval],
-                                     "length": lengths[i:i + cfg.batch_eval]})
-        return
-    for item in _text_items(cfg, job, cpus=1):
-        rows = text_sequences({"segments": np.array([item["segments"]])},
-                              **_udf_kwargs(cfg, item["encoder"]))
+        parts = (dataset.read_shard(job.data_dir / s.file)
+                 for s in job.manifest.splits["val"].shards)
+        batches = (row_sequences({"tokens": tokens, "length": lengths})
+                   for tokens, lengths in parts)
+    else:
+        items, kwargs = _text_items(cfg, job, cpus=1)
+        batches = (text_sequences({"segments": np.array([s])}, **kwargs) for s in items)
+    for rows in batches:
         for i in range(0, len(rows["ids"]), cfg.batch_eval):
             yield {k: v[i:i + cfg.batch_eval] for k, v in rows.items()}
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 from pipelines.flags import option, parse
 
 if TYPE_CHECKING:
-    from gpt2core import GPT2, Tokenizer
+    from gpt2core import GPT2, GPT2Config, Tokenizer
 
 PROMPT = "> "
 
@@ -33,17 +33,17 @@ PROMPT = "> "
 @dataclass
 class GenerateConfig:
     model_path: str | None = option(None, "the model dir to sample from (HF GPT-2 format)")
-    vocab_path: str | None = option(None, "tokenizer; it must be the model's vocabulary "
-                                    "(default: the tokenizer files in --model_path)")
-    seq_len: int | None = option(None, "most tokens of prompt + continuation; default and "
-                                 "most: the model's n_positions")
+    vocab_path: str | None = option(None, "tokenizer, which must be the model's vocabulary; "
+                                    "without it, the tokenizer files in --model_path")
+    seq_len: int | None = option(None, "most tokens of prompt + continuation; without it "
+                                 "(and at most) the model's n_positions")
     nucleus_prob: float = option(0.85, "nucleus (top-p) sampling: draw from the fewest tokens "
                                  "whose probability adds up to this; 1 = off",
                                  aliases=["--top_p"])
     temperature: float = option(1.0, "divides the logits before sampling; 0 = greedy")
     top_k: int = option(0, "draw from the k likeliest tokens only; 0 = off")
     use_gpu: bool = option(False, "run on the GPU (CUDA)")
-    seed: int | None = option(None, "seed for repeatable samples; default a random one")
+    seed: int | None = option(None, "seed for repeatable samples; without it a random one")
     prompt: str | None = option(None, "generate once from this text and print only the "
                                 "continuation; without it, an interactive session")
 
@@ -60,6 +60,54 @@ class GenerateConfig:
             raise ValueError(f"--seq_len must be at least 2, got {self.seq_len}.")
 
 
+# --- a model dir and its tokenizer (evaluate uses these too) -------------------------------
+
+def open_model(model_path: str, vocab_path: str | None) -> tuple[GPT2Config, Tokenizer]:
+    """The model dir's config and the tokenizer to use with it; raises naming the mismatch.
+
+    The tokenizer is --vocab_path's, else the model dir's own. When both exist they must map the
+    same tokens to the same ids; either way it must fit the model's embedding.
+    """
+    from gpt2core import Tokenizer, TokenizerError
+    from gpt2core.modelfile import read_config
+
+    config = read_config(model_path)
+    own = dir_tokenizer(model_path)
+    if vocab_path is None and own is None:
+        raise TokenizerError(f"model dir {model_path} has no tokenizer files; pass --vocab_path "
+                             "with the vocabulary it was trained with.")
+    tokenizer = Tokenizer.from_pretrained(vocab_path) if vocab_path else own
+    if own is not None and vocab_path and not same_vocabulary(tokenizer, own):
+        raise TokenizerError(f"--vocab_path {vocab_path} is not the vocabulary of the model in "
+                             f"{model_path}; leave --vocab_path out to use the model's own.")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model in "
+                             f"{model_path} only {config.vocab_size}; pass the vocabulary it "
+                             "was trained with.")
+    return config, tokenizer
+
+
+def dir_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer saved in a model or dataset dir; None when it has no tokenizer files."""
+    from gpt2core import Tokenizer, TokenizerError
+
+    names = ("tokenizer.json", "vocab.json", "encoder.json", "vocab.txt")
+    if not any((Path(path) / n).is_file() for n in names):
+        return None
+    try:
+        return Tokenizer.from_pretrained(path)
+    except TokenizerError as e:
+        raise TokenizerError(f"the tokenizer files in {path} are unreadable ({e}); the dir is "
+                             "corrupt.") from e
+
+
+def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    """Same tokens at the same ids (files may differ in layout and still agree)."""
+    return a.sha256() == b.sha256() or (
+        a.backend.get_vocab(with_added_tokens=True) == b.backend.get_vocab(with_added_tokens=True)
+        and a.eos_id == b.eos_id)
+
+
 class PromptTooLong(ValueError):
     """The prompt leaves no room for a continuation within --seq_len."""
 
@@ -69,7 +117,6 @@ def load(cfg: GenerateConfig) -> tuple[GPT2, Tokenizer, int]:
     import torch
 
     from gpt2core import GPT2
-    from pipelines.evaluate import open_model
 
     config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
     limit = cfg.seq_len or config.n_positions

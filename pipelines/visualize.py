@@ -36,12 +36,12 @@ class VisualizeConfig:
     run_dir: str | None = option(None, "a run dir (<storage_path>/<name>): its latest "
                                  "checkpoint's metrics")
     run_id: str | None = option(None, "an MLflow run id: its metric history")
-    output: str | None = option(None, f"the PNG to write; default {DEFAULT_OUTPUT}, none with "
-                                "--interactive", aliases=["--figure"])
+    output: str | None = option(None, f"the PNG to write; without it {DEFAULT_OUTPUT}, or none "
+                                "with --interactive", aliases=["--figure"])
     interactive: bool = option(False, "show the figure in a window")
     smooth: float = option(0.0, "EMA weight for the train loss, 0 (raw) to 0.99")
     log_loss: bool = option(False, "log-scale loss axes")
-    tracking_uri: str | None = option(None, "MLflow store for --run_id; default "
+    tracking_uri: str | None = option(None, "MLflow store for --run_id; without it "
                                       "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
 
     def __post_init__(self) -> None:

@@ -1,0 +1,165 @@
+"""pipelines/generate.py: an interactive session driven through a pseudo-terminal, --prompt output
+that is only the continuation and repeatable under --seed, whole characters, bad input."""
+
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+
+from gpt2core import GPT2, GPT2Config, Tokenizer, generate
+from pipelines import generate as gen
+from pipelines.encoding import byte_decoder
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXTS = ["ROMEO: What light through yonder window breaks?",
+         "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",
+         "naïve café 你好 🙂 and a little more plain text for the merges"]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok) -> Path:
+    """A tiny model with a long context that never ends a text: every position gives the same
+    distribution (ln_f's gain is 0, so its output is its bias u) and eos scores -50 against u.
+    Generations then run to --seq_len, long enough to interrupt."""
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=tok.vocab_size, n_positions=4096, n_embd=16, n_layer=1,
+                            n_head=2))
+    with torch.no_grad():
+        u = torch.randn(16)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(u)
+        model.lm_head.weight.mul_(3.0)  # a peakier distribution: fewer, likelier tokens
+        model.lm_head.weight[tok.eos_id] = -50 * u / u.dot(u)
+    d = tmp_path_factory.mktemp("generate") / "model"
+    model.save_pretrained(d, tok)
+    return d
+
+
+def spawn(model_dir: Path, *args: str) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, ["pipelines/generate.py", "--model_path",
+                                          str(model_dir), "--seed", "0", *args],
+                         cwd=str(ROOT), encoding="utf-8", timeout=90, dimensions=(24, 200))
+
+
+def test_interactive_session_answers_and_exits(model_dir):
+    child = spawn(model_dir, "--seq_len", "24")
+    child.expect_exact(gen.PROMPT)
+    child.sendline("ROMEO:")
+    child.expect_exact("ROMEO:\r\n")  # the terminal's echo of the line typed
+    child.expect_exact("ROMEO:")  # the prompt again, then its continuation
+    child.expect_exact(gen.PROMPT)  # 24 tokens later: done, and a new prompt
+    assert len(child.before.strip()) > 0
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_a_generation_and_ctrl_d_leaves(model_dir):
+    child = spawn(model_dir)  # up to 4096 tokens: seconds of output
+    child.expect_exact(gen.PROMPT)
+    child.sendline("JULIET:")
+    child.expect_exact("JULIET:\r\n")
+    child.expect_exact("JULIET:")
+    child.expect(r"\S{5}")  # tokens are coming
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact(gen.PROMPT)
+    child.sendintr()  # at the prompt: just a fresh prompt
+    child.expect_exact(gen.PROMPT)
+    child.sendline("again")
+    child.expect_exact("again\r\n")
+    child.expect(r"\S{5}")
+    child.sendintr()
+    child.expect_exact(gen.PROMPT)
+    child.sendeof()  # Ctrl-D
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and child.signalstatus is None
+
+
+def test_prompt_prints_only_the_continuation_and_is_seeded(model_dir, tok, capsys):
+    def run(seed: int) -> str:
+        code = gen.main(["--model_path", str(model_dir), "--prompt", "ROMEO:", "--seed",
+                         str(seed), "--seq_len", "40"])
+        out = capsys.readouterr().out
+        assert code == 0
+        return out
+
+    first = run(1)
+    assert run(1) == first and run(2) != first
+    model = GPT2.from_pretrained(model_dir)
+    prompt = tok.encode("ROMEO:")
+    ids = generate(model, prompt, 40 - len(prompt), top_p=0.85, eos_id=tok.eos_id, seed=1)
+    assert first == tok.decode(ids) + "\n"
+
+
+def test_multibyte_characters_print_whole(tok, monkeypatch):
+    """'你' is three bytes, one token each: nothing prints until all three have come."""
+    import gpt2core
+
+    to_id = {b: tok.backend.token_to_id(c) for c, b in byte_decoder().items()}
+    tokens = [to_id[b] for b in "a你b".encode()]
+    monkeypatch.setattr(gpt2core, "stream", lambda *a, **k: iter(tokens))
+
+    class Out:
+        parts: list[str] = []
+
+        def write(self, s: str) -> None:
+            self.parts.append(s)
+
+        def flush(self) -> None:
+            pass
+
+    out = Out()
+    cfg = gen.GenerateConfig(model_path="unused")
+    text = gen.generate_text(None, tok, "x", cfg, limit=100, seed=0, out=out)
+    assert text == "a你b" and "".join(out.parts) == "a你b"
+    assert "\ufffd" not in "".join(out.parts) and "你" in out.parts
+
+
+def bad(capsys, *args) -> str:
+    try:
+        code = gen.main([str(a) for a in args])
+    except SystemExit as e:  # a flag error, from argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("gpt2 generate: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_inputs_end_in_one_sentence(model_dir, tmp_path, capsys):
+    assert "does not exist" in bad(capsys, "--model_path", tmp_path / "nope", "--prompt", "x")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("[1, 2")
+    assert "corrupt" in bad(capsys, "--model_path", corrupt, "--prompt", "x")
+    other = Tokenizer.train(["something else entirely " * 20], vocab_size=290)
+    other.save(tmp_path / "other_vocab")
+    assert "is not the vocabulary of the model" in bad(
+        capsys, "--model_path", model_dir, "--vocab_path", tmp_path / "other_vocab")
+    assert "exceeds the model's context" in bad(capsys, "--model_path", model_dir,
+                                                "--seq_len", 5000)
+    assert "leaves no room" in bad(capsys, "--model_path", model_dir, "--seq_len", 3,
+                                   "--prompt", "ROMEO: What light")
+    assert "--nucleus_prob" in bad(capsys, "--model_path", model_dir, "--nucleus_prob", 0)
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in bad(capsys, "--model_path", model_dir, "--use_gpu")
+
+
+@pytest.mark.gpu
+def test_use_gpu_gives_the_cpu_greedy_text(model_dir, capsys):
+    def run(*flags: str) -> str:
+        assert gen.main(["--model_path", str(model_dir), "--prompt", "ROMEO:", "--seq_len", "40",
+                         "--temperature", "0", *flags]) == 0
+        return capsys.readouterr().out
+
+    assert run("--use_gpu") == run()
