@@ -3,6 +3,7 @@
 #   make test-fast   without the slow ones
 #   make lint        ruff
 #   make bench       bench/bench_model.py
+#   make demo        prepare the sample corpus, train a tiny model, print a sample
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -42,9 +43,10 @@ bench: $(STAMP)
 	@test -f bench/bench_model.py || { echo "bench/bench_model.py is not built yet" >&2; exit 2; }
 	$(PY) bench/bench_model.py
 
-demo:
-	@echo "make demo comes with the training issue (pipelines/train.py); nothing to run yet" >&2
-	@exit 2
+# Prepare the sample corpus into data/dataset (once), train the tiny model, print a sample and
+# where the model dir, its loss curve and the MLflow run are.
+demo: $(STAMP)
+	$(PY) pipelines/train.py
 
 # Debian's chromium for the Serve playground's browser test (tests/serve/test_playground.py).
 # Installed once (as root, or through sudo); where that cannot be done the test is skipped.
