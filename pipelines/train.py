@@ -28,7 +28,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 if __name__ == "__main__":  # as a file (python/ray job submit): import pipelines by package
@@ -36,7 +36,7 @@ if __name__ == "__main__":  # as a file (python/ray job submit): import pipeline
 
 from pipelines import checkpoint, dataset, ray_session, train_data, train_plan
 from pipelines.flags import option, parse
-from pipelines.tracking import tracking_uri
+from pipelines.tracking import RunLog, read_history, tracking_uri
 from pipelines.train_plan import make_plan
 
 
@@ -127,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from gpt2core import GPT2, training
+    from gpt2core import training
 
     cfg, runtime = TrainConfig.from_dict(config), config["runtime"]
     ctx = ray.train.get_context()
@@ -137,26 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
     plan = make_plan(cfg, runtime["manifest"], world, runtime.get("model_dir"))
     tokenizer = train_data.tokenizer_from_spec(runtime["tokenizer"])
 
-    resume = ray.train.get_checkpoint()  # set after a worker failure or for a reused --name
-    if resume is None and cfg.from_checkpoint:
-        resume = ray.train.Checkpoint(cfg.from_checkpoint)
-    start = {"step": 0, "tokens": 0, "epoch": 0, "batch": 0, "run_id": None}
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    if resume is not None:
-        with resume.as_directory() as d:
-            model = GPT2.from_pretrained(Path(d) / checkpoint.MODEL_DIR)
-            saved = checkpoint.load_state(d)
-            history = _read_history(Path(d) / checkpoint.MODEL_DIR, saved["step"])
-    elif plan.from_pretrained:
-        model, saved, history = GPT2.from_pretrained(plan.from_pretrained), None, []
-    else:
-        model, saved, history = GPT2(plan.model_config), None, []
-    model.config.dropout = cfg.dropout
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = cfg.dropout
-    model.grad_checkpointing = cfg.use_grad_ckpt
-
+    model, saved, history = _load_model(cfg, plan)
     def wrap(m):
         m = torch.compile(m) if cfg.compile else m
         return ray.train.torch.prepare_model(m, move_to_device=False)
@@ -165,14 +146,13 @@ def train_loop_per_worker(config: dict) -> None:
         model, lr=cfg.base_lr, weight_decay=cfg.wd_rate, warmup_steps=cfg.warmup_steps,
         total_steps=cfg.total_steps, min_lr=cfg.min_lr, device=device, use_amp=cfg.use_amp,
         wrap=wrap)
+    start = {"step": 0, "tokens": 0, "epoch": 0, "batch": 0, "run_id": None}
     if saved is not None:
         state.load_state_dict(saved)
         start = {k: saved[k] for k in start}
 
     log = None
     if rank == 0:
-        from pipelines.tracking import RunLog
-
         log = RunLog(runtime["tracking_uri"], cfg.experiment, runtime["name"],
                      {**asdict(cfg), "num_params": model.num_params(),
                       "world_size": world}, run_id=start["run_id"], history=history,
@@ -187,7 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     tokens_per_step = cfg.batch_train * plan.seq_len * cfg.grad_accum * world
     tokens, epoch, batch = start["tokens"], start["epoch"], start["batch"]
-    window = {"loss": 0.0, "norm": 0.0, "steps": 0, "time": time.perf_counter()}
+    window = _Window()
     while state.step_count < cfg.total_steps:
         micro = train_data.batches(train_shard, plan, cfg, epoch, rank, skip=batch)
         while state.step_count < cfg.total_steps:
@@ -198,24 +178,20 @@ def train_loop_per_worker(config: dict) -> None:
             batch += cfg.grad_accum
             step = state.step_count + 1
             torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout: resumable
-            loss, norm = state.step(group, cfg.grad_clip)
+            window.add(*state.step(group, cfg.grad_clip))
             tokens += tokens_per_step
-            window["loss"] += loss
-            window["norm"] += norm
-            window["steps"] += 1
+            last = step == cfg.total_steps
             metrics = {}
-            if log is not None and (step % cfg.log_steps == 0 or step == cfg.total_steps):
-                elapsed = time.perf_counter() - window["time"]
-                tps = window["steps"] * tokens_per_step / elapsed
-                metrics = {"train/loss": window["loss"] / window["steps"], "train/lr": state.lr,
-                           "train/grad_norm": window["norm"] / window["steps"],
+            if step % cfg.log_steps == 0 or last:
+                tps = window.steps * tokens_per_step / (time.perf_counter() - window.start)
+                metrics = {"train/loss": window.loss / window.steps, "train/lr": state.lr,
+                           "train/grad_norm": window.norm / window.steps,
                            "train/tokens_per_sec": tps,
                            "train/mfu": state.raw.estimate_mfu(tps / world, peak, plan.seq_len),
                            "train/tokens": tokens, "train/epoch": epoch}
-            if step % cfg.log_steps == 0 or step == cfg.total_steps:
-                window = {"loss": 0.0, "norm": 0.0, "steps": 0}
-            do_eval = step % cfg.eval_steps == 0 or step == cfg.total_steps
-            do_save = step % cfg.save_steps == 0 or step == cfg.total_steps
+                window = None  # restarted below, after any evaluation and checkpoint
+            do_eval = step % cfg.eval_steps == 0 or last
+            do_save = step % cfg.save_steps == 0 or last
             if do_eval:
                 metrics.update(train_data.evaluate(state, val_shard, plan, cfg,
                                                    runtime["manifest"]))
@@ -226,9 +202,50 @@ def train_loop_per_worker(config: dict) -> None:
             if do_eval or do_save:
                 position = {"step": step, "tokens": tokens, "epoch": epoch, "batch": batch,
                             "run_id": log.run_id if log else None}
-                _report(state, tokenizer, log, position, metrics, save=do_save,
-                        final=step == cfg.total_steps)
-            window.setdefault("time", time.perf_counter())
+                _report(state, tokenizer, log, position, metrics, save=do_save, final=last)
+            window = window or _Window()
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last log line; evaluation and checkpoints are not timed."""
+
+    loss: float = 0.0
+    norm: float = 0.0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, norm: float) -> None:
+        self.loss, self.norm, self.steps = self.loss + loss, self.norm + norm, self.steps + 1
+
+
+def _load_model(cfg: TrainConfig, plan):
+    """(model, saved train state or None, history): from the checkpoint Ray Train hands back
+    after a failure (or --from_checkpoint), else --from_pretrained, else a fresh init."""
+    import ray.train
+    import torch
+
+    from gpt2core import GPT2
+
+    resume = ray.train.get_checkpoint()  # set after a worker failure or for a reused --name
+    if resume is None and cfg.from_checkpoint:
+        resume = ray.train.Checkpoint(cfg.from_checkpoint)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if resume is not None:
+        with resume.as_directory() as d:
+            model = GPT2.from_pretrained(Path(d) / checkpoint.MODEL_DIR)
+            saved = checkpoint.load_state(d)
+            history = read_history(Path(d) / checkpoint.MODEL_DIR, saved["step"])
+    elif plan.from_pretrained:
+        model, saved, history = GPT2.from_pretrained(plan.from_pretrained), None, []
+    else:
+        model, saved, history = GPT2(plan.model_config), None, []
+    model.config.dropout = cfg.dropout  # a loaded model keeps its own rate otherwise
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = cfg.dropout
+    model.grad_checkpointing = cfg.use_grad_ckpt
+    return model, saved, history
 
 
 _SHOWN = ("train/loss", "train/lr", "train/tokens_per_sec", "eval/loss", "eval/bpb")
@@ -261,12 +278,6 @@ def _report(state, tokenizer, log, position: dict, metrics: dict, save: bool,
             log.finish(path / checkpoint.MODEL_DIR, plot)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=checkpoint.dir_name(position["step"]))
-
-
-def _read_history(model_dir: Path, step: int) -> list[dict]:
-    from pipelines.tracking import read_history
-
-    return read_history(model_dir, step)
 
 
 # --- driver ---------------------------------------------------------------------------------
