@@ -15,7 +15,8 @@ def manifest(seq_len=64, vocab=512, train_rows=100, val_rows=4):
 
 
 def test_from_scratch_follows_the_dataset_vocab_and_preset_shape():
-    plan = make_plan(TrainConfig(preset="tiny", layers=2, dims=64), manifest(), world=1)
+    plan = make_plan(TrainConfig(preset="tiny", layers=2, dims=64, batch_train=16), manifest(),
+                     world=1)
     c = plan.model_config
     assert (c.vocab_size, c.n_layer, c.n_embd, c.n_head, c.n_inner) == (512, 2, 64, 4, 256)
     assert plan.seq_len == 64 and plan.rows_per_batch == 16 and plan.steps_per_epoch == 6
