@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,8 +53,6 @@ from pipelines.flags import option, parse
 if TYPE_CHECKING:
     from gpt2core import GPT2Config, Tokenizer
 
-# text work items: a few per CPU, each big enough that task overhead stays small
-ITEMS_PER_CPU, ITEM_BYTES = 4, (256 << 10, 8 << 20)
 CPUS_PER_ACTOR = 4  # a CPU actor's torch threads: more per actor gains little for small batches
 IDS = np.dtype(np.int32)  # a sequence travels as raw int32 bytes (ragged, so not a tensor column)
 SUMS = ("nats", "correct", "count", "bytes", "documents", "windows")
@@ -97,13 +95,9 @@ class EvaluateConfig:
             raise ValueError("--model_path is required: the model dir to evaluate.")
         if not self.smoke_test and not self.eval_corpus:
             raise ValueError("--eval_corpus is required: text files or a dataset dir.")
-        for name in ("batch_eval", "max_doc_bytes", "actors"):
+        for name in ("batch_eval", "max_doc_bytes", "actors", "seq_len", "stride"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise ValueError(f"--seq_len must be positive, got {self.seq_len}.")
-        if self.stride is not None and self.stride < 1:
-            raise ValueError(f"--stride must be positive, got {self.stride}.")
 
 
 # --- windows and scoring (pure; the Scorer actor runs these) --------------------------------
@@ -189,16 +183,13 @@ class Scorer:
         sequences = [np.frombuffer(b, IDS) for b in batch["ids"]]
         sums = score(self.model, [s for s in sequences if len(s) >= 2], window=self.window,
                      stride=self.stride, batch=self.batch, device=self.device, dtype=self.dtype)
-        invalid: dict[str, list[int]] = {}
-        for row in batch["invalid"]:
-            for uri, (bad, n) in json.loads(row).items():
-                invalid[uri] = [a + b for a, b in zip(invalid.get(uri, [0, 0]), (bad, n))]
+        counts = [c for c in map(json.loads, batch["invalid"]) if c]  # summarize adds them up
         errors = [str(e) for e in batch["error"] if e]
         return {**{k: np.array([v]) for k, v in sums.items()},
                 "bytes": np.array([int(np.sum(batch["bytes"]))]),
                 "documents": np.array([int(np.sum(batch["document"]))]),
                 "error": np.array([errors[0] if errors else ""]),
-                "invalid": np.array([json.dumps(invalid)])}
+                "invalid": np.array([json.dumps(counts)])}
 
 
 # --- sequences: Ray Data UDFs ---------------------------------------------------------------
@@ -253,37 +244,35 @@ class Job:
     stride: int
     weights: dict  # the state dict, read and checked on the driver
     sources: list  # corpus.Source, or [] for a dataset dir
-    manifest: dataset.Manifest | None = None
-    data_dir: Path | None = None
+    val: dataset.Split | None = None  # a dataset dir's val split
+    val_files: list[Path] = field(default_factory=list)  # its parquet shards
 
 
 def plan(cfg: EvaluateConfig) -> Job:
     """Check everything that can be checked before Ray starts."""
     from gpt2core import TokenizerError
     from gpt2core.modelfile import read_weights
-    from pipelines.generate import dir_tokenizer, open_model, same_vocabulary
+    from pipelines.modeldir import context_length, dir_tokenizer, open_model, same_vocabulary
 
     config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
     weights = read_weights(cfg.model_path, config)  # corrupt weights end here, not in an actor
-    window = cfg.seq_len or config.n_positions
-    if window > config.n_positions:
-        raise ValueError(f"--seq_len {window} exceeds the model's context of "
-                         f"{config.n_positions} tokens; pass at most that.")
+    window = context_length(config, cfg.seq_len)
     stride = cfg.stride or max(1, window // 2)
     if stride > window:
         raise ValueError(f"--stride {stride} is longer than the window ({window} tokens) and "
                          "would skip tokens; pass at most the window.")
     first = Path(cfg.eval_corpus[0]).expanduser()
     if len(cfg.eval_corpus) == 1 and (first / dataset.MANIFEST).is_file():
-        manifest = dataset.load_manifest(first)
+        val = dataset.load_manifest(first).splits["val"]
         data_tok = dir_tokenizer(first)
         if data_tok is None or not same_vocabulary(data_tok, tokenizer):
             raise TokenizerError(f"dataset {first} was prepared with another vocabulary than "
                                  "the model's; prepare it with --vocab_path set to the model dir.")
-        if manifest.splits["val"].tokens == 0:
+        if val.tokens == 0:
             raise corpus.CorpusError(f"the evaluation corpus is empty: dataset {first} has no "
                                      "val rows.")
-        return Job(config, tokenizer, window, stride, weights, [], manifest, first.resolve())
+        return Job(config, tokenizer, window, stride, weights, [], val,
+                   [first.resolve() / s.file for s in val.shards])
     sources = corpus.resolve(cfg.eval_corpus, role="val", per_line=cfg.doc_per_line,
                              text_field=cfg.text_field)
     if not any(s.size for s in sources):
@@ -310,10 +299,9 @@ def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
     actors = cfg.actors or (gpus or max(1, cpus // CPUS_PER_ACTOR))
     actor_cpus = 1 if gpus else max(1, (cpus - 1) // actors)  # one CPU left to read the corpus
     with ray_session.data_context(8 << 20):
-        if job.manifest is not None:
-            files = [str(job.data_dir / s.file) for s in job.manifest.splits["val"].shards]
-            ds = ray.data.read_parquet(files).map_batches(row_sequences,
-                                                          batch_size=cfg.batch_eval)
+        if job.val is not None:
+            ds = ray.data.read_parquet([str(f) for f in job.val_files]) \
+                .map_batches(row_sequences, batch_size=cfg.batch_eval)
         else:
             items, kwargs = _text_items(cfg, job, cpus)
             ds = ray.data.from_items([{"segments": s} for s in items],
@@ -331,6 +319,7 @@ def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
 def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> tuple[list[str], dict]:
     """Work items (their segments as JSON) and text_sequences' keyword arguments."""
     from pipelines.encoding import encoder_spec
+    from pipelines.prepare import ITEM_BYTES, ITEMS_PER_CPU  # work items sized as prepare's
 
     total = sum(s.size for s in job.sources)
     target = min(ITEM_BYTES[1], max(ITEM_BYTES[0], total // (ITEMS_PER_CPU * cpus)))
@@ -344,11 +333,9 @@ def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> tuple[list[str], di
 
 def _local_sequences(cfg: EvaluateConfig, job: Job) -> Iterator[dict[str, np.ndarray]]:
     """The same sequences as the Ray path, batch_eval at a time, read in this process."""
-    if job.manifest is not None:
-        parts = (dataset.read_shard(job.data_dir / s.file)
-                 for s in job.manifest.splits["val"].shards)
+    if job.val is not None:
         batches = (row_sequences({"tokens": tokens, "length": lengths})
-                   for tokens, lengths in parts)
+                   for tokens, lengths in map(dataset.read_shard, job.val_files))
     else:
         items, kwargs = _text_items(cfg, job, cpus=1)
         batches = (text_sequences({"segments": np.array([s])}, **kwargs) for s in items)
@@ -365,11 +352,10 @@ def summarize(parts: list[dict], job: Job, cfg: EvaluateConfig, mode: str,
     errors = [str(p["error"]) for p in parts if p["error"]]
     if errors:
         raise corpus.CorpusError(errors[0])
-    corpus.check_utf8([json.loads(p["invalid"]) for p in parts], max_fraction=0.01)
+    corpus.check_utf8([c for p in parts for c in json.loads(p["invalid"])], max_fraction=0.01)
     total = {k: sum(float(p[k]) for p in parts) for k in SUMS}
-    if job.manifest is not None:
-        val = job.manifest.splits["val"]
-        total["bytes"], total["documents"] = val.bytes, val.documents
+    if job.val is not None:  # the dataset's counts: its rows do not carry them
+        total["bytes"], total["documents"] = job.val.bytes, job.val.documents
     if total["count"] == 0:
         raise corpus.CorpusError("the evaluation corpus is empty: it holds no non-blank "
                                  "document.")
@@ -399,23 +385,9 @@ def report(r: dict) -> str:
         f"tokens/s; {r['mode']})"])
 
 
-def log_to_mlflow(client, run_id: str, r: dict) -> None:
-    """The results as evaluate/* metrics at the run's last step, the corpus as a tag."""
-    import mlflow
-
-    steps = [m.step for key in ("eval/loss", "train/loss")
-             for m in client.get_metric_history(run_id, key)]
-    step, now = max(steps, default=0), int(time.time() * 1000)
-    names = {"loss": "loss", "perplexity": "ppl", "bits_per_byte": "bpb", "accuracy": "accuracy",
-             "tokens": "tokens"}
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"evaluate/{v}", float(r[k]), now,
-                                                             step) for k, v in names.items()])
-    client.set_tag(run_id, "evaluate/corpus", ", ".join(r["eval_corpus"])[:5000])
-
-
 def main(argv: list[str] | None = None) -> int:
     from gpt2core import ModelFileError, TokenizerError
-    from pipelines.visualize import RunError, open_run
+    from pipelines.tracking import RunError, log_evaluation, open_run
 
     cfg = parse(EvaluateConfig, argv, prog="gpt2 evaluate", description=__doc__.split("\n")[0])
     try:
@@ -429,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpt2 evaluate: error: {e}", file=sys.stderr)
         return 2
     if client is not None:
-        log_to_mlflow(client, cfg.mlflow_run_id, result)
+        log_evaluation(client, cfg.mlflow_run_id, result)
     print(json.dumps(result) if cfg.json else report(result))
     return 0
 

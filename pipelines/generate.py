@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TextIO
 from pipelines.flags import option, parse
 
 if TYPE_CHECKING:
-    from gpt2core import GPT2, GPT2Config, Tokenizer
+    from gpt2core import GPT2, Tokenizer
 
 PROMPT = "> "
 
@@ -60,54 +60,6 @@ class GenerateConfig:
             raise ValueError(f"--seq_len must be at least 2, got {self.seq_len}.")
 
 
-# --- a model dir and its tokenizer (evaluate uses these too) -------------------------------
-
-def open_model(model_path: str, vocab_path: str | None) -> tuple[GPT2Config, Tokenizer]:
-    """The model dir's config and the tokenizer to use with it; raises naming the mismatch.
-
-    The tokenizer is --vocab_path's, else the model dir's own. When both exist they must map the
-    same tokens to the same ids; either way it must fit the model's embedding.
-    """
-    from gpt2core import Tokenizer, TokenizerError
-    from gpt2core.modelfile import read_config
-
-    config = read_config(model_path)
-    own = dir_tokenizer(model_path)
-    if vocab_path is None and own is None:
-        raise TokenizerError(f"model dir {model_path} has no tokenizer files; pass --vocab_path "
-                             "with the vocabulary it was trained with.")
-    tokenizer = Tokenizer.from_pretrained(vocab_path) if vocab_path else own
-    if own is not None and vocab_path and not same_vocabulary(tokenizer, own):
-        raise TokenizerError(f"--vocab_path {vocab_path} is not the vocabulary of the model in "
-                             f"{model_path}; leave --vocab_path out to use the model's own.")
-    if tokenizer.vocab_size > config.vocab_size:
-        raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model in "
-                             f"{model_path} only {config.vocab_size}; pass the vocabulary it "
-                             "was trained with.")
-    return config, tokenizer
-
-
-def dir_tokenizer(path: str | Path) -> Tokenizer | None:
-    """The tokenizer saved in a model or dataset dir; None when it has no tokenizer files."""
-    from gpt2core import Tokenizer, TokenizerError
-
-    names = ("tokenizer.json", "vocab.json", "encoder.json", "vocab.txt")
-    if not any((Path(path) / n).is_file() for n in names):
-        return None
-    try:
-        return Tokenizer.from_pretrained(path)
-    except TokenizerError as e:
-        raise TokenizerError(f"the tokenizer files in {path} are unreadable ({e}); the dir is "
-                             "corrupt.") from e
-
-
-def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
-    """Same tokens at the same ids (files may differ in layout and still agree)."""
-    return a.sha256() == b.sha256() or (
-        a.backend.get_vocab(with_added_tokens=True) == b.backend.get_vocab(with_added_tokens=True)
-        and a.eos_id == b.eos_id)
-
-
 class PromptTooLong(ValueError):
     """The prompt leaves no room for a continuation within --seq_len."""
 
@@ -117,12 +69,10 @@ def load(cfg: GenerateConfig) -> tuple[GPT2, Tokenizer, int]:
     import torch
 
     from gpt2core import GPT2
+    from pipelines.modeldir import context_length, open_model
 
     config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
-    limit = cfg.seq_len or config.n_positions
-    if limit > config.n_positions:
-        raise ValueError(f"--seq_len {limit} exceeds the model's context of "
-                         f"{config.n_positions} tokens; pass at most that.")
+    limit = context_length(config, cfg.seq_len)
     if cfg.use_gpu and not torch.cuda.is_available():
         raise ValueError("--use_gpu: no CUDA device is visible; leave --use_gpu off to run on "
                          "the CPU.")

@@ -4,6 +4,9 @@ MLflow goes where the driver said (`tracking_uri`: MLFLOW_TRACKING_URI, else a l
 the driver's working directory, as an absolute URI so a worker on any node writes the same
 store). The same records also go to the model dir's metrics.jsonl, so `gpt2 visualize` and the
 loss-curve PNG need no MLflow.
+
+For the stages that read or add to a finished run: `open_run` (a client on the store that holds
+a run id, RunError when there is none), `log_evaluation` (`gpt2 evaluate`'s results on a run).
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import os
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class RunError(ValueError):
+    """A run (dir, id or MLflow store) that is missing or holds no metrics."""
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -93,3 +100,43 @@ def read_history(model_dir: str | Path, up_to_step: int) -> list[dict]:
 
     path = Path(model_dir) / METRICS_FILE
     return [r for r in read_metrics(path) if r["step"] <= up_to_step] if path.is_file() else []
+
+
+def open_run(run_id: str, uri: str | None = None):
+    """An MlflowClient on the store (`uri`, resolved as `tracking_uri` does) that holds
+    `run_id`; RunError when either does not exist."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(uri)
+    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else \
+        uri if "://" not in uri else None
+    if local is not None and not Path(local).exists():
+        # reading would create an empty store there as a side effect
+        raise RunError(f"there is no MLflow store at {uri}; set MLFLOW_TRACKING_URI (or "
+                       "--tracking_uri) to the store training logged to.")
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise RunError(f"MLflow run {run_id} does not exist in {uri}; check the id (`mlflow ui "
+                       f"--backend-store-uri {uri}` lists runs) or the tracking URI.") from None
+    return client
+
+
+def log_evaluation(client, run_id: str, results: dict) -> None:
+    """`gpt2 evaluate`'s results as evaluate/* metrics at the run's last step, the corpus as a
+    tag."""
+    import time
+
+    import mlflow
+
+    steps = [m.step for key in ("eval/loss", "train/loss")
+             for m in client.get_metric_history(run_id, key)]
+    step, now = max(steps, default=0), int(time.time() * 1000)
+    names = {"loss": "loss", "perplexity": "ppl", "bits_per_byte": "bpb", "accuracy": "accuracy",
+             "tokens": "tokens"}
+    client.log_batch(run_id, metrics=[
+        mlflow.entities.Metric(f"evaluate/{v}", float(results[k]), now, step)
+        for k, v in names.items()])
+    client.set_tag(run_id, "evaluate/corpus", ", ".join(results["eval_corpus"])[:5000])

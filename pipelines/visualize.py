@@ -22,12 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.flags import option, parse
+from pipelines.tracking import METRICS_FILE, RunError, open_run
 
 DEFAULT_OUTPUT = "figure.png"  # the original project's default
-
-
-class RunError(ValueError):
-    """A run (dir, id or MLflow store) that is missing or holds no metrics."""
 
 
 @dataclass
@@ -57,8 +54,6 @@ class VisualizeConfig:
 
 def metrics_file(model_path: str | Path) -> Path:
     """A model dir's metrics.jsonl; RunError when there is none."""
-    from pipelines.tracking import METRICS_FILE
-
     path = Path(model_path).expanduser()
     if not path.is_dir():
         raise RunError(f"model dir {model_path} does not exist; pass the dir training wrote.")
@@ -71,7 +66,6 @@ def metrics_file(model_path: str | Path) -> Path:
 def run_dir_metrics(run_dir: str | Path) -> Path:
     """The latest checkpoint's metrics.jsonl in a run dir, else its exported model's."""
     from pipelines.checkpoint import MODEL_DIR, PREFIX
-    from pipelines.tracking import METRICS_FILE
 
     path = Path(run_dir).expanduser()
     if not path.is_dir():
@@ -99,29 +93,6 @@ def file_records(path: Path) -> list[dict]:
         raise RunError(f"{path} has records without a step; it is not a metrics.jsonl written "
                        "by training.")
     return records
-
-
-def open_run(run_id: str, tracking_uri: str | None = None):
-    """An MlflowClient on the store that holds `run_id`; RunError when it does not exist."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.tracking import tracking_uri as resolve_uri
-
-    uri = resolve_uri(tracking_uri)
-    local = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else \
-        uri if "://" not in uri else None
-    if local is not None and not Path(local).exists():
-        # reading would create an empty store there as a side effect
-        raise RunError(f"there is no MLflow store at {uri}; set MLFLOW_TRACKING_URI (or "
-                       "--tracking_uri) to the store training logged to.")
-    client = MlflowClient(uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        raise RunError(f"MLflow run {run_id} does not exist in {uri}; check the id (`mlflow ui "
-                       f"--backend-store-uri {uri}` lists runs) or the tracking URI.") from None
-    return client
 
 
 def mlflow_records(run_id: str, tracking_uri: str | None = None) -> list[dict]:
