@@ -94,3 +94,19 @@ def test_checkpoint_find_takes_a_checkpoint_or_the_latest_in_a_run_dir(tmp_path)
         checkpoint.find(str(tmp_path / "checkpoint_0000010" / "model"))
     with pytest.raises(ValueError, match="local checkpoint dir"):
         checkpoint.find("s3://bucket/run")
+
+
+def test_the_original_projects_train_command_parses():
+    from pipelines.flags import parse
+
+    argv = ("--train_corpus a.txt --eval_corpus b.txt --vocab_path vocab.txt "
+            "--save_checkpoint_path ckpts --save_model_path model --batch_train 32 "
+            "--batch_eval 16 --seq_len 128 --total_steps 1000 --eval_steps 100 --save_steps 500 "
+            "--layers 6 --heads 8 --dims 256 --rate 4 --dropout 0.1 --base_lr 1e-4 "
+            "--wd_rate 0.01 --from_checkpoint c --from_pretrained p --use_amp --use_grad_ckpt "
+            "--gpus 2").split()
+    cfg = parse(TrainConfig, argv, prog="gpt2 train")
+    assert cfg.corpus == ["a.txt"] and cfg.eval_corpus == ["b.txt"]
+    assert cfg.storage_path == "ckpts" and cfg.save_model_path == "model"
+    assert (cfg.layers, cfg.heads, cfg.dims, cfg.rate, cfg.seq_len) == (6, 8, 256, 4, 128)
+    assert cfg.use_amp and cfg.use_grad_ckpt and cfg.gpus == 2 and cfg.base_lr == 1e-4
