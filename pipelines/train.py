@@ -65,7 +65,8 @@ class TrainConfig:
     batch_eval: int = option(16, "sequences per worker per eval batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     base_lr: float = option(1e-3, "peak learning rate")
-    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    min_lr: float | None = option(None, "learning rate at the end of the cosine decay "
+                                  "(default base_lr / 10)")
     warmup_steps: int = option(50, "steps of linear warm-up")
     wd_rate: float = option(0.01, "AdamW weight decay (matrices only)")
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
@@ -107,6 +108,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        if self.min_lr is None:
+            self.min_lr = self.base_lr / 10
         if self.base_lr <= 0 or self.min_lr < 0 or self.min_lr > self.base_lr:
             raise ValueError("--base_lr must be positive and --min_lr in [0, base_lr].")
         if self.gpus < 0 or self.cpus_per_worker < 0 or self.max_failures < -1:

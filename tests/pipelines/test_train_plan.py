@@ -110,3 +110,4 @@ def test_the_original_projects_train_command_parses():
     assert cfg.storage_path == "ckpts" and cfg.save_model_path == "model"
     assert (cfg.layers, cfg.heads, cfg.dims, cfg.rate, cfg.seq_len) == (6, 8, 256, 4, 128)
     assert cfg.use_amp and cfg.use_grad_ckpt and cfg.gpus == 2 and cfg.base_lr == 1e-4
+    assert cfg.min_lr == pytest.approx(1e-5)  # base_lr / 10 unless given
