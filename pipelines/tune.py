@@ -30,40 +30,25 @@ from its last checkpoint, with ASHA's record of the finished ones kept.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
 import time
-import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 if __name__ == "__main__":  # as a file (python/ray job submit): import pipelines by package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import checkpoint, ray_session
+from pipelines import checkpoint, ray_session, tune_report, tune_space
 from pipelines.flags import option, parse
 from pipelines.train import Job, TrainConfig, make_trainer, plan_job
 from pipelines.train_plan import DATA_CPUS, make_plan
 
-METRICS = ("eval/loss", "eval/bpb", "eval/ppl")  # what every evaluation reports
+METRICS = ("eval/loss", "eval/bpb", "eval/ppl")  # what every evaluation reports; lower is better
+MODE = "min"
 TRIAL_CPUS = 0.01  # the trial function only drives its TorchTrainer; a whole CPU would idle
 RECORD = "sweep.json"  # in the sweep dir: the flags and space, for --resume
-# Fields a trial may not vary: where data, runs and workers are, and how results are measured.
-FIXED = ("data", "corpus", "eval_corpus", "vocab_path", "vocab_size", "from_pretrained", "name",
-         "storage_path", "save_model_path", "from_checkpoint", "keep_checkpoints",
-         "max_failures", "experiment", "num_workers", "gpus", "cpus_per_worker", "address",
-         "eval_steps", "eval_batches", "batch_eval", "save_steps", "log_steps")
-TUNABLE = tuple(f.name for f in fields(TrainConfig) if f.name not in FIXED)
-DEFAULT_SPACE = {  # optimisation only: the model's shape stays the --preset's
-    "base_lr": {"loguniform": [1e-4, 3e-3]},
-    "wd_rate": {"choice": [0.0, 0.01, 0.1]},
-    "warmup_steps": {"choice": [0, 50, 100]},
-    "dropout": {"choice": [0.0, 0.1]},
-    "grad_accum": {"choice": [1, 2]},
-}
-SAMPLERS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 
 @dataclass
@@ -74,23 +59,22 @@ class SweepConfig(TrainConfig):
     num_samples: int = option(4, "trials sampled from the space (each grid value this many times)")
     search_space: str | None = option(None, "YAML or JSON file: TrainConfig field -> value or "
                                       "{loguniform|uniform|randint|choice|grid: [...]}; "
-                                      "default: DEFAULT_SPACE in pipelines/tune.py")
+                                      "default: DEFAULT_SPACE in pipelines/tune_space.py")
     max_concurrent: int = option(0, "trials at once (0: as many as fit)")
     scheduler: str = option("asha", "asha: stop trials that trail early; fifo: run all to the end")
     metric: str = option("eval/loss", "what ranks trials: eval/loss, eval/bpb or eval/ppl")
-    mode: str = option("min", "min or max of --metric is best")
     grace_period: int = option(0, "steps before ASHA may stop a trial (0: 2 x --eval_steps)")
     reduction_factor: float = option(3.0, "ASHA keeps about 1/this of the trials at each rung")
     resume: bool = option(False, "finish the interrupted sweep --name (with its saved flags)")
 
     def __post_init__(self) -> None:
+        self.min_lr_given = self.min_lr is not None  # else a trial's is its base_lr / 10
         super().__post_init__()
         if self.num_samples < 1 or self.max_concurrent < 0 or self.grace_period < 0:
             raise ValueError("--num_samples must be at least 1, --max_concurrent and "
                              "--grace_period not negative.")
-        if self.scheduler not in ("asha", "fifo") or self.mode not in ("min", "max"):
-            raise ValueError(f"--scheduler is asha or fifo (got {self.scheduler}) and --mode "
-                             f"min or max (got {self.mode}).")
+        if self.scheduler not in ("asha", "fifo"):
+            raise ValueError(f"--scheduler is asha or fifo, got {self.scheduler}.")
         if self.metric not in METRICS:
             raise ValueError(f"--metric {self.metric} is not reported; use one of "
                              f"{', '.join(METRICS)}.")
@@ -104,155 +88,93 @@ class SweepConfig(TrainConfig):
         return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
 
 
-# --- the search space --------------------------------------------------------------------------
-
-def load_space(path: str | None) -> dict:
-    """The space in a YAML/JSON file (DEFAULT_SPACE without one), its names checked."""
-    if path is None:
-        return dict(DEFAULT_SPACE)
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--search_space {path} does not exist.")
-    if p.suffix not in (".yaml", ".yml", ".json"):
-        raise ValueError(f"--search_space {path}: give a .yaml, .yml or .json file.")
-    try:
-        import yaml  # a dependency of Ray
-
-        space = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"--search_space {path} is not valid {p.suffix[1:]}: {e}") from None
-    if not isinstance(space, dict) or not space:
-        raise ValueError(f"--search_space {path} must map field names to values.")
-    return space
-
-
-def check_space(space: dict, base: TrainConfig) -> dict:
-    """The space with values typed like their fields; ValueError names a bad name or value.
-
-    Each value (a range's ends, every choice) must make a valid TrainConfig on its own.
-    """
-    hints, typed = typing.get_type_hints(TrainConfig), {}
-    for name, spec in space.items():
-        if name not in TUNABLE:
-            raise ValueError(f"search space: {name!r} is not a field a trial can vary; valid: "
-                             f"{', '.join(sorted(TUNABLE))}.")
-        kind = next(a for a in typing.get_args(hints[name]) or (hints[name],)
-                    if a is not type(None))  # int | None -> int
-        if isinstance(spec, dict):
-            if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
-                raise ValueError(f"search space: {name}: give one of {', '.join(SAMPLERS)}, "
-                                 f"as in {{choice: [...]}}; got {spec}.")
-            (how, values), = spec.items()
-            ranged = how in ("loguniform", "uniform", "randint")
-            if not isinstance(values, list) or not values or (ranged and len(values) != 2):
-                raise ValueError(f"search space: {name}: {how} takes "
-                                 f"{'[low, high]' if ranged else 'a list of values'}.")
-            if ranged and (kind not in (int, float) or (kind is int) != (how == "randint")):
-                fits = {int: "randint, ", float: "uniform, loguniform, "}.get(kind, "")
-                raise ValueError(f"search space: {name} takes {kind.__name__} values: use "
-                                 f"{fits}choice or grid.")
-        else:
-            how, values = "const", [spec]
-        values = [_coerce(name, kind, v) for v in values]
-        if how in ("loguniform", "uniform", "randint") and not (
-                values[0] < values[1] and (how != "loguniform" or values[0] > 0)):
-            raise ValueError(f"search space: {name}: {how} needs 0 < low < high for loguniform, "
-                             f"low < high otherwise; got {values}.")
-        for v in values:
-            try:
-                replace(base, **{name: v})
-            except ValueError as e:
-                raise ValueError(f"search space: {name}={v}: {e}") from None
-        typed[name] = {how: values} if how != "const" else values[0]
-    return typed
-
-
-def _coerce(name: str, kind: type, value):
-    """YAML reads 1e-4 as a string; a field's values are made its type, or refused."""
-    try:
-        if kind is bool or kind is str:
-            if not isinstance(value, kind):
-                raise ValueError
-            return value
-        number = float(value)
-        if kind is int and number != int(number):
-            raise ValueError
-        return int(number) if kind is int else number
-    except (TypeError, ValueError):
-        raise ValueError(f"search space: {name} takes {kind.__name__} values, "
-                         f"got {value!r}.") from None
-
-
-def check_against_data(space: dict, job: Job) -> None:
-    """Each value with the dataset and model (batch vs rows, heads vs dims, ...)."""
-    for name, spec in space.items():
-        for v in (next(iter(spec.values())) if isinstance(spec, dict) else [spec]):
-            try:
-                make_plan(replace(job.cfg, **{name: v}), job.manifest, job.workers,
-                          job.runtime["model_dir"])
-            except ValueError as e:
-                raise ValueError(f"search space: {name}={v}: {e}") from None
-
-
-def param_space(space: dict):
-    """The checked space as Tune domains."""
-    from ray import tune
-
-    def domain(how, v):
-        return {"loguniform": lambda: tune.loguniform(*v), "uniform": lambda: tune.uniform(*v),
-                "randint": lambda: tune.randint(v[0], v[1] + 1), "choice": lambda: tune.choice(v),
-                "grid": lambda: tune.grid_search(v)}[how]()
-
-    return {k: domain(*next(iter(s.items()))) if isinstance(s, dict) else s
-            for k, s in space.items()}
-
-
-def count_trials(space: dict, num_samples: int) -> int:
-    return num_samples * math.prod(len(s["grid"]) for s in space.values()
-                                   if isinstance(s, dict) and "grid" in s)
-
-
-def largest(space: dict, name: str, default):
-    s = space.get(name, default)
-    return max(next(iter(s.values()))) if isinstance(s, dict) else s
-
-
 # --- one trial ----------------------------------------------------------------------------------
 
 def run_trial(config: dict, job: Job, sweep: dict) -> None:
     """A Tune function trainable: train.py's TorchTrainer with the trial's fields replaced."""
     import ray.tune
+    from ray.util.queue import Queue
 
-    cfg = replace(job.cfg, **config)
+    cfg = replace(job.cfg, **dict.fromkeys(sweep["derived"]), **config)
     make_plan(cfg, job.manifest, job.workers, job.runtime["model_dir"])  # bad mix: ends here
     name = ray.tune.get_context().get_trial_name()
     runtime = {**job.runtime, "mlflow_tags": {"mlflow.parentRunId": sweep["parent_run_id"],
                                               "sweep": sweep["name"]}}
-    make_trainer(replace(job, cfg=cfg, runtime=runtime), name, cfg=cfg,
-                 callbacks=[_eval_report(sweep["metric"], sweep["mode"])],
-                 storage=sweep["train_storage"]).fit()
+    controller = Queue(1, actor_options={"num_cpus": 0})  # the Train controller's handle
+    stop = _abort_on_stop(controller)
+    trainer = make_trainer(replace(job, cfg=cfg, runtime=runtime), name, cfg=cfg,
+                           callbacks=[_eval_report(sweep["metric"], sweep["mode"], controller)],
+                           storage=sweep["train_storage"])
+    try:
+        result = trainer.fit()
+    except Exception:
+        if not stop.is_set():  # else Tune stopped the trial and we aborted its run: no error
+            raise
+        return
+    if controller.empty() and sweep["metric"] in (result.metrics or {}):
+        # nothing reported: the run had ended before Ctrl-C, and Tune missed its last report
+        ray.tune.report(_for_tune(result.metrics, sweep["metric"], sweep["mode"]))
 
 
-def _eval_report(metric: str, mode: str):
-    """TuneReportCallback for evaluations only: Tune wants --metric in every result, and a
-    save-only report has none. A diverged trial's NaN becomes the worst value, so ASHA stops it
-    (a NaN compares false with every cutoff)."""
+def _for_tune(metrics: dict, metric: str, mode: str) -> dict:
+    """A diverged trial's NaN as the worst value: ASHA then stops it (NaN passes every cutoff)."""
+    if math.isfinite(metrics[metric]):
+        return metrics
+    return {**metrics, metric: math.inf if mode == "min" else -math.inf}
+
+
+def _eval_report(metric: str, mode: str, controller):
+    """TuneReportCallback for evaluations only (Tune wants --metric in every result; a
+    save-only report has none). It runs in the Train controller, and hands the trial that
+    controller's handle, for _abort_on_stop."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EvalReport(TuneReportCallback):
+        sent = False
+
         def after_report(self, run_context, metrics, checkpoint):
-            if metric not in metrics[0]:
-                return
-            if not math.isfinite(metrics[0][metric]):
-                worst = math.inf if mode == "min" else -math.inf
-                metrics = [{**metrics[0], metric: worst}, *metrics[1:]]
-            super().after_report(run_context, metrics, checkpoint)
+            if not self.sent:
+                import ray
+
+                controller.put(ray.get_runtime_context().current_actor)
+                self.sent = True
+            if metric in metrics[0]:
+                metrics = [_for_tune(metrics[0], metric, mode), *metrics[1:]]
+                super().after_report(run_context, metrics, checkpoint)
 
     return EvalReport()
 
 
+def _abort_on_stop(controller):
+    """Abort the trial's Train run when Tune stops the trial (ASHA, Ctrl-C), before Tune frees it.
+
+    Tune stops a function trainable by setting its session's stop_event, then removes the
+    trial's actor, and with it the Train controller it owns; the workers' placement group is
+    the job's and outlives them. Train's own cleaner finds such groups through the Ray state
+    API (the dashboard), which a cluster may not run; so the stop_event here aborts the run
+    (the controller stops its workers and removes their group) before it is set.
+    """
+    import threading
+
+    import ray
+    from ray.train._internal.session import get_session  # as TuneReportCallback uses it
+
+    class AbortFirst(threading.Event):
+        def set(self) -> None:
+            if not self.is_set() and not controller.empty():
+                try:
+                    ray.get(controller.get_nowait().abort.remote(), timeout=60)
+                except (ray.exceptions.RayError, TimeoutError):
+                    pass  # already done or gone: nothing left to free
+            super().set()
+
+    session = get_session()
+    session.stop_event = AbortFirst()
+    return session.stop_event
+
+
 def _keep_rungs(scheduler):
-    """Tune saves the trials and the searcher with an experiment, not the scheduler; this
+    """Tune saves the trials and the searcher with an experiment, not the scheduler: this
     callback saves ASHA's rungs (Ray 2.60's _brackets), so after --resume the remaining trials
     are still measured against the finished ones."""
     from ray import tune
@@ -314,47 +236,57 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
     """
     saved = _read_record(cfg) if cfg.resume else None
     if saved:
-        cfg = SweepConfig(**{**saved["config"], "resume": True, "address": cfg.address})
-    space = check_space(saved["space"] if saved else load_space(cfg.search_space),
-                        cfg.train_config())
+        known = {f.name for f in fields(SweepConfig)}
+        cfg = SweepConfig(**{**{k: v for k, v in saved["config"].items() if k in known},
+                             "resume": True, "address": cfg.address})
+    space = saved["space"] if saved else tune_space.load_space(cfg.search_space)
+    derived = () if cfg.min_lr_given or "min_lr" in space else ("min_lr",)
+    space = tune_space.check_space(space, cfg.train_config(), derived)
     name = cfg.name or time.strftime("tune-%Y%m%d-%H%M%S")
     if not saved and "://" not in cfg.storage_path and Path(cfg.storage_path, name).exists():
         raise ValueError(f"{Path(cfg.storage_path, name)} exists; finish that sweep with "
                          "--resume, or pass another --name.")
-    trials = count_trials(space, cfg.num_samples)
+    trials = tune_space.count_trials(space, cfg.num_samples)
     job = plan_job(cfg.train_config())  # starts Ray
-    check_against_data(space, job)
+    tune_space.check_against_data(space, job, derived)
     k, job = size_trials(job, cfg, trials)
     where = f"{job.storage}/{name}"
-    parent = saved["parent_run_id"] if saved else _parent_run(cfg, job, name, space)
+    parent = saved["parent_run_id"] if saved else tune_report.start_parent_run(
+        job.runtime["tracking_uri"], cfg.experiment, name,
+        {**asdict(cfg), "name": name, "search_space": space})
     if not saved:
         _write_text(f"{where}/{RECORD}", json.dumps(
-            {"config": {**asdict(cfg), "name": name, "resume": False}, "space": space,
+            {"config": {**asdict(cfg), "name": name, "resume": False,
+                        "min_lr": cfg.min_lr if cfg.min_lr_given else None}, "space": space,
              "parent_run_id": parent}, indent=1))
-    print(f"{'resuming' if saved else 'sweeping'} {name}: {trials} trial(s) of {space}, "
-          f"{k} at a time x {job.workers} worker(s) x {job.cpus:g} CPU "
-          f"({job.runtime['threads']} thread(s)); {cfg.scheduler} on {cfg.metric} -> {where}")
+    verb = f"resuming {name} with the flags in {RECORD}" if saved else f"sweeping {name}"
+    print(f"{verb}: {trials} trial(s) over {space}; {k} at a time, each {job.workers} "
+          f"worker(s) x {job.cpus:g} CPU ({job.runtime['threads']} torch thread(s)); "
+          f"{cfg.scheduler} on {cfg.metric} -> {where}")
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    info = {"name": name, "parent_run_id": parent, "metric": cfg.metric, "mode": cfg.mode,
-            "train_storage": f"{where}/train"}
+    info = {"name": name, "parent_run_id": parent, "metric": cfg.metric, "mode": MODE,
+            "train_storage": f"{where}/train", "derived": derived}
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, sweep=info),
                                     {"cpu": TRIAL_CPUS})
     if saved:
+        if not tune.Tuner.can_restore(where):
+            raise ValueError(f"sweep {name} stopped before its first trial; start it again "
+                             f"after deleting {where}.")
         tuner = tune.Tuner.restore(where, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        max_t = largest(space, "total_steps", cfg.total_steps)
+        max_t = max(tune_space.values_of(space.get("total_steps", cfg.total_steps)))
         scheduler = ASHAScheduler(
             time_attr="step", max_t=max_t, reduction_factor=cfg.reduction_factor,
             grace_period=min(max_t, cfg.grace_period or 2 * cfg.eval_steps)) \
             if cfg.scheduler == "asha" else FIFOScheduler()
         keep = [_keep_rungs(scheduler)] if cfg.scheduler == "asha" else []
         tuner = tune.Tuner(
-            trainable, param_space=param_space(space),
+            trainable, param_space=tune_space.param_space(space),
             tune_config=tune.TuneConfig(
-                metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
+                metric=cfg.metric, mode=MODE, scheduler=scheduler,
                 num_samples=cfg.num_samples, max_concurrent_trials=k,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=name, storage_path=job.storage,
@@ -363,143 +295,32 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
     return _report(grid, cfg, space, job, name, parent, trials)
 
 
-def _parent_run(cfg: SweepConfig, job: Job, name: str, space: dict) -> str:
-    """The sweep's MLflow run; each trial's run names it as mlflow.parentRunId."""
-    import mlflow
-
-    from pipelines.tracking import mlflow_params
-
-    client = mlflow.MlflowClient(job.runtime["tracking_uri"])
-    exp = client.get_experiment_by_name(cfg.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
-    run_id = client.create_run(exp_id, run_name=name, tags={"sweep": name}).info.run_id
-    params = mlflow_params({**asdict(cfg), "name": name, "search_space": space})
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000])
-                                     for k, v in params.items()])
-    return run_id
-
-
 def _report(grid, cfg: SweepConfig, space: dict, job: Job, name: str, parent: str,
             trials: int) -> dict:
-    """Table (printed, CSV), curves PNG and, once every trial is done, the best model."""
-    sign = 1 if cfg.mode == "min" else -1
-    rows, curves = [], {}
-    for r in sorted(grid, key=lambda r: Path(r.path).name):
-        df, config = r.metrics_dataframe, (r.config or {})
-        curve = {}
-        if df is not None and cfg.metric in df and "step" in df:
-            curve = {int(s): float(v) for s, v in zip(df["step"], df[cfg.metric])
-                     if s == s and v == v}  # a resumed trial's repeated steps: the last
-        curves[Path(r.path).name] = sorted(curve.items())
-        total = config.get("total_steps", cfg.total_steps)
-        steps = int(max(curve, default=0))
-        done = bool(r.metrics and r.metrics.get("done"))
-        status = ("error" if r.error else "stopped early" if done and steps < total
-                  else "finished" if done else "unfinished")
-        best = min((sign * v for v in curve.values()), default=math.nan) * sign
-        rows.append({"trial": Path(r.path).name, **{k: config.get(k) for k in space},
-                     f"best {cfg.metric}": best, "steps": steps,
-                     "stopped early": status == "stopped early", "status": status,
-                     "mlflow_run_id": (r.metrics or {}).get("mlflow_run_id", ""),
-                     "error": str(r.error).strip().splitlines()[-1] if r.error else ""})
-    key = f"best {cfg.metric}"
-    ranked = [row for row in rows if not math.isnan(row[key])]
-    best = min(ranked, key=lambda row: sign * row[key], default=None)
+    """Table (printed, CSV), curves PNG, MLflow parent run and, once every trial is over,
+    the best trial's model dir."""
+    rows, curves = tune_report.summarise(grid, space, cfg.metric, MODE, cfg.total_steps)
+    best = tune_report.best_row(rows, cfg.metric, MODE)
     complete = len(rows) == trials and all(r["status"] != "unfinished" for r in rows)
-    local = "://" not in job.storage
-    out_dir = Path(job.storage if local else "runs", name)
-    print_table(rows, space, key)
-    table = write_csv(rows, out_dir / "results.csv")
-    plot = plot_curves(curves, {r["trial"] for r in rows if r["stopped early"]}, cfg.metric,
-                       out_dir / "curves.png", title=f"{name}: {len(rows)} trials")
+    out_dir = Path(job.storage if "://" not in job.storage else "runs", name)
+    tune_report.print_table(rows, space, cfg.metric)
+    table = tune_report.write_csv(rows, out_dir / "results.csv")
+    labels = {r["trial"]: " ".join([r["trial"], *(f"{k}={tune_report.cell(r[k])}"
+                                                  for k in space)]) for r in rows}
+    plot = tune_report.plot_curves(curves, cfg.metric, out_dir / "curves.png", labels=labels,
+                                   stopped={r["trial"] for r in rows if r["stopped early"]},
+                                   title=f"{name}: {cfg.metric} of {len(rows)} trials")
     model_dir = None
     if complete and best is not None:
         model_dir = Path(cfg.save_model_path or out_dir / "best_model").resolve()
-        checkpoint.export_model(_latest_checkpoint(f"{job.storage}/{name}/train/"
-                                                   f"{best['trial']}"), model_dir)
-    _finish_parent(job, parent, best, key, complete, [table, plot])
+        run_dir = f"{job.storage}/{name}/train/{best['trial']}"
+        checkpoint.export_model(tune_report.latest_checkpoint(run_dir), model_dir)
+    tune_report.finish_parent_run(job.runtime["tracking_uri"], parent, best, cfg.metric,
+                                  complete, [table, plot])
     return {"name": name, "rows": rows, "best": best, "complete": complete, "csv": str(table),
             "plot": str(plot), "model_dir": str(model_dir) if model_dir else None,
             "sweep_dir": f"{job.storage}/{name}", "parent_run_id": parent,
             "tracking_uri": job.runtime["tracking_uri"]}
-
-
-def _latest_checkpoint(run_dir: str):
-    """The newest complete checkpoint of a trial's Train run (local or remote storage)."""
-    import pyarrow.fs
-    import ray.train
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
-    found = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))
-                   if i.base_name.startswith(checkpoint.PREFIX))
-    for base in reversed(found):
-        config = fs.get_file_info(f"{root}/{base}/{checkpoint.MODEL_DIR}/config.json")
-        if config.type == pyarrow.fs.FileType.File:
-            return ray.train.Checkpoint(f"{root}/{base}", filesystem=fs)
-    raise ValueError(f"{run_dir} holds no complete checkpoint to export.")
-
-
-def _finish_parent(job: Job, parent: str, best: dict | None, key: str, complete: bool,
-                   artifacts: list[Path]) -> None:
-    import mlflow
-
-    client = mlflow.MlflowClient(job.runtime["tracking_uri"])
-    for path in artifacts:
-        client.log_artifact(parent, str(path))
-    if best is not None:
-        client.log_metric(parent, f"best/{key.split(' ', 1)[1]}", best[key])
-        client.set_tag(parent, "best_trial", best["trial"])
-        client.set_tag(parent, "best_run_id", best["mlflow_run_id"])
-    client.set_terminated(parent, status="FINISHED" if complete else "KILLED")
-
-
-def print_table(rows: list[dict], space: dict, key: str) -> None:
-    cols = ["trial", *space, key, "steps", "status"]
-
-    def cell(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    widths = [max(len(c), *(len(cell(r[c])) for r in rows)) if rows else len(c) for c in cols]
-    print("\n" + "  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(cell(r[c]).ljust(w) for c, w in zip(cols, widths)))
-
-
-def write_csv(rows: list[dict], out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return out
-
-
-def plot_curves(curves: dict[str, list], stopped: set, metric: str, out: Path,
-                title: str = "") -> Path:
-    """Every trial's --metric by step, one line each; x marks where ASHA stopped a trial."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for trial, points in curves.items():
-        if points:
-            (line,) = ax.plot(*zip(*points), "o-", markersize=3, label=trial)
-            if trial in stopped:
-                ax.plot(*points[-1], "x", color=line.get_color(), markersize=10)
-    ax.set(xlabel="step", ylabel=metric, title=title or metric)
-    finite = [v for points in curves.values() for _, v in points if math.isfinite(v)]
-    if finite:  # a diverged trial's huge values would flatten every other curve
-        low, high = min(finite), sorted(finite)[int(0.9 * (len(finite) - 1))]
-        ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.3 * (high - low + 1e-9))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
 
 
 def _write_text(uri: str, text: str) -> None:

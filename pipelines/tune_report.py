@@ -1,0 +1,147 @@
+"""What a Tune sweep (pipelines/tune.py) leaves behind: its trials as a table (printed and
+results.csv), their validation curves (curves.png), the best trial's checkpoint, and the MLflow
+parent run that every trial's run is nested under."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from pipelines import checkpoint
+
+
+def summarise(grid, space: dict, metric: str, mode: str, total_steps: int):
+    """(rows, curves) of a Tune ResultGrid: a row per trial, with its parameters, best metric,
+    steps run and status; a curve per trial: [(step, metric), ...]."""
+    sign = 1 if mode == "min" else -1
+    rows, curves = [], {}
+    for r in sorted(grid, key=lambda r: Path(r.path).name):
+        trial, df, config = Path(r.path).name, r.metrics_dataframe, (r.config or {})
+        curve = {}
+        if df is not None and metric in df and "step" in df:
+            curve = {int(s): float(v) for s, v in zip(df["step"], df[metric])
+                     if s == s and v == v}  # a resumed trial's repeated steps: the last
+        curves[trial] = sorted(curve.items())
+        steps = max(curve, default=0)
+        done = bool(r.metrics and r.metrics.get("done"))
+        stopped = done and steps < config.get("total_steps", total_steps)
+        status = ("error" if r.error else "stopped early" if stopped
+                  else "finished" if done else "unfinished")
+        rows.append({"trial": trial, **{k: config.get(k) for k in space},
+                     f"best {metric}": sign * min((sign * v for v in curve.values()),
+                                                  default=math.nan),
+                     "steps": steps, "stopped early": status == "stopped early",
+                     "status": status,
+                     "mlflow_run_id": (r.metrics or {}).get("mlflow_run_id", ""),
+                     "error": str(r.error).strip().splitlines()[-1] if r.error else ""})
+    return rows, curves
+
+
+def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
+    key, sign = f"best {metric}", 1 if mode == "min" else -1
+    ranked = [r for r in rows if not math.isnan(r[key])]
+    return min(ranked, key=lambda r: sign * r[key], default=None)
+
+
+def cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def print_table(rows: list[dict], space: dict, metric: str) -> None:
+    cols = ["trial", *space, f"best {metric}", "steps", "status"]
+    widths = [max([len(c), *(len(cell(r[c])) for r in rows)]) for c in cols]
+    print("\n" + "  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(cell(r[c]).ljust(w) for c, w in zip(cols, widths)))
+
+
+def write_csv(rows: list[dict], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def plot_curves(curves: dict[str, list], metric: str, out: Path, stopped=(), labels=None,
+                title: str = "") -> Path:
+    """Every trial's metric by step, a line each; x marks where ASHA stopped a trial. A trial
+    that diverged (best value over twice the median trial's) is left off the scale and named
+    so in the legend: its values would flatten every other curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    best = {t: min(v for _, v in p) for t, p in curves.items() if p}
+    median = sorted(best.values())[len(best) // 2] if best else 0.0
+    off = {t for t, b in best.items() if median > 0 and not b <= 2 * median}
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for trial, points in curves.items():
+        label = (labels or {}).get(trial, trial)
+        if trial in off:
+            ax.plot([], [], "x", label=f"{label} (off scale: {best[trial]:.3g})")
+        elif points:
+            (line,) = ax.plot(*zip(*points), "o-", markersize=3, label=label)
+            if trial in stopped:
+                ax.plot(*points[-1], "x", color=line.get_color(), markersize=10)
+    ax.set(xlabel="step", ylabel=metric, title=title or metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def latest_checkpoint(run_dir: str):
+    """The newest complete checkpoint of a trial's Train run (local path or URI)."""
+    import pyarrow.fs
+    import ray.train
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+    found = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))
+                   if i.base_name.startswith(checkpoint.PREFIX))
+    for base in reversed(found):
+        config = fs.get_file_info(f"{root}/{base}/{checkpoint.MODEL_DIR}/config.json")
+        if config.type == pyarrow.fs.FileType.File:
+            return ray.train.Checkpoint(f"{root}/{base}", filesystem=fs)
+    raise ValueError(f"{run_dir} holds no complete checkpoint to export.")
+
+
+def start_parent_run(tracking_uri: str, experiment: str, name: str, params: dict) -> str:
+    """The sweep's MLflow run; each trial's run is tagged mlflow.parentRunId with its id."""
+    import mlflow
+
+    from pipelines.tracking import mlflow_params
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run_id = client.create_run(exp_id, run_name=name, tags={"sweep": name}).info.run_id
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000])  # MLflow's limit
+                                     for k, v in mlflow_params(params).items()])
+    return run_id
+
+
+def finish_parent_run(tracking_uri: str, parent: str, best: dict | None, metric: str,
+                      complete: bool, artifacts: list[Path]) -> None:
+    """Table and curves as artifacts, the best trial as tags; FINISHED once every trial is."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    for path in artifacts:
+        client.log_artifact(parent, str(path))
+    if best is not None:
+        client.log_metric(parent, f"best/{metric}", best[f"best {metric}"])
+        client.set_tag(parent, "best_trial", best["trial"])
+        client.set_tag(parent, "best_run_id", best["mlflow_run_id"])
+    if complete:  # a trial ASHA stopped never ended its run
+        exp = client.get_run(parent).info.experiment_id
+        for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and "
+                                             "attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, status="KILLED")
+    client.set_terminated(parent, status="FINISHED" if complete else "KILLED")
