@@ -44,9 +44,9 @@ TEXT = "/work/shared/data/tinyshakespeare.txt"
 TARGETS = {"ratio": 0.95, "race_bpb": 2.45, "race_seconds": 120.0}
 SHAPE = {"layers": 4, "heads": 4, "dims": 128, "seq_len": 64, "batch_train": 12}
 # The race entry: train.py flags (chosen with measured tokens/s; see docs/benchmarks.md).
-RACE = {"vocab_size": 1024, "seq_len": 128, "layers": 4, "heads": 4, "dims": 128,
-        "batch_train": 16, "base_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 50,
-        "total_steps": 600, "eval_steps": 600, "save_steps": 600, "log_steps": 50,
+RACE = {"vocab_size": 2048, "seq_len": 64, "layers": 2, "heads": 4, "dims": 128,
+        "batch_train": 16, "base_lr": 4e-3, "min_lr": 3e-4, "warmup_steps": 50,
+        "total_steps": 500, "eval_steps": 500, "save_steps": 500, "log_steps": 100,
         "dropout": 0.0, "wd_rate": 0.1}
 
 
