@@ -4,8 +4,9 @@ What it measures, in one run on this machine: a GPT-2 124M-shape model (random w
 vocabulary) served by serve/app.py, one replica holding all of the machine's CPUs (torch threads =
 that count, printed). Each client sends POST /v1/completions (prompt of ~16 tokens, 64 new tokens,
 top_p 0.9, its own seed) one after another; tokens/s = completion tokens / wall time of the level;
-latency = per request, end to end, p50 and p99. The same app is deployed twice, one after the
-other: with `max_batch_size=16` (concurrent requests decode together) and with `max_batch_size=1`.
+latency = per request, end to end, p50 and p99. The same app is deployed twice, side by side:
+with `max_batch_size=16` (continuous batching: a request joins the running decode batch at its
+next step) and with `max_batch_size=1`; each client level runs on one, then the other.
 
 Target at 16 clients: batching >= 4x the tokens/s of max_batch_size=1, and p99 <= 2x p50.
 
@@ -101,36 +102,42 @@ def main(argv: list[str] | None = None) -> int:
 
     cpus = os.cpu_count() or 1
     info = machine()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="error")
+    # Both apps are deployed at once, each replica with every core (torch threads = cores), and
+    # the levels alternate between them, so drifting load hits both alike. Only the app being
+    # measured runs; Ray is told of twice the CPUs so both replicas can be placed.
+    ray.init(address="local", num_cpus=2 * cpus, include_dashboard=False, logging_level="error")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
+    modes = {"batched": 16, "max_batch_size=1": 1}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "gpt2-124m-random"
         make_model_dir(model_dir, args.smoke_test)
-        for mode, batch in (("batched", 16), ("max_batch_size=1", 1)):
+        urls = {}
+        for i, (mode, batch) in enumerate(modes.items()):
             serve.run(app(AppArgs(model_dir=str(model_dir), num_cpus=cpus, max_batch_size=batch,
                                   max_queued_requests=256)),
-                      name="bench", route_prefix="/", blocking=False)
-            health = httpx.get(f"{url}/healthz", timeout=60).json()
+                      name=f"bench{i}", route_prefix=f"/{i}", blocking=False)
+            urls[mode] = f"http://127.0.0.1:{port}/{i}"
+            health = httpx.get(f"{urls[mode]}/healthz", timeout=60).json()
             info["torch_threads"] = health["torch_threads"]
-            asyncio.run(level(url, 2, 1, 8))  # warm up
-            top = max(args.clients)
-            for clients in args.clients:
+            asyncio.run(level(urls[mode], 2, 2, 16))  # warm up
+        top = max(args.clients)
+        for clients in args.clients:
+            for mode, batch in modes.items():
                 # about the same number of requests at every level (>= rounds per client)
                 per_client = max(args.rounds, args.rounds * top // (4 * clients))
-                r = asyncio.run(level(url, clients, per_client, args.max_tokens))
-                batches = httpx.get(f"{url}/healthz", timeout=60).json()["batches"]["recent"]
-                r.update(mode=mode, max_batch_size=batch, recent_batch_sizes=batches[-8:])
+                r = asyncio.run(level(urls[mode], clients, per_client, args.max_tokens))
+                health = httpx.get(f"{urls[mode]}/healthz", timeout=60).json()
+                r.update(mode=mode, max_batch_size=batch, load_avg=os.getloadavg()[0],
+                         recent_batch_sizes=health["batches"]["recent"][-8:])
                 results.append(r)
                 print(f"{mode:>17} {clients:3d} clients: {r['tokens_per_s']:7.1f} tok/s  "
                       f"p50 {r['p50_s']:6.2f} s  p99 {r['p99_s']:6.2f} s  "
-                      f"({r['requests']} requests, batches {r['recent_batch_sizes']})",
-                      flush=True)
-            serve.delete("bench")
+                      f"({r['requests']} requests, rows per step {r['recent_batch_sizes']}, "
+                      f"load {r['load_avg']:.1f})", flush=True)
     serve.shutdown()
     ray.shutdown()
 

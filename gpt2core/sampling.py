@@ -10,6 +10,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from gpt2core.model import GPT2, KVCache
@@ -42,11 +43,32 @@ def nucleus_prefix(sorted_probs: torch.Tensor, top_p: torch.Tensor,
     return (rank < k.unsqueeze(-1)) & (cum - sorted_probs < top_p.unsqueeze(-1) * top_k_mass)
 
 
+def sorted_descending(probs: torch.Tensor) -> torch.Tensor:
+    """Each row's probabilities (B, V) in descending order: values only, no token ids.
+
+    On CPU numpy's vectorised sort of float32 values is ~5x faster than torch.sort, which also
+    carries the indices (6.6 vs 35 ms for 16 rows of GPT-2's 50k vocabulary here); in a batched
+    decoding step the sort was otherwise as costly as the LM head.
+    """
+    if probs.device.type != "cpu":
+        return probs.sort(dim=-1, descending=True).values
+    return torch.from_numpy(np.sort(probs.float().numpy(), axis=-1)[..., ::-1].copy())
+
+
+def keep_threshold(probs: torch.Tensor, top_p: torch.Tensor,
+                   top_k: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1): the smallest probability each row keeps; the nucleus (and top-k) is p >= it.
+
+    Ties with the last kept token are kept too (a sorted cut would keep some of them only).
+    """
+    sorted_probs = sorted_descending(probs)
+    kept = nucleus_prefix(sorted_probs, top_p, top_k).sum(dim=-1, keepdim=True)  # >= 1
+    return sorted_probs.gather(-1, kept - 1)
+
+
 def nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Boolean (B, V) in vocabulary order: the tokens of each row's nucleus."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    keep = nucleus_prefix(sorted_probs, top_p)
-    return torch.zeros_like(keep).scatter(-1, order, keep)
+    return probs >= keep_threshold(probs, top_p)
 
 
 def sample(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: int | Sequence[int] = 0,
@@ -66,19 +88,19 @@ def sample(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: int | Sequ
     if bool(greedy.all()):
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1), dim=-1)
-    # Every row is sorted, filtering or not: the order the uniform is looked up in must not
-    # depend on the other rows, or a seeded request would change with its batch.
-    probs, order = probs.sort(dim=-1, descending=True)
-    keep = nucleus_prefix(probs, top_p, top_k) | ((top_p >= 1) & (top_k <= 0)).unsqueeze(-1)
-    probs = probs * keep
-    # Inverse-CDF sampling: one uniform per row, found in the cumulative distribution. Exact,
-    # and cheaper than torch.multinomial over 50k tokens once the row is sorted anyway.
+    filtered = (top_p < 1) | (top_k > 0)
+    if bool(filtered.any()):
+        keep = (probs >= keep_threshold(probs, top_p, top_k)) | ~filtered.unsqueeze(-1)
+        probs = probs * keep
+    # Inverse-CDF sampling: one uniform per row, found in the cumulative distribution, in
+    # vocabulary order -- an order that does not depend on the other rows, so a seeded request
+    # never changes with its batch. Exact, and cheaper than torch.multinomial over 50k tokens.
     cdf = probs.cumsum(dim=-1)  # (B, V)
     total = cdf[:, -1]
     u = torch.minimum(_uniform(B, generator, logits.device) * total,
                       torch.nextafter(total, torch.zeros_like(total)))  # u < total, always
-    idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True)  # first token with cdf > u
-    sampled = order.gather(-1, idx).squeeze(-1)
+    # the first token with cdf > u: never a filtered one, whose cdf equals its predecessor's
+    sampled = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
     return torch.where(greedy, logits.argmax(dim=-1), sampled) if bool(greedy.any()) else sampled
 
 
@@ -131,7 +153,7 @@ def stream(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
     cache = KVCache(model.config, B, T + longest, device=device, dtype=dtype)
     done = budget == 0
     produced = torch.zeros(B, dtype=torch.long, device=device)
-    head = _decode_head(model)
+    head = decode_head(model)
     try:
         # only the last position's logits are needed: (B, C) @ (C, V)
         h = model.hidden_states(ids, attention_mask=attention_mask, kv_cache=cache)
@@ -162,7 +184,7 @@ def stream(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _decode_head(model: GPT2) -> torch.Tensor:
+def decode_head(model: GPT2) -> torch.Tensor:
     """The LM head as a (C, V) matrix for decoding.
 
     On CPU, one row times a row-major (C, V) matrix runs ~1.7x faster than F.linear's (V, C)

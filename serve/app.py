@@ -8,8 +8,9 @@ Endpoints: POST /v1/completions (OpenAI completions schema, `stream: true` for S
 Events), GET /v1/models, POST /generate (plain JSON), GET /healthz, GET / (playground page).
 
 One deployment, `GPT2Server`, loads the model dir in its constructor. Requests are validated
-here and become `Job`s (one per prompt x n); concurrent jobs on a replica are decoded together
-by `@serve.batch` (serve/batching.py), streaming included. Over capacity (`max_queued_requests`)
+here and become `Job`s (one per prompt x n); a replica decodes its jobs together with continuous
+batching (serve/scheduler.py, serve/batching.py): a job joins the running batch at its next step
+and leaves it when done, streaming included. Over capacity (`max_queued_requests`)
 Serve answers 503 with Retry-After. Errors a client causes get a 4xx with OpenAI's error JSON:
 {"error": {"message", "type", "param", "code"}}.
 """
@@ -21,7 +22,6 @@ import os
 import secrets
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
@@ -32,11 +32,12 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 
-from serve.batching import Delta, Job, decode_batch
+from serve.batching import Decoder, Delta, Job
+from serve.scheduler import Scheduler
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_BATCH_SIZE = 16  # rows decoded together; the decorator's default, builder args override it
-BATCH_WAIT_S = 0.02  # how long the first request waits for company: ~1 decode step of GPT-2
+MAX_BATCH_SIZE = 16  # rows decoded together at most
+BATCH_WAIT_S = 0.02  # how long a request to an idle replica waits for company: ~1 decode step
 
 
 # --- Request and response models ---------------------------------------------------------------
@@ -134,7 +135,7 @@ def sse(data: dict | str) -> bytes:
 # --- Deployment ----------------------------------------------------------------------------------
 
 @serve.deployment(
-    max_ongoing_requests=32,  # >= max_batch_size, so a full batch can gather on one replica
+    max_ongoing_requests=32,  # > max_batch_size: the next requests wait in the replica's queue
     max_queued_requests=64,  # beyond that Serve answers 503 at once instead of queueing forever
     backpressure_config={"status_code": 503, "retry_after_s": 1},
     ray_actor_options={"num_cpus": 1},
@@ -163,27 +164,11 @@ class GPT2Server:
         self.n_positions = self.model.config.n_positions
         self.max_tokens_cap = min(max_tokens_cap, self.n_positions - 1)
         self.body_limit = body_limit
-        self._decode.set_max_batch_size(max_batch_size)
-        self._decode.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes: deque[int] = deque(maxlen=256)  # recent batches, for /healthz
+        self.scheduler = Scheduler(Decoder(self.model, self.tokenizer, max_batch_size),
+                                   batch_wait_timeout_s)
         self.created = int(time.time())
 
-    # --- batched decoding ---
-
-    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _decode(self, jobs: list[Job]) -> AsyncIterator[list[Delta | type[StopIteration]]]:
-        """Concurrent jobs arrive here as one list; each step yields one item per job."""
-        self.batch_sizes.append(len(jobs))
-        steps = decode_batch(self.model, self.tokenizer, jobs)
-        try:
-            while True:
-                # one decode step off the event loop, so new requests keep queueing meanwhile
-                step = await asyncio.to_thread(next, steps, None)
-                if step is None:
-                    return
-                yield [StopIteration if d is None else d for d in step]
-        finally:
-            steps.close()
+    # --- decoding ---
 
     def _jobs(self, prompts: list[str], max_tokens: int, temperature: float, top_p: float,
               seed: int | None, n: int = 1, stop: tuple[str, ...] = ()) -> list[Job]:
@@ -210,7 +195,7 @@ class GPT2Server:
         """All of one job's text and its last delta."""
         text = []
         last = None
-        async for last in self._decode(job):
+        async for last in self.scheduler.run(job):
             text.append(last.text)
         return "".join(text), last
 
@@ -222,10 +207,13 @@ class GPT2Server:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        sizes = list(self.batch_sizes)
+        """Liveness; rows decoding and jobs waiting; rows per recent decode step."""
+        sizes = list(self.scheduler.batch_sizes)
         return {"status": "ok", "model": self.model_name, "n_positions": self.n_positions,
                 "max_tokens_cap": self.max_tokens_cap, "torch_threads": self.threads,
-                "batches": {"count": len(sizes), "max_size": max(sizes, default=0),
+                "running": len(self.scheduler.decoder.rows),
+                "waiting": len(self.scheduler.waiting),
+                "batches": {"count": self.scheduler.steps, "max_size": max(sizes, default=0),
                             "recent": sizes[-32:]}}
 
     @app.get("/v1/models")
@@ -273,7 +261,7 @@ class GPT2Server:
 
         async def pump(index: int, job: Job) -> None:
             try:
-                async for delta in self._decode(job):
+                async for delta in self.scheduler.run(job):
                     await queue.put((index, delta))
             finally:
                 await queue.put((index, None))
@@ -319,9 +307,9 @@ class AppArgs(BaseModel):
     max_tokens_cap: int = 256
     """Largest max_tokens a request may ask for (also bounded by the model's context)."""
     max_batch_size: int = MAX_BATCH_SIZE
-    """Rows decoded together; 1 turns batching off (the benchmark's baseline)."""
+    """Rows decoded together at most; 1 turns batching off (the benchmark's baseline)."""
     batch_wait_timeout_s: float = BATCH_WAIT_S
-    """How long a lone request waits for others to join its batch."""
+    """How long a request to an idle replica waits for others (later ones join at any step)."""
     body_limit: int = 64 * 1024
     """Largest request body in bytes; bigger ones get 413."""
     num_cpus: float = 1

@@ -1,23 +1,30 @@
-"""Batched decoding for the server: many requests, one `gpt2core.stream` call, text out per row.
+"""Continuous batching for the server: requests join and leave a running decode batch.
 
-A batch of `Job`s (one prompt each, with its own sampling parameters, seed and stop strings) is
-left-padded into one (B, T) tensor and decoded by a single `stream(...)` call with per-row
-parameters and per-row seeds, so a request's tokens do not depend on what shares its batch.
-Each step is turned back into text per row (`TextStream`): byte-level BPE can split one UTF-8
+`Decoder` holds the rows being decoded now, one per `Job` (a prompt with its own sampling
+parameters, seed and stop strings), in one KV cache (`SlotCache`). Each `step` advances every
+row by one token in a single forward pass, and admits waiting jobs with one batched prefill, so
+a new request starts at the next step instead of waiting for the running batch to end; a row
+leaves the batch the moment it finishes. Every row samples from its own seeded generator, so a
+request's tokens do not depend on what shares its batch.
+
+Each token is turned back into text per row (`TextStream`): byte-level BPE can split one UTF-8
 character across tokens, and a stop string can arrive over several tokens, so text is released
 only once it can no longer change or turn out to be the start of a stop string.
 
-Pure PyTorch + tokenizer; no Ray. `serve/app.py` feeds it from `@serve.batch`.
+Pure PyTorch + tokenizer; no Ray, no asyncio (serve/scheduler.py drives it from the replica).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from gpt2core import GPT2, Tokenizer, stream
+from gpt2core import GPT2, Tokenizer
+from gpt2core.config import GPT2Config
+from gpt2core.model import KVCache
+from gpt2core.sampling import decode_head, sample
 
 
 @dataclass(frozen=True)
@@ -90,50 +97,194 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def decode_batch(model: GPT2, tokenizer: Tokenizer, jobs: Sequence[Job]
-                 ) -> Iterator[list[Delta | None]]:
-    """Decode jobs together; yield per step one entry per job: its Delta, or None once done.
 
-    Every job gets exactly one Delta with a finish_reason, its last. A row that hit a stop
-    string keeps its slot in the batch until the batch ends (gpt2core cannot drop a row), but
-    its tokens are discarded; the batch stops early once every row is finished.
+class SlotCache(KVCache):
+    """The KV cache of a batch whose rows come and go.
+
+    Rows [0, rows) are the requests decoding now. Every row ends at column `length`, where its
+    next token's keys and values go; its prompt and tokens so far sit right-aligned before that,
+    and `mask` marks them. A row that joined late is thus left-padded like a short prompt in a
+    static batch, and the model (which reads `length` and calls `update`, as with KVCache)
+    needs nothing new. Columns no row uses any more are dropped when room runs out, so a row
+    never needs more than its own length: at most n_positions.
     """
-    device = next(model.parameters()).device
-    ids, mask = left_pad([j.prompt_ids for j in jobs], tokenizer.eos_id)
-    texts = [TextStream(tokenizer, j.stop) for j in jobs]
-    counts = [0] * len(jobs)
-    done = [False] * len(jobs)
-    # per-row seeds: gpt2core draws each row from its own generator, so a request's text does
-    # not depend on what else is in the batch
-    steps = stream(model, ids.to(device), [j.max_tokens for j in jobs],
-                   temperature=[j.temperature for j in jobs], top_p=[j.top_p for j in jobs],
-                   eos_id=tokenizer.eos_id,
-                   seed=[j.seed for j in jobs], attention_mask=mask.to(device))
-    try:
-        for step in steps:
-            out: list[Delta | None] = []
-            for i, (job, tok) in enumerate(zip(jobs, step)):
-                if done[i]:
-                    out.append(None)
-                elif tok is None:  # eos: gpt2core stopped this row
-                    done[i] = True
-                    out.append(Delta(texts[i].finish(), counts[i], "stop"))
-                else:
-                    counts[i] += 1
-                    piece = texts[i].push(tok)
-                    if texts[i].stopped or counts[i] >= job.max_tokens:
-                        done[i] = True
-                        reason = "stop" if texts[i].stopped else "length"
-                        out.append(Delta(piece + texts[i].finish(), counts[i], reason))
-                    else:
-                        out.append(Delta(piece, counts[i]))
-            yield out
-            if all(done):
+
+    def __init__(self, config: GPT2Config, max_rows: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, capacity: int = 128):
+        super().__init__(config, max_rows, min(capacity, config.n_positions), device, dtype)
+        self.n_positions = config.n_positions
+        self.rows = 0
+        self.mask = torch.zeros(max_rows, self.max_len, dtype=torch.bool, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write the active rows' (rows, nh, T, hs) keys/values at `length`; return all so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :self.rows, :, self.length:end] = k
+        self.v[layer, :self.rows, :, self.length:end] = v
+        return self.k[layer, :self.rows, :, :end], self.v[layer, :self.rows, :, :end]
+
+    def next_mask(self) -> torch.Tensor:
+        """The attention mask (rows, length + 1) for one more token per row, making room for it."""
+        if self.length == self.max_len:
+            used = self.mask[:self.rows, :self.length].any(dim=0)
+            self._shift(-int(used.int().argmax()))  # drop the leading columns no row uses
+            self._grow(self.length + 1)
+        self.mask[:self.rows, self.length] = True
+        return self.mask[:self.rows, :self.length + 1]
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append prefilled rows: k, v (n_layer, n, nh, T, hs) and their mask (n, T)."""
+        n, T = mask.shape
+        if self.rows + n > self.k.size(1):
+            raise ValueError(f"{self.rows} + {n} rows exceed the cache's {self.k.size(1)}")
+        if T > self.length:
+            self._shift(T - self.length)  # the newcomer is longer: pad everyone on the left
+        r, end = self.rows, self.length
+        self.k[:, r:r + n, :, end - T:end] = k[:, :, :, :T]
+        self.v[:, r:r + n, :, end - T:end] = v[:, :, :, :T]
+        self.mask[r:r + n, :end] = False
+        self.mask[r:r + n, end - T:end] = mask.bool()
+        self.rows += n
+
+    def remove(self, i: int) -> None:
+        """Drop row i: the last row moves into its place (callers reorder their rows alike)."""
+        last = self.rows - 1
+        if i != last:
+            for t in (self.k, self.v):
+                t[:, i, :, :self.length] = t[:, last, :, :self.length]
+            self.mask[i, :self.length] = self.mask[last, :self.length]
+        self.rows = last
+        if self.rows == 0:
+            self.length = 0
+
+    def _shift(self, d: int) -> None:
+        """Move every row's columns by d (right if d > 0, padding on the left; left if d < 0)."""
+        if d == 0:
+            return
+        self._grow(self.length + d)
+        src, dst = slice(max(0, -d), self.length), slice(max(0, d), self.length + d)
+        for t in (self.k, self.v):
+            t[:, :self.rows, :, dst] = t[:, :self.rows, :, src].clone()
+        self.mask[:self.rows, dst] = self.mask[:self.rows, src].clone()
+        if d > 0:
+            self.mask[:self.rows, :d] = False
+        self.length += d
+
+    def _grow(self, need: int) -> None:
+        """At least `need` columns: double the capacity (up to n_positions), keeping the content."""
+        if need <= self.max_len:
+            return
+        if need > self.n_positions:
+            raise ValueError(f"{need} cached positions exceed n_positions={self.n_positions}")
+        cap = min(self.n_positions, max(need, 2 * self.max_len))
+        k, v, mask = self.k, self.v, self.mask
+        self.k = k.new_zeros(k.shape[:3] + (cap, k.size(4)))
+        self.v = v.new_zeros(self.k.shape)
+        self.mask = mask.new_zeros(mask.size(0), cap)
+        self.k[:, :, :, :self.length] = k[:, :, :, :self.length]
+        self.v[:, :, :, :self.length] = v[:, :, :, :self.length]
+        self.mask[:, :self.length] = mask[:, :self.length]
+
+
+class _Row:
+    """One job being decoded: its text so far, its generator, and the token to feed next."""
+
+    def __init__(self, key: Hashable, job: Job, tokenizer: Tokenizer, device):
+        self.key, self.job = key, job
+        self.text = TextStream(tokenizer, job.stop)
+        self.generator = torch.Generator(device).manual_seed(job.seed)
+        self.count = 0  # completion tokens so far
+        self.token = -1  # the last sampled token: the next step's input
+
+    def advance(self, token: int, eos_id: int) -> Delta:
+        """Take one sampled token; the Delta has a finish_reason when this row is done."""
+        if token == eos_id:
+            return Delta(self.text.finish(), self.count, "stop")
+        self.count += 1
+        self.token = token
+        piece = self.text.push(token)
+        if self.text.stopped or self.count >= self.job.max_tokens:
+            reason = "stop" if self.text.stopped else "length"
+            return Delta(piece + self.text.finish(), self.count, reason)
+        return Delta(piece, self.count)
+
+
+class Decoder:
+    """Continuous batching, synchronous: the rows decoding now, advanced one step at a time.
+
+    `step(new)` advances every running row by one token (one forward pass over all of them),
+    then admits `new` jobs (one left-padded prefill; their first token) and returns one Delta
+    per row that produced a token, keyed by the caller's key. A row's last Delta has a
+    finish_reason and the row is gone from the batch after it. Not thread-safe: one caller.
+    """
+
+    def __init__(self, model: GPT2, tokenizer: Tokenizer, max_rows: int):
+        self.model, self.tokenizer, self.max_rows = model.eval(), tokenizer, max_rows
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every row (after an error, say)."""
+        self.cache = SlotCache(self.model.config, self.max_rows, self.device, self.dtype)
+        self.rows: list[_Row] = []
+
+    @property
+    def free(self) -> int:
+        """How many more jobs fit in the batch now."""
+        return self.max_rows - len(self.rows)
+
+    def cancel(self, key: Hashable) -> None:
+        """Drop the row of `key` (its client went away); no-op when it already finished."""
+        for i, row in enumerate(self.rows):
+            if row.key == key:
+                self._remove(i)
                 return
-        # the stream ended without a last word for some row (it cannot, but never leave one open)
-        tail = [None if d else Delta(texts[i].finish(), counts[i], "length")
-                for i, d in enumerate(done)]
-        if any(t is not None for t in tail):
-            yield tail
-    finally:
-        steps.close()
+
+    @torch.inference_mode()
+    def step(self, new: Sequence[tuple[Hashable, Job]] = ()) -> list[tuple[Hashable, Delta]]:
+        """One token for every running row, then admit `new` (at most `free` of them)."""
+        if len(new) > self.free:
+            raise ValueError(f"{len(new)} new jobs but room for {self.free}")
+        out = []
+        if self.rows:
+            ids = torch.tensor([[r.token] for r in self.rows], device=self.device)
+            h = self.model.hidden_states(ids, attention_mask=self.cache.next_mask(),
+                                         kv_cache=self.cache)
+            out += self._sample(h[:, -1], 0)
+        if new:
+            out += self._admit(new)
+        return out
+
+    def _admit(self, new: Sequence[tuple[Hashable, Job]]) -> list[tuple[Hashable, Delta]]:
+        ids, mask = left_pad([job.prompt_ids for _, job in new], self.tokenizer.eos_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        prefill = KVCache(self.model.config, len(new), ids.size(1), self.device, self.dtype)
+        h = self.model.hidden_states(ids, attention_mask=mask, kv_cache=prefill)
+        self.cache.add(prefill.k, prefill.v, mask)
+        first = len(self.rows)
+        self.rows += [_Row(key, job, self.tokenizer, self.device) for key, job in new]
+        return self._sample(h[:, -1], first)
+
+    def _sample(self, h: torch.Tensor, first: int) -> list[tuple[Hashable, Delta]]:
+        """Sample rows[first:] from their last hidden states (n, C); retire finished rows."""
+        rows = self.rows[first:]
+        tokens = sample(h @ decode_head(self.model),
+                        temperature=[r.job.temperature for r in rows],
+                        top_p=[r.job.top_p for r in rows],
+                        generator=[r.generator for r in rows]).tolist()
+        out, done = [], []
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            delta = row.advance(token, self.tokenizer.eos_id)
+            out.append((row.key, delta))
+            if delta.finish_reason:
+                done.append(first + i)
+        for i in reversed(done):  # highest first: a moved-in last row is never one still to go
+            self._remove(i)
+        return out
+
+    def _remove(self, i: int) -> None:
+        self.cache.remove(i)
+        last = self.rows.pop()
+        if i < len(self.rows):
+            self.rows[i] = last

@@ -117,15 +117,15 @@ def test_generation_beyond_context_is_a_clear_error(model):
 
 def test_decoding_follows_weight_updates():
     """The CPU decode head is a cached copy: an in-place update (an optimizer step) renews it."""
-    from gpt2core.sampling import _decode_head
+    from gpt2core.sampling import decode_head
 
     torch.manual_seed(0)
     m = GPT2(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2))
-    head = _decode_head(m)
-    assert torch.equal(head, m.lm_head.weight.t()) and _decode_head(m) is head  # cached
+    head = decode_head(m)
+    assert torch.equal(head, m.lm_head.weight.t()) and decode_head(m) is head  # cached
     with torch.no_grad():
         m.lm_head.weight.add_(torch.randn(50, 16))
-    assert torch.equal(_decode_head(m), m.lm_head.weight.t())
+    assert torch.equal(decode_head(m), m.lm_head.weight.t())
     out = generate(m, [1, 2, 3], 5, temperature=0.0)
     seq = torch.tensor([[1, 2, 3]])
     for _ in range(5):

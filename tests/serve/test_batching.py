@@ -1,10 +1,12 @@
-"""serve/batching.py without Ray: text release, stop strings, and batch independence."""
+"""serve/batching.py without Ray: text release, stop strings, slot cache, continuous batching."""
 
 import pytest
 import torch
 
 from gpt2core import GPT2, GPT2Config, Tokenizer, generate
-from serve.batching import Job, TextStream, decode_batch, left_pad
+from gpt2core.model import KVCache
+from gpt2core.sampling import decode_head
+from serve.batching import Decoder, Job, SlotCache, TextStream, left_pad
 
 TEXTS = ["ROMEO: What light through yonder window breaks?", "naïve café 你好 🙂",
          "The quick brown fox jumps over the lazy dog."]
@@ -52,26 +54,101 @@ def test_left_pad():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
-def test_a_job_decodes_the_same_alone_or_in_a_batch(tok, model):
-    jobs = [Job(tok.encode("ROMEO:"), 12, 1.0, 0.9, seed=1),
-            Job(tok.encode("The quick brown"), 5, 0.7, 1.0, seed=2),
-            Job(tok.encode("naïve"), 20, 1.0, 0.5, seed=3)]
+JOBS = [("ROMEO:", 12, 1.0, 0.9, 1), ("The quick brown", 5, 0.7, 1.0, 2),
+        ("naïve", 20, 1.0, 0.5, 3), ("What light", 30, 0.0, 1.0, 4),
+        ("ROMEO: What light through yonder window", 9, 1.2, 0.8, 5)]
 
-    def texts(batch):
-        out = [""] * len(batch)
-        finish = [None] * len(batch)
-        for step in decode_batch(model, tok, batch):
-            for i, d in enumerate(step):
-                if d is not None:
-                    assert finish[i] is None, "a row spoke after its last delta"
-                    out[i] += d.text
-                    finish[i] = d.finish_reason
-        assert all(finish), finish
-        return out
 
-    together = texts(jobs)
-    alone = [texts([j])[0] for j in jobs]
-    assert together == alone
-    ids = generate(model, jobs[0].prompt_ids, 12, top_p=0.9, seed=[1], eos_id=tok.eos_id,
-                   top_k=model.config.vocab_size)
-    assert together[0] == tok.decode(ids)
+def jobs(tok):
+    return [Job(tok.encode(p), n, t, top_p, seed) for p, n, t, top_p, seed in JOBS]
+
+
+def decode(decoder: Decoder, schedule: dict[int, list[tuple[int, Job]]]) -> tuple[dict, list]:
+    """Run `decoder`, admitting schedule[s] before step s; texts, finish reasons, batch sizes."""
+    text, finish, sizes, s = {}, {}, [], 0
+    while decoder.rows or any(k >= s for k in schedule):
+        new = schedule.get(s, [])
+        for key, _ in new:
+            text[key] = ""
+        deltas = decoder.step(new)
+        sizes.append(len(deltas))
+        for key, d in deltas:
+            assert key not in finish, "a row spoke after its last delta"
+            text[key] += d.text
+            if d.finish_reason:
+                finish[key] = d.finish_reason
+        s += 1
+    assert set(finish) == set(text), "every job ends with a finish_reason"
+    return text, sizes
+
+
+def test_a_job_decodes_the_same_alone_or_joining_a_running_batch(tok, model):
+    js = jobs(tok)
+    alone = [decode(Decoder(model, tok, 1), {0: [(i, j)]})[0][i] for i, j in enumerate(js)]
+    # a small starting capacity forces the cache to grow, shift right for a long newcomer,
+    # and drop columns no row uses any more, while rows come and go
+    decoder = Decoder(model, tok, 3)
+    decoder.cache = SlotCache(model.config, 3, capacity=4)
+    together, sizes = decode(decoder, {0: [(0, js[0]), (1, js[1])], 3: [(2, js[2])],
+                                       6: [(3, js[3])], 14: [(4, js[4])]})
+    assert [together[i] for i in range(len(js))] == alone
+    assert max(sizes) == 3 and decoder.cache.max_len < model.config.n_positions
+    ids = generate(model, js[0].prompt_ids, 12, top_p=0.9, seed=[1], eos_id=tok.eos_id)
+    assert together[0] == tok.decode(ids)  # and the same as gpt2core's own sampler
+
+
+def test_finish_reasons_and_cancel(tok, model):
+    decoder = Decoder(model, tok, 4)
+    greedy = Job(tok.encode("ROMEO:"), 6, 0.0)
+    (_, d), = decoder.step([("a", greedy)])
+    assert d.tokens == 1 and d.finish_reason is None and decoder.free == 3
+    decoder.cancel("a")
+    assert decoder.rows == [] and decoder.cache.rows == 0 and decoder.free == 4
+    text, _ = decode(decoder, {0: [("b", greedy)]})
+    ids = generate(model, greedy.prompt_ids, 6, temperature=0.0)
+    assert text["b"] == tok.decode(ids)
+    # eos ends a row with "stop": a model whose head always picks eos
+    eos = GPT2(model.config).eval()
+    with torch.no_grad():
+        eos.lm_head.weight.zero_()
+        eos.lm_head.weight[tok.eos_id] = 1.0
+        eos.transformer.ln_f.bias.fill_(1.0)
+    (_, d), = Decoder(eos, tok, 1).step([("c", greedy)])
+    assert (d.text, d.tokens, d.finish_reason) == ("", 0, "stop")
+    with pytest.raises(ValueError, match="room for 1"):
+        Decoder(model, tok, 1).step([("x", greedy), ("y", greedy)])
+
+
+def test_slot_cache_rows_match_a_full_forward(tok, model):
+    """Logits through the slot cache (rows joining late, removed, shifted) == a plain forward."""
+    a, b = tok.encode("ROMEO: What light"), tok.encode("naïve café")
+    cache = SlotCache(model.config, 2, capacity=2)
+    head = decode_head(model)
+    with torch.inference_mode():
+        ids, mask = left_pad([a], tok.eos_id)
+        pre = model.hidden_states(ids, attention_mask=mask, kv_cache=(k := KVCache(
+            model.config, 1, ids.size(1))))
+        cache.add(k.k, k.v, mask)
+        seq_a = list(a)
+        for t in [5, 7]:  # a alone grows by two tokens
+            seq_a.append(t)
+            h = model.hidden_states(torch.tensor([[t]]), attention_mask=cache.next_mask(),
+                                    kv_cache=cache)
+        ids, mask = left_pad([b], tok.eos_id)
+        model.hidden_states(ids, attention_mask=mask, kv_cache=(k := KVCache(
+            model.config, 1, ids.size(1))))
+        cache.add(k.k, k.v, mask)  # b joins, shorter: left-padded
+        seq_b = list(b)
+        for t in [9, 11, 13]:
+            seq_a.append(t), seq_b.append(t + 1)
+            h = model.hidden_states(torch.tensor([[t], [t + 1]]),
+                                    attention_mask=cache.next_mask(), kv_cache=cache)
+        for row, seq in enumerate([seq_a, seq_b]):
+            full = model(torch.tensor([seq]))[0, -1]
+            assert torch.allclose(h[row, -1] @ head, full, atol=1e-4)
+        cache.remove(0)  # b moves into row 0 and goes on alone
+        seq_b.append(3)
+        h = model.hidden_states(torch.tensor([[3]]), attention_mask=cache.next_mask(),
+                                kv_cache=cache)
+        assert torch.allclose(h[0, -1] @ head, model(torch.tensor([seq_b]))[0, -1], atol=1e-4)
+    assert pre.shape[0] == 1 and cache.rows == 1

@@ -1,0 +1,80 @@
+"""serve/scheduler.py without Ray: joining a running batch, disconnects, errors."""
+
+import asyncio
+
+import pytest
+import torch
+
+from gpt2core import GPT2, GPT2Config, Tokenizer
+from serve.batching import Decoder, Job
+from serve.scheduler import Scheduler
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(["ROMEO: What light through yonder window breaks?"], vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(vocab_size=tok.vocab_size, n_positions=128, n_embd=32, n_layer=2,
+                           n_head=2)).eval()
+
+
+async def collect(scheduler: Scheduler, job: Job) -> tuple[str, str, int]:
+    text, last = "", None
+    async for last in scheduler.run(job):
+        text += last.text
+    return text, last.finish_reason, last.tokens
+
+
+def test_a_late_request_joins_the_running_batch(tok, model):
+    async def main():
+        s = Scheduler(Decoder(model, tok, 4))
+        long = asyncio.create_task(collect(s, Job(tok.encode("ROMEO:"), 100, seed=1)))
+        while s.steps < 10:  # the first request is well under way
+            await asyncio.sleep(0.001)
+        late = await collect(s, Job(tok.encode("What"), 5, seed=2))
+        assert not long.done(), "the late request waited for the running one to end"
+        first = await long
+        alone = await collect(Scheduler(Decoder(model, tok, 4)), Job(tok.encode("What"), 5,
+                                                                        seed=2))
+        return s, first, late, alone
+
+    s, first, late, alone = asyncio.run(main())
+    assert first[1:] == ("length", 100) and late[1:] == ("length", 5)
+    assert late == alone  # same seed, same text, batched or not
+    assert 2 in s.batch_sizes and s.steps < 105  # shared steps, not 100 + 5
+    assert s.decoder.rows == []
+
+
+def test_a_reader_that_goes_away_frees_its_row(tok, model):
+    async def main():
+        s = Scheduler(Decoder(model, tok, 2))
+        stream = s.run(Job(tok.encode("ROMEO:"), 100, seed=1))
+        await anext(stream)
+        await stream.aclose()  # the client disconnected
+        text = await collect(s, Job(tok.encode("What"), 3, seed=2))
+        return s, text
+
+    s, text = asyncio.run(main())
+    assert text[1:] == ("length", 3)
+    assert s.steps < 10 and s.decoder.rows == [] and not s.queues
+
+
+def test_a_failing_step_fails_its_requests_and_the_next_ones_work(tok, model):
+    async def main():
+        s = Scheduler(Decoder(model, tok, 2))
+        real = s.decoder.step
+
+        def broken(new):
+            s.decoder.step = real  # fail once
+            raise RuntimeError("out of memory")
+
+        s.decoder.step = broken
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await collect(s, Job(tok.encode("ROMEO:"), 5, seed=1))
+        return await collect(s, Job(tok.encode("ROMEO:"), 5, seed=1))
+
+    assert asyncio.run(main())[1:] == ("length", 5)
