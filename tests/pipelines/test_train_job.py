@@ -61,7 +61,11 @@ def cluster(tmp_path):
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=90)
+            try:
+                head.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # Ray's graceful stop can take half a minute
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait(timeout=30)
         log.close()
 
 
