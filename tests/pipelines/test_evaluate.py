@@ -149,7 +149,7 @@ def test_ray_data_path_equals_in_process_path(ray_local, files):
             assert remote[key] == pytest.approx(local[key], rel=1e-5), (corpus, key)
 
 
-def test_json_output_and_mlflow_logging(files, tmp_path, capsys):
+def test_json_output_and_mlflow_logging(files, tmp_path, capsys, refused):
     from mlflow import MlflowClient
 
     from pipelines.tracking import RunLog
@@ -165,8 +165,8 @@ def test_json_output_and_mlflow_logging(files, tmp_path, capsys):
     assert {"loss", "perplexity", "bits_per_byte", "accuracy", "tokens"} <= set(result)
     history = MlflowClient(uri).get_metric_history(log.run_id, "evaluate/loss")
     assert [(m.step, m.value) for m in history] == [(7, pytest.approx(result["loss"]))]
-    assert "run 0123456789abcdef does not exist" in bad(
-        capsys, "--model_path", files / "short", "--eval_corpus", files / "val.jsonl",
+    assert "run 0123456789abcdef does not exist" in refused(
+        ev.main, "--model_path", files / "short", "--eval_corpus", files / "val.jsonl",
         "--mlflow_run_id", "0123456789abcdef", "--tracking_uri", uri)
 
 
@@ -178,51 +178,41 @@ def test_report_names_every_number(files, capsys):
         assert word in out
 
 
-def bad(capsys, *args: str) -> str:
-    try:
-        code = ev.main([str(a) for a in args])
-    except SystemExit as e:  # a flag error, from argparse
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("gpt2 evaluate: error: ") and err.count("\n") == 1, err
-    return err
-
-
-def test_bad_inputs_end_in_one_sentence(files, tmp_path, capsys):
+def test_bad_inputs_end_in_one_sentence(files, tmp_path, refused):
     model, val = files / "short", files / "val.jsonl"
-    assert "does not exist" in bad(capsys, "--model_path", tmp_path / "nope", "--eval_corpus",
-                                   val, "--no_ray")
+    assert "does not exist" in refused(ev.main, "--model_path", tmp_path / "nope", "--eval_corpus",
+                                       val, "--no_ray")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text("{not json")
-    assert "corrupt" in bad(capsys, "--model_path", corrupt, "--eval_corpus", val, "--no_ray")
+    assert "corrupt" in refused(ev.main, "--model_path", corrupt, "--eval_corpus", val, "--no_ray")
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text((model / "config.json").read_text())
-    assert "model.safetensors" in bad(capsys, "--model_path", no_weights, "--vocab_path", model,
-                                      "--eval_corpus", val)
+    assert "model.safetensors" in refused(ev.main, "--model_path", no_weights, "--vocab_path",
+                                          model, "--eval_corpus", val)
     other = Tokenizer.train(["something else entirely " * 20], vocab_size=290)
     other.save(tmp_path / "other_vocab")
-    assert "is not the vocabulary of the model" in bad(
-        capsys, "--model_path", model, "--vocab_path", tmp_path / "other_vocab",
+    assert "is not the vocabulary of the model" in refused(
+        ev.main, "--model_path", model, "--vocab_path", tmp_path / "other_vocab",
         "--eval_corpus", val)
     (tmp_path / "empty.txt").write_text("")
-    assert "empty" in bad(capsys, "--model_path", model, "--eval_corpus", tmp_path / "empty.txt")
+    assert "empty" in refused(ev.main, "--model_path", model, "--eval_corpus",
+                              tmp_path / "empty.txt")
     (tmp_path / "blank.txt").write_text("\n   \n")
-    assert "empty" in bad(capsys, "--model_path", model, "--eval_corpus",
-                          tmp_path / "blank.txt", "--no_ray")
-    assert "exceeds the model's context" in bad(capsys, "--model_path", model, "--eval_corpus",
-                                                val, "--seq_len", 64)
-    assert "--eval_corpus is required" in bad(capsys, "--model_path", model)
-    assert "no MLflow store" in bad(capsys, "--model_path", model, "--eval_corpus", val,
-                                    "--mlflow_run_id", "0123456789abcdef", "--tracking_uri",
-                                    f"sqlite:///{tmp_path / 'no-store.db'}")
+    assert "empty" in refused(ev.main, "--model_path", model, "--eval_corpus",
+                              tmp_path / "blank.txt", "--no_ray")
+    assert "exceeds the model's context" in refused(ev.main, "--model_path", model, "--eval_corpus",
+                                                    val, "--seq_len", 64)
+    assert "--eval_corpus is required" in refused(ev.main, "--model_path", model)
+    assert "no MLflow store" in refused(ev.main, "--model_path", model, "--eval_corpus", val,
+                                        "--mlflow_run_id", "0123456789abcdef", "--tracking_uri",
+                                        f"sqlite:///{tmp_path / 'no-store.db'}")
 
 
-def test_a_dataset_of_another_vocabulary_is_refused(files, tmp_path, capsys):
+def test_a_dataset_of_another_vocabulary_is_refused(files, tmp_path, refused):
     data = tmp_path / "data"
     shutil.copytree(files / "data", data)
     Tokenizer.train(["something else entirely " * 20], vocab_size=290).save(data)
-    assert "another vocabulary" in bad(capsys, "--model_path", files / "short", "--eval_corpus",
-                                       data)
+    assert "another vocabulary" in refused(ev.main, "--model_path", files / "short",
+                                           "--eval_corpus", data)

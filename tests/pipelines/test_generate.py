@@ -125,34 +125,23 @@ def test_multibyte_characters_print_whole(tok, monkeypatch):
     assert "\ufffd" not in "".join(out.parts) and "你" in out.parts
 
 
-def bad(capsys, *args) -> str:
-    try:
-        code = gen.main([str(a) for a in args])
-    except SystemExit as e:  # a flag error, from argparse
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("gpt2 generate: error: ") and err.count("\n") == 1, err
-    return err
-
-
-def test_bad_inputs_end_in_one_sentence(model_dir, tmp_path, capsys):
-    assert "does not exist" in bad(capsys, "--model_path", tmp_path / "nope", "--prompt", "x")
+def test_bad_inputs_end_in_one_sentence(model_dir, tmp_path, refused):
+    assert "does not exist" in refused(gen.main, "--model_path", tmp_path / "nope", "--prompt", "x")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text("[1, 2")
-    assert "corrupt" in bad(capsys, "--model_path", corrupt, "--prompt", "x")
+    assert "corrupt" in refused(gen.main, "--model_path", corrupt, "--prompt", "x")
     other = Tokenizer.train(["something else entirely " * 20], vocab_size=290)
     other.save(tmp_path / "other_vocab")
-    assert "is not the vocabulary of the model" in bad(
-        capsys, "--model_path", model_dir, "--vocab_path", tmp_path / "other_vocab")
-    assert "exceeds the model's context" in bad(capsys, "--model_path", model_dir,
-                                                "--seq_len", 5000)
-    assert "leaves no room" in bad(capsys, "--model_path", model_dir, "--seq_len", 3,
-                                   "--prompt", "ROMEO: What light")
-    assert "--nucleus_prob" in bad(capsys, "--model_path", model_dir, "--nucleus_prob", 0)
+    assert "is not the vocabulary of the model" in refused(
+        gen.main, "--model_path", model_dir, "--vocab_path", tmp_path / "other_vocab")
+    assert "exceeds the model's context" in refused(gen.main, "--model_path", model_dir,
+                                                    "--seq_len", 5000)
+    assert "leaves no room" in refused(gen.main, "--model_path", model_dir, "--seq_len", 3,
+                                       "--prompt", "ROMEO: What light")
+    assert "--nucleus_prob" in refused(gen.main, "--model_path", model_dir, "--nucleus_prob", 0)
     if not torch.cuda.is_available():
-        assert "no CUDA device" in bad(capsys, "--model_path", model_dir, "--use_gpu")
+        assert "no CUDA device" in refused(gen.main, "--model_path", model_dir, "--use_gpu")
 
 
 @pytest.mark.gpu

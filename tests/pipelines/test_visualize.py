@@ -98,32 +98,21 @@ def test_interactive_without_a_display_writes_the_png(tmp_path, monkeypatch, cap
     assert "no display" in capsys.readouterr().err and out.is_file()
 
 
-def bad(capsys, *args) -> str:
-    try:
-        code = vis.main([str(a) for a in args])
-    except SystemExit as e:  # a flag error, from argparse
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("gpt2 visualize: error: ") and err.count("\n") == 1, err
-    return err
-
-
-def test_bad_sources_end_in_one_sentence(mlflow_run, tmp_path, capsys):
+def test_bad_sources_end_in_one_sentence(mlflow_run, tmp_path, refused):
     uri, run_id = mlflow_run
-    assert "run 0123456789abcdef does not exist" in bad(
-        capsys, "--run_id", "0123456789abcdef", "--tracking_uri", uri)
-    assert "no MLflow store" in bad(capsys, "--run_id", run_id, "--tracking_uri",
-                                    f"sqlite:///{tmp_path / 'none.db'}")
+    assert "run 0123456789abcdef does not exist" in refused(
+        vis.main, "--run_id", "0123456789abcdef", "--tracking_uri", uri)
+    assert "no MLflow store" in refused(vis.main, "--run_id", run_id, "--tracking_uri",
+                                        f"sqlite:///{tmp_path / 'none.db'}")
     assert not (tmp_path / "none.db").exists()
-    assert "does not exist" in bad(capsys, "--model_path", tmp_path / "nope")
+    assert "does not exist" in refused(vis.main, "--model_path", tmp_path / "nope")
     (tmp_path / "bare").mkdir()
-    assert "has no metrics.jsonl" in bad(capsys, "--model_path", tmp_path / "bare")
-    assert "holds no checkpoint_*" in bad(capsys, "--run_dir", tmp_path / "bare")
+    assert "has no metrics.jsonl" in refused(vis.main, "--model_path", tmp_path / "bare")
+    assert "holds no checkpoint_*" in refused(vis.main, "--run_dir", tmp_path / "bare")
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2}\n{"st')
-    assert "damaged" in bad(capsys, "--model_path", tmp_path / "damaged")
+    assert "damaged" in refused(vis.main, "--model_path", tmp_path / "damaged")
     write_history(tmp_path / "no_loss", [{"step": 1, "train/lr": 0.1}])
-    assert "nothing to plot" in bad(capsys, "--model_path", tmp_path / "no_loss")
-    assert "exactly one of" in bad(capsys)
-    assert "exactly one of" in bad(capsys, "--model_path", tmp_path, "--run_id", run_id)
+    assert "nothing to plot" in refused(vis.main, "--model_path", tmp_path / "no_loss")
+    assert "exactly one of" in refused(vis.main)
+    assert "exactly one of" in refused(vis.main, "--model_path", tmp_path, "--run_id", run_id)
