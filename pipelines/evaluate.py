@@ -100,59 +100,7 @@ class EvaluateConfig:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
 
 
-# --- windows and scoring (pure; the Scorer actor runs these) --------------------------------
-
-def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows over a sequence of n tokens whose targets are tokens 1..n-1: (begin, end, first).
-
-    Inputs are ids[begin:end], targets ids[begin+1:end+1]; only targets from index `first` of
-    the window on are scored, the earlier ones having been scored by the window before.
-    E.g. n=10, window 4, stride 2: (0,4,0) scores 1-4, (2,6,2) 5-6, (4,8,2) 7-8, (6,9,2) 9.
-    """
-    out, scored, begin = [], 0, 0  # scored: index of the last target scored so far
-    while scored < n - 1:
-        end = min(begin + window, n - 1)
-        out.append((begin, end, scored - begin))
-        scored, begin = end, begin + stride
-    return out
-
-
-def score(model, sequences: list[np.ndarray], *, window: int, stride: int, batch: int,
-          device, dtype=None) -> dict[str, float]:
-    """Sum of target nats, correct argmax guesses, targets and windows over the sequences."""
-    import torch
-
-    from gpt2core.training import IGNORE, autocast
-
-    pieces = [(ids, b, e, first) for ids in sequences
-              for b, e, first in windows(len(ids), window, stride)]
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    count = 0
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(pieces), batch):
-            part = pieces[i:i + batch]
-            T = max(e - b for _, b, e, _ in part)  # pad to the longest window of this batch
-            inputs = torch.zeros((len(part), T), dtype=torch.long)
-            targets = torch.full((len(part), T), IGNORE, dtype=torch.long)
-            for row, (ids, b, e, first) in enumerate(part):
-                inputs[row, :e - b] = torch.from_numpy(ids[b:e].astype(np.int64))
-                targets[row, first:e - b] = torch.from_numpy(ids[b + 1 + first:e + 1]
-                                                             .astype(np.int64))
-            inputs, targets = inputs.to(device), targets.to(device)
-            valid = targets != IGNORE
-            with autocast(torch.device(device), dtype):
-                h = model.hidden_states(inputs)[valid]  # (N, C): scored positions only
-                logits = model.lm_head(h).float()  # (N, V)
-            goal = targets[valid]
-            lse = torch.logsumexp(logits, dim=-1)
-            nats += (lse - logits.gather(-1, goal.unsqueeze(-1)).squeeze(-1)).double().sum()
-            correct += (logits.argmax(dim=-1) == goal).sum()
-            count += int(goal.numel())
-    return {"nats": nats.item(), "correct": int(correct.item()), "count": count,
-            "windows": len(pieces)}
-
+# --- scoring: a Ray Data actor over gpt2core.scoring ------------------------------------------
 
 class Scorer:
     """A Ray Data actor (or a plain object with --no_ray): the model, once; sequences in, sums
@@ -180,6 +128,8 @@ class Scorer:
         self.window, self.stride, self.batch = window, stride, batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from gpt2core.scoring import score
+
         sequences = [np.frombuffer(b, IDS) for b in batch["ids"]]
         sums = score(self.model, [s for s in sequences if len(s) >= 2], window=self.window,
                      stride=self.stride, batch=self.batch, device=self.device, dtype=self.dtype)

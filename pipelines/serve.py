@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     # shutdown below; Ctrl-C (and SIGTERM) should raise KeyboardInterrupt here instead.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(f"gpt2 serve: {args.model_path} at http://{args.host}:{args.port}/ "
-          "(playground at /, API at /v1); Ctrl-C stops", flush=True)
-    try:
+    try:  # the print too: a Ctrl-C may land while it is still writing the line
+        print(f"gpt2 serve: {args.model_path} at http://{args.host}:{args.port}/ "
+              "(playground at /, API at /v1); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

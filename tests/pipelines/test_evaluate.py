@@ -60,21 +60,6 @@ def run_eval(root, *args, model="short") -> dict:
     return ev.evaluate(cfg)
 
 
-def test_windows_score_every_target_once_with_enough_context():
-    for n in range(2, 40):
-        for window in (1, 4, 7, 16):
-            for stride in range(1, window + 1):
-                scored = []
-                for begin, end, first in ev.windows(n, window, stride):
-                    assert end - begin <= window and first >= 0
-                    targets = list(range(begin + 1 + first, end + 1))
-                    # context of a scored target: the window's inputs before it
-                    assert all(t - begin >= min(t, window - stride + 1) for t in targets)
-                    scored += targets
-                assert scored == list(range(1, n)), (n, window, stride)
-    assert ev.windows(10, 4, 2) == [(0, 4, 0), (2, 6, 2), (4, 8, 2), (6, 9, 2)]
-
-
 def test_in_process_equals_direct_mean_nll(files, tok):
     """Every document fits the context: the mean NLL of <eos> doc <eos>, computed directly."""
     r = run_eval(files, ("eval_corpus", [str(files / "val.jsonl")]), ("no_ray", True),

@@ -27,12 +27,14 @@ def tok() -> Tokenizer:
 def model_dir(tmp_path_factory, tok) -> Path:
     """A tiny model with a long context that never ends a text: every position gives the same
     distribution (ln_f's gain is 0, so its output is its bias u) and eos scores -50 against u.
-    Generations then run to --seq_len, long enough to interrupt."""
+    Generations then run to --seq_len, long enough to interrupt: 4 layers of 128 make 4,096
+    tokens take seconds, more than a pseudo-terminal buffers, so a slow reader's Ctrl-C still
+    finds the generation running."""
     torch.manual_seed(0)
-    model = GPT2(GPT2Config(vocab_size=tok.vocab_size, n_positions=4096, n_embd=16, n_layer=1,
-                            n_head=2))
+    model = GPT2(GPT2Config(vocab_size=tok.vocab_size, n_positions=4096, n_embd=128, n_layer=4,
+                            n_head=4))
     with torch.no_grad():
-        u = torch.randn(16)
+        u = torch.randn(128)
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.copy_(u)
         model.lm_head.weight.mul_(3.0)  # a peakier distribution: fewer, likelier tokens
