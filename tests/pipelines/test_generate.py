@@ -1,6 +1,7 @@
 """pipelines/generate.py: an interactive session driven through a pseudo-terminal, --prompt output
 that is only the continuation and repeatable under --seed, whole characters, bad input."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -27,14 +28,12 @@ def tok() -> Tokenizer:
 def model_dir(tmp_path_factory, tok) -> Path:
     """A tiny model with a long context that never ends a text: every position gives the same
     distribution (ln_f's gain is 0, so its output is its bias u) and eos scores -50 against u.
-    Generations then run to --seq_len, long enough to interrupt: 4 layers of 128 make 4,096
-    tokens take seconds, more than a pseudo-terminal buffers, so a slow reader's Ctrl-C still
-    finds the generation running."""
+    Generations then run to --seq_len, long enough to interrupt."""
     torch.manual_seed(0)
-    model = GPT2(GPT2Config(vocab_size=tok.vocab_size, n_positions=4096, n_embd=128, n_layer=4,
-                            n_head=4))
+    model = GPT2(GPT2Config(vocab_size=tok.vocab_size, n_positions=4096, n_embd=16, n_layer=1,
+                            n_head=2))
     with torch.no_grad():
-        u = torch.randn(128)
+        u = torch.randn(16)
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.copy_(u)
         model.lm_head.weight.mul_(3.0)  # a peakier distribution: fewer, likelier tokens
@@ -45,9 +44,12 @@ def model_dir(tmp_path_factory, tok) -> Path:
 
 
 def spawn(model_dir: Path, *args: str) -> pexpect.spawn:
+    """The CLI on a pseudo-terminal, as a shell runs a foreground job: SIGINT at its default,
+    even when these tests run in a background job (which ignores it, and the child inherits)."""
     return pexpect.spawn(sys.executable, ["pipelines/generate.py", "--model_path",
                                           str(model_dir), "--seed", "0", *args],
-                         cwd=str(ROOT), encoding="utf-8", timeout=90, dimensions=(24, 200))
+                         cwd=str(ROOT), encoding="utf-8", timeout=90, dimensions=(24, 200),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_interactive_session_answers_and_exits(model_dir):
