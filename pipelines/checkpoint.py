@@ -75,3 +75,34 @@ def export_model(ckpt, out: Path) -> None:
         dataset.commit(tmp / "ckpt" / MODEL_DIR, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(cfg, plan):
+    """The model a worker trains, (model, saved train state or None, history): from the
+    checkpoint Ray Train hands back after a failure (or cfg.from_checkpoint), else
+    plan.from_pretrained, else a fresh init of plan.model_config; with cfg's dropout and
+    gradient checkpointing. Runs inside a Ray Train worker."""
+    import ray.train
+
+    from gpt2core import GPT2
+    from pipelines.tracking import read_history
+
+    resume = ray.train.get_checkpoint()  # set after a worker failure or for a reused --name
+    if resume is None and cfg.from_checkpoint:
+        resume = ray.train.Checkpoint(cfg.from_checkpoint)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if resume is not None:
+        with resume.as_directory() as d:
+            model = GPT2.from_pretrained(Path(d) / MODEL_DIR)
+            saved = load_state(d)
+            history = read_history(Path(d) / MODEL_DIR, saved["step"])
+    elif plan.from_pretrained:
+        model, saved, history = GPT2.from_pretrained(plan.from_pretrained), None, []
+    else:
+        model, saved, history = GPT2(plan.model_config), None, []
+    model.config.dropout = cfg.dropout  # a loaded model keeps its own rate otherwise
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = cfg.dropout
+    model.grad_checkpointing = cfg.use_grad_ckpt
+    return model, saved, history

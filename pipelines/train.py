@@ -36,7 +36,7 @@ if __name__ == "__main__":  # as a file (python/ray job submit): import pipeline
 
 from pipelines import checkpoint, dataset, ray_session, train_data, train_plan
 from pipelines.flags import option, parse
-from pipelines.tracking import RunLog, read_history, tracking_uri
+from pipelines.tracking import RunLog, tracking_uri
 from pipelines.train_plan import make_plan
 
 
@@ -140,7 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
     plan = make_plan(cfg, runtime["manifest"], world, runtime.get("model_dir"))
     tokenizer = train_data.tokenizer_from_spec(runtime["tokenizer"])
 
-    model, saved, history = _load_model(cfg, plan)
+    model, saved, history = checkpoint.load_model(cfg, plan)
     def wrap(m):
         m = torch.compile(m) if cfg.compile else m
         return ray.train.torch.prepare_model(m, move_to_device=False)
@@ -220,35 +220,6 @@ class _Window:
 
     def add(self, loss: float, norm: float) -> None:
         self.loss, self.norm, self.steps = self.loss + loss, self.norm + norm, self.steps + 1
-
-
-def _load_model(cfg: TrainConfig, plan):
-    """(model, saved train state or None, history): from the checkpoint Ray Train hands back
-    after a failure (or --from_checkpoint), else --from_pretrained, else a fresh init."""
-    import ray.train
-    import torch
-
-    from gpt2core import GPT2
-
-    resume = ray.train.get_checkpoint()  # set after a worker failure or for a reused --name
-    if resume is None and cfg.from_checkpoint:
-        resume = ray.train.Checkpoint(cfg.from_checkpoint)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    if resume is not None:
-        with resume.as_directory() as d:
-            model = GPT2.from_pretrained(Path(d) / checkpoint.MODEL_DIR)
-            saved = checkpoint.load_state(d)
-            history = read_history(Path(d) / checkpoint.MODEL_DIR, saved["step"])
-    elif plan.from_pretrained:
-        model, saved, history = GPT2.from_pretrained(plan.from_pretrained), None, []
-    else:
-        model, saved, history = GPT2(plan.model_config), None, []
-    model.config.dropout = cfg.dropout  # a loaded model keeps its own rate otherwise
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = cfg.dropout
-    model.grad_checkpointing = cfg.use_grad_ckpt
-    return model, saved, history
 
 
 _SHOWN = ("train/loss", "train/lr", "train/tokens_per_sec", "eval/loss", "eval/bpb")
