@@ -95,6 +95,6 @@ class Scheduler:
         new = []
         while self.waiting and len(new) < self.decoder.free:
             key, job = self.waiting.popleft()
-            if key not in cancelled and key in self.queues:
+            if key in self.queues:  # its reader is still there
                 new.append((key, job))
         return new
