@@ -181,9 +181,10 @@ class SlotCache(KVCache):
         self.k = k.new_zeros(k.shape[:3] + (cap, k.size(4)))
         self.v = v.new_zeros(self.k.shape)
         self.mask = mask.new_zeros(mask.size(0), cap)
-        self.k[:, :, :, :self.length] = k[:, :, :, :self.length]
-        self.v[:, :, :, :self.length] = v[:, :, :, :self.length]
-        self.mask[:, :self.length] = mask[:, :self.length]
+        r, n = self.rows, self.length  # only the active rows hold anything
+        self.k[:, :r, :, :n] = k[:, :r, :, :n]
+        self.v[:, :r, :, :n] = v[:, :r, :, :n]
+        self.mask[:r, :n] = mask[:r, :n]
 
 
 class _Row:
