@@ -58,9 +58,10 @@ def load() -> str:
     return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
-def run(script: str, args: list[str], tmp: Path) -> tuple[float, list[tuple[float, str]]]:
+def run(script: str, args: list[str], tmp: Path,
+        watch=None) -> tuple[float, list[tuple[float, str]]]:
     """`python pipelines/<script> args` in `tmp` (MLflow store there too): (seconds, lines
-    of output with the second each appeared)."""
+    of output with the second each appeared). `watch(line)` sees each line as it comes."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
     start, lines = time.perf_counter(), []
     with subprocess.Popen([sys.executable, str(ROOT / "pipelines" / script), *args], cwd=tmp,
@@ -68,6 +69,8 @@ def run(script: str, args: list[str], tmp: Path) -> tuple[float, list[tuple[floa
                           text=True) as p:
         for line in p.stdout:
             lines.append((time.perf_counter() - start, line.rstrip()))
+            if watch:
+                watch(line)
     seconds = time.perf_counter() - start
     if p.returncode:
         tail = "\n".join(line for _, line in lines[-60:])
@@ -75,19 +78,63 @@ def run(script: str, args: list[str], tmp: Path) -> tuple[float, list[tuple[floa
     return seconds, lines
 
 
-def ray_windows(data: Path, steps: int, window: int, tmp: Path, name: str) -> list[float]:
-    """tokens/s of each --window steps of one Ray Train run, from its metrics.jsonl."""
-    model = tmp / name
+def cpu_seconds() -> dict[str, tuple[str, float]]:
+    """pid -> (process title, CPU seconds used so far) for every process here (Linux /proc)."""
+    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except (OSError, UnicodeDecodeError):
+            continue
+        # Ray names its workers "ray::Actor"; for python, the script; kernel threads have none
+        args = [a for a in argv[1:] if a and not a.startswith("-")]
+        title = (Path(args[0]).name if Path(argv[0]).name.startswith("python") and args
+                 else Path(argv[0].strip()).name if argv[0].startswith("/")
+                 else argv[0].strip()) or "[kernel]"
+        fields = stat.rsplit(")", 1)[1].split()  # utime and stime are fields 14 and 15
+        out[pid] = (title, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cores_used(before: dict, after: dict, seconds: float) -> dict:
+    """Where the machine's CPU went between two cpu_seconds() snapshots: the Ray Train worker,
+    and every other process (by title, busiest first)."""
+    used: dict[str, float] = {}
+    for pid, (title, cpu) in after.items():
+        if pid in before and pid != str(os.getpid()):
+            used[title] = used.get(title, 0.0) + (cpu - before[pid][1]) / seconds
+    worker = sum(c for t, c in used.items() if t.startswith("ray::RayTrainWorker"))
+    others = sorted(((t[:60], round(c, 3)) for t, c in used.items()
+                     if not t.startswith("ray::RayTrainWorker") and c > 0), key=lambda x: -x[1])
+    return {"worker": worker, "everything_else": sum(c for _, c in others),
+            "processes_else": len(others), "busiest_else": others[:8]}
+
+
+def ray_windows(data: Path, steps: int, window: int, skip: int, tmp: Path,
+                name: str) -> tuple[list[float], dict]:
+    """tokens/s of each --window steps of one Ray Train run (from its metrics.jsonl), and the
+    cores its worker and everything else used from the end of warm-up to the last window."""
+    model, marks = tmp / name, {}
+    first, last = f"step {skip * window}/", f"step {steps - window}/"
+
+    def watch(line: str) -> None:
+        if first in line or last in line:
+            marks[first if first in line else last] = (time.perf_counter(), cpu_seconds())
+
     run("train.py", ["--data", str(data), *flags(SHAPE), "--total_steps", str(steps),
                      "--eval_steps", str(steps), "--save_steps", str(steps), "--eval_batches",
                      "1", "--log_steps", str(window), "--storage_path", str(tmp / "runs"),
-                     "--name", name, "--save_model_path", str(model)], tmp)
+                     "--name", name, "--save_model_path", str(model)], tmp, watch)
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/tokens_per_sec"] for r in records if "train/tokens_per_sec" in r]
+    (t0, a), (t1, b) = marks[first], marks[last]
+    return ([r["train/tokens_per_sec"] for r in records if "train/tokens_per_sec" in r],
+            cores_used(a, b, t1 - t0))
 
 
-def local_windows(data: Path, steps: int, window: int, seed: int) -> list[float]:
-    """tokens/s of each --window steps of gpt2core's loop over the same rows, same settings."""
+def local_windows(data: Path, steps: int, window: int, seed: int) -> tuple[list[float], float]:
+    """tokens/s of each --window steps of gpt2core's loop over the same rows, same settings,
+    and the cores this process used while it ran."""
     import numpy as np
     import torch
 
@@ -107,7 +154,8 @@ def local_windows(data: Path, steps: int, window: int, seed: int) -> list[float]
         use_amp=False)
     tokens_per_step = cfg.batch_train * plan.seq_len
     rng, order, pos, rates = np.random.default_rng(seed), np.empty(0, np.int64), 0, []
-    t0 = time.perf_counter()
+    t0 = start = time.perf_counter()
+    cpu0 = time.process_time()
     for step in range(1, steps + 1):
         if pos + plan.rows_per_batch > len(order):  # a new epoch, shuffled
             order, pos = rng.permutation(len(rows)), 0
@@ -120,7 +168,7 @@ def local_windows(data: Path, steps: int, window: int, seed: int) -> list[float]
         if step % window == 0:
             rates.append(window * tokens_per_step / (time.perf_counter() - t0))
             t0 = time.perf_counter()
-    return rates
+    return rates, (time.process_time() - cpu0) / (time.perf_counter() - start)
 
 
 def bench_throughput(text: str, vocab: int, rounds: int, steps: int, window: int, skip: int,
@@ -133,13 +181,16 @@ def bench_throughput(text: str, vocab: int, rounds: int, steps: int, window: int
     for r in range(rounds):
         loads = [load()]
         print(f"throughput round {r + 1}/{rounds}: Ray Train ... ({loads[-1]})", flush=True)
-        ray_w = ray_windows(data, steps, window, tmp, f"tput{r}")[skip:]
+        ray_w, ray_cores = ray_windows(data, steps, window, skip, tmp, f"tput{r}")
+        ray_w = ray_w[skip:]
         loads.append(load())
         print(f"throughput round {r + 1}/{rounds}: gpt2core loop ... ({loads[-1]})", flush=True)
-        ours_w = local_windows(data, steps, window, seed=r)[skip:]
+        ours_w, ours_cores = local_windows(data, steps, window, seed=r)
+        ours_w = ours_w[skip:]
         ray_all += ray_w
         ours_all += ours_w
-        per_round.append({"ray_tok_s": ray_w, "ours_tok_s": ours_w,
+        per_round.append({"ray_tok_s": ray_w, "ours_tok_s": ours_w, "ray_cores": ray_cores,
+                          "ours_cores": ours_cores,
                           "load_before_ray_ours_after": [*loads, load()],
                           "ratio": statistics.median(ray_w) / statistics.median(ours_w)})
     ray_med, ours_med = statistics.median(ray_all), statistics.median(ours_all)
@@ -192,6 +243,12 @@ def print_table(res: dict) -> None:
             print(f"  round {i + 1}: {statistics.median(r['ray_tok_s']):>31.0f} "
                   f"{statistics.median(r['ours_tok_s']):>10.0f} {r['ratio']:>6.3f}x  "
                   f"(load {' / '.join(x.split()[2] for x in r['load_before_ray_ours_after'])})")
+            c = r["ray_cores"]
+            print(f"    cores used: Ray Train worker {c['worker']:.2f}, the {c['processes_else']} "
+                  f"other processes {c['everything_else']:.2f}; gpt2core loop "
+                  f"{r['ours_cores']:.2f}")
+        busiest = t["rounds"][-1]["ray_cores"]["busiest_else"]
+        print("    busiest others (last round): " + ", ".join(f"{n} {c:.3f}" for n, c in busiest))
     if "race" in res:
         r = res["race"]
         ok = "ok" if r["eval_bpb"] <= r["target_bpb"] and r["seconds"] <= \
