@@ -23,6 +23,17 @@ def init_ray(address: str | None) -> float:
 
 
 @contextmanager
+def ordered():
+    """Ray Data execution that hands blocks back in input order, restored afterwards."""
+    options = ray().data.DataContext.get_current().execution_options
+    saved, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = saved
+
+
+@contextmanager
 def data_context(max_block_size: int):
     """Ordered, small-block Ray Data execution, restored afterwards.
 

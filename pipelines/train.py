@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __name__ == "__main__":  # as a file (python/ray job submit): import pipelines by package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,6 +39,9 @@ from pipelines import checkpoint, dataset, ray_session, train_data, train_plan
 from pipelines.flags import option, parse
 from pipelines.tracking import RunLog, tracking_uri
 from pipelines.train_plan import make_plan
+
+if TYPE_CHECKING:
+    from ray.data import MaterializedDataset
 
 
 @dataclass
@@ -266,6 +270,7 @@ class Job:
     workers: int
     cpus: float  # reserved per worker
     storage: str  # absolute local path or a URI
+    val: MaterializedDataset  # the val split, read once (train_plan.validation_rows)
 
 
 def plan_job(cfg: TrainConfig) -> Job:
@@ -285,7 +290,7 @@ def plan_job(cfg: TrainConfig) -> Job:
         make_plan(cfg, asdict(dataset.load_manifest(cfg.data)), workers, model_dir)
     ray_session.init_ray(cfg.address)
     manifest = train_plan.prepare_data(cfg, model_dir, cfg.address)
-    make_plan(cfg, manifest, workers, model_dir)
+    plan = make_plan(cfg, manifest, workers, model_dir)
     ray = ray_session.ray()
     cluster = ray.cluster_resources()
     train_plan.check_gpus(cfg, cluster)
@@ -297,7 +302,8 @@ def plan_job(cfg: TrainConfig) -> Job:
                "tokenizer": train_data.tokenizer_spec(data_dir / manifest["tokenizer"]["file"])}
     storage = cfg.storage_path if "://" in cfg.storage_path \
         else str(Path(cfg.storage_path).expanduser().resolve())
-    return Job(cfg, manifest, runtime, workers, cpus, storage)
+    val = train_plan.validation_rows(cfg, manifest, data_dir, plan.eval_rows_per_batch * workers)
+    return Job(cfg, manifest, runtime, workers, cpus, storage, val)
 
 
 def make_trainer(job: Job, name: str, cfg: TrainConfig | None = None, callbacks=None,
@@ -307,14 +313,7 @@ def make_trainer(job: Job, name: str, cfg: TrainConfig | None = None, callbacks=
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray, cfg = ray_session.ray(), cfg or job.cfg
-    ray.data.DataContext.get_current().enable_progress_bars = False  # workers print steps
-
-    def read(split: str):
-        files = [str(Path(job.runtime["data_dir"], s["file"]))
-                 for s in job.manifest["splits"][split]["shards"]]
-        return ray.data.read_parquet(files, num_cpus=train_plan.READ_TASK_CPUS)
-
+    cfg = cfg or job.cfg
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**asdict(cfg), "runtime": {**job.runtime, "name": name}},
@@ -325,7 +324,8 @@ def make_trainer(job: Job, name: str, cfg: TrainConfig | None = None, callbacks=
             name=name, storage_path=storage or job.storage, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": read("train"), "val": read("val")},
+        datasets={"train": train_plan.ray_split(job.manifest, job.runtime["data_dir"], "train"),
+                  "val": job.val},
         # in order: each worker's rows, and so a resumed run's position, are reproducible
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)))
 

@@ -1,11 +1,11 @@
-"""pipelines/train_plan.py and checkpoint.find: what the driver refuses before Ray starts."""
+"""pipelines/train_plan.py and checkpoint.find: what the driver works out before training."""
 
 import pytest
 
 from gpt2core import GPT2, GPT2Config
 from pipelines import checkpoint
 from pipelines.train import TrainConfig
-from pipelines.train_plan import check_gpus, make_plan, worker_cpus
+from pipelines.train_plan import check_gpus, make_plan, validation_rows, worker_cpus
 
 
 def manifest(seq_len=64, vocab=512, train_rows=100, val_rows=4):
@@ -111,3 +111,21 @@ def test_the_original_projects_train_command_parses():
     assert (cfg.layers, cfg.heads, cfg.dims, cfg.rate, cfg.seq_len) == (6, 8, 256, 4, 128)
     assert cfg.use_amp and cfg.use_grad_ckpt and cfg.gpus == 2 and cfg.base_lr == 1e-4
     assert cfg.min_lr == pytest.approx(1e-5)  # base_lr / 10 unless given
+
+
+def test_validation_rows_are_the_first_rows_of_val_that_evaluation_reads(train_data):
+    import json
+
+    import numpy as np
+
+    from pipelines import dataset
+
+    manifest = json.loads((train_data / dataset.MANIFEST).read_text())
+    tokens, _ = dataset.read_split(train_data, "val")
+    # --eval_batches 2 of 3 rows over all workers: the first 6 rows, in order, read once
+    some = validation_rows(TrainConfig(eval_batches=2), manifest, train_data, 3)
+    batch = some.take_batch(100, batch_format="numpy")
+    assert np.array_equal(dataset.stack_rows(batch["tokens"]), tokens[:6])
+    # --eval_batches 0 (the whole split): every row
+    assert validation_rows(TrainConfig(eval_batches=0), manifest, train_data, 3).count() \
+        == len(tokens) > 6
