@@ -33,6 +33,25 @@ def tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking server that does not answer fails here, on the driver, in one
+    sentence; inside a worker MLflow's client would retry it for minutes, then fail the run."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or a server without /health): reachable is all we ask
+    except OSError as e:  # URLError, timeouts, refused connections
+        raise RunError(f"the MLflow tracking server at {uri} does not answer "
+                       f"({getattr(e, 'reason', e)}): start it (mlflow server --host 127.0.0.1 "
+                       "--port 5000) or set --tracking_uri / MLFLOW_TRACKING_URI to one that "
+                       "runs.") from None
+
+
 def mlflow_params(config: dict) -> dict[str, str]:
     """A config as MLflow params: every field, None and lists written out."""
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in config.items()}

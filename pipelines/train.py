@@ -37,7 +37,7 @@ if __name__ == "__main__":  # as a file (python/ray job submit): import pipeline
 
 from pipelines import checkpoint, dataset, ray_session, train_data, train_plan
 from pipelines.flags import option, parse
-from pipelines.tracking import RunLog, tracking_uri
+from pipelines.tracking import RunLog, check_server, tracking_uri
 from pipelines.train_plan import make_plan
 
 if TYPE_CHECKING:
@@ -277,6 +277,7 @@ def plan_job(cfg: TrainConfig) -> Job:
     """Check flags, data and model (ValueError & co. name the problem), prepare if asked, and
     size the workers. Bad input found without Ray fails before Ray starts."""
     workers = cfg.gpus or cfg.num_workers
+    check_server(tracking_uri(cfg.tracking_uri))
     if cfg.from_checkpoint:
         cfg = replace(cfg, from_checkpoint=checkpoint.find(cfg.from_checkpoint))
     model_dir = str(Path(cfg.from_checkpoint, checkpoint.MODEL_DIR)) if cfg.from_checkpoint \

@@ -192,6 +192,8 @@ def mlflow_server(tmp_path):
     (["--gpus", "1"], "--gpus 1 asks for more GPUs than the cluster has (0)"),
     (["--from_pretrained", "{tmp}/nomodel"], "model dir {tmp}/nomodel does not exist"),
     (["--from_checkpoint", "{tmp}"], "holds no checkpoint_"),
+    (["--tracking_uri", "http://127.0.0.1:9"],
+     "the MLflow tracking server at http://127.0.0.1:9 does not answer"),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path, data_dir, capsys, args, message):
     args = [a.format(tmp=tmp_path) for a in args]
