@@ -134,6 +134,7 @@ def open_run(run_id: str, uri: str | None = None):
         # reading would create an empty store there as a side effect
         raise RunError(f"there is no MLflow store at {uri}; set MLFLOW_TRACKING_URI (or "
                        "--tracking_uri) to the store training logged to.")
+    check_server(uri)
     client = MlflowClient(uri)
     try:
         client.get_run(run_id)

@@ -105,6 +105,8 @@ def test_bad_sources_end_in_one_sentence(mlflow_run, tmp_path, refused):
     assert "no MLflow store" in refused(vis.main, "--run_id", run_id, "--tracking_uri",
                                         f"sqlite:///{tmp_path / 'none.db'}")
     assert not (tmp_path / "none.db").exists()
+    assert "tracking server at http://127.0.0.1:9 does not answer" in refused(
+        vis.main, "--run_id", run_id, "--tracking_uri", "http://127.0.0.1:9")
     assert "does not exist" in refused(vis.main, "--model_path", tmp_path / "nope")
     (tmp_path / "bare").mkdir()
     assert "has no metrics.jsonl" in refused(vis.main, "--model_path", tmp_path / "bare")
