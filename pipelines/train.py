@@ -41,7 +41,7 @@ from pipelines.tracking import RunLog, check_server, tracking_uri
 from pipelines.train_plan import make_plan
 
 if TYPE_CHECKING:
-    from ray.data import MaterializedDataset
+    from ray.data.dataset import Dataset, MaterializedDataset
 
 
 @dataclass
@@ -80,6 +80,9 @@ class TrainConfig:
     save_steps: int = option(100, "checkpoint every this many steps")
     log_steps: int = option(10, "log train metrics every this many steps")
     shuffle_buffer: int = option(4096, "rows in each worker's shuffle buffer")
+    cache_train_mb: int = option(
+        1024, "a train split up to this size (and half the object store) is read once into "
+        "Ray's object store; a bigger one streams from Parquet every epoch (0: always stream)")
     seed: int = option(0, "seed for initialisation, shuffling and dropout")
     use_amp: bool = option(False, "mixed precision: bf16 where supported, else fp16 + scaling")
     use_grad_ckpt: bool = option(False, "recompute activations in backward (less memory)")
@@ -270,6 +273,7 @@ class Job:
     workers: int
     cpus: float  # reserved per worker
     storage: str  # absolute local path or a URI
+    train: Dataset  # the train split, streamed or cached (train_plan.train_rows)
     val: MaterializedDataset  # the val split, read once (train_plan.validation_rows)
 
 
@@ -303,8 +307,10 @@ def plan_job(cfg: TrainConfig) -> Job:
                "tokenizer": train_data.tokenizer_spec(data_dir / manifest["tokenizer"]["file"])}
     storage = cfg.storage_path if "://" in cfg.storage_path \
         else str(Path(cfg.storage_path).expanduser().resolve())
-    val = train_plan.validation_rows(cfg, manifest, data_dir, plan.eval_rows_per_batch * workers)
-    return Job(cfg, manifest, runtime, workers, cpus, storage, val)
+    return Job(cfg, manifest, runtime, workers, cpus, storage,
+               train_plan.train_rows(cfg, manifest, data_dir, cluster),
+               train_plan.validation_rows(cfg, manifest, data_dir,
+                                          plan.eval_rows_per_batch * workers))
 
 
 def make_trainer(job: Job, name: str, cfg: TrainConfig | None = None, callbacks=None,
@@ -325,8 +331,7 @@ def make_trainer(job: Job, name: str, cfg: TrainConfig | None = None, callbacks=
             name=name, storage_path=storage or job.storage, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": train_plan.ray_split(job.manifest, job.runtime["data_dir"], "train"),
-                  "val": job.val},
+        datasets={"train": job.train, "val": job.val},
         # in order: each worker's rows, and so a resumed run's position, are reproducible
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)))
 

@@ -28,7 +28,8 @@ from pipelines.train_plan import make_plan
 FIXED = ("data", "corpus", "eval_corpus", "vocab_path", "vocab_size", "from_pretrained", "name",
          "storage_path", "save_model_path", "from_checkpoint", "keep_checkpoints",
          "max_failures", "experiment", "tracking_uri", "num_workers", "gpus", "cpus_per_worker",
-         "address", "eval_steps", "eval_batches", "batch_eval", "save_steps", "log_steps")
+         "address", "eval_steps", "eval_batches", "batch_eval", "save_steps", "log_steps",
+         "cache_train_mb")
 TUNABLE = tuple(f.name for f in fields(TrainConfig) if f.name not in FIXED)
 DEFAULT_SPACE = {  # optimisation only: the model's shape stays the --preset's
     "base_lr": {"loguniform": [1e-4, 3e-3]},

@@ -89,12 +89,15 @@ def test_exported_model_dir_loads_in_transformers(two_workers):
         torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_from_checkpoint_reaches_the_same_loss_as_an_uninterrupted_run(tmp_path, data_dir):
+@pytest.mark.parametrize("cache_train_mb", [1024, 0], ids=["cached", "streamed"])
+def test_from_checkpoint_reaches_the_same_loss_as_an_uninterrupted_run(tmp_path, data_dir,
+                                                                       cache_train_mb):
     # dropout on and a shuffle buffer: resuming must restore the data position and RNG too
     whole = train(config(tmp_path, data_dir, name="whole", dropout=0.1, total_steps=30,
-                         save_steps=10, eval_steps=30, keep_checkpoints=3))
+                         save_steps=10, eval_steps=30, keep_checkpoints=3,
+                         cache_train_mb=cache_train_mb))
     resumed = train(config(tmp_path, data_dir, name="resumed", dropout=0.1, total_steps=30,
-                           save_steps=10, eval_steps=30,
+                           save_steps=10, eval_steps=30, cache_train_mb=cache_train_mb,
                            from_checkpoint=f"{whole['run_dir']}/checkpoint_0000010"))
     a, b = records(whole["model_dir"]), records(resumed["model_dir"])
     assert [r["step"] for r in b] == [r["step"] for r in a]  # history carried over

@@ -5,7 +5,7 @@ import pytest
 from gpt2core import GPT2, GPT2Config
 from pipelines import checkpoint
 from pipelines.train import TrainConfig
-from pipelines.train_plan import check_gpus, make_plan, validation_rows, worker_cpus
+from pipelines.train_plan import check_gpus, make_plan, train_rows, validation_rows, worker_cpus
 
 
 def manifest(seq_len=64, vocab=512, train_rows=100, val_rows=4):
@@ -129,3 +129,27 @@ def test_validation_rows_are_the_first_rows_of_val_that_evaluation_reads(train_d
     # --eval_batches 0 (the whole split): every row
     assert validation_rows(TrainConfig(eval_batches=0), manifest, train_data, 3).count() \
         == len(tokens) > 6
+
+
+def test_a_small_train_split_is_cached_with_the_streams_rows_and_order(train_data, ray_local):
+    import json
+
+    import numpy as np
+    from ray.data.dataset import MaterializedDataset
+
+    from pipelines import dataset
+
+    manifest = json.loads((train_data / dataset.MANIFEST).read_text())
+    cluster = ray_local.cluster_resources()
+    cached = train_rows(TrainConfig(), manifest, train_data, cluster)
+    streamed = train_rows(TrainConfig(cache_train_mb=0), manifest, train_data, cluster)
+    assert isinstance(cached, MaterializedDataset)
+    assert not isinstance(streamed, MaterializedDataset)
+    rows = [dataset.stack_rows(d.take_batch(10**6, batch_format="numpy")["tokens"])
+            for d in (cached, streamed)]
+    assert np.array_equal(rows[0], rows[1])
+    assert np.array_equal(rows[0], dataset.read_split(train_data, "train")[0])
+    # a split bigger than half the object store streams, whatever --cache_train_mb says
+    tiny_store = {**cluster, "object_store_memory": 1000}
+    assert not isinstance(train_rows(TrainConfig(), manifest, train_data, tiny_store),
+                          MaterializedDataset)
