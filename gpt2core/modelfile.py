@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gpt2core import storage
 from gpt2core.config import GPT2Config
 
 CONFIG_FILE = "config.json"
@@ -40,14 +41,13 @@ class ModelFileError(ValueError):
 
 
 def read_config(path: str | Path) -> GPT2Config:
-    """The GPT2Config described by `path/config.json`."""
-    path = Path(path)
-    if not path.is_dir():
+    """The GPT2Config described by `path/config.json` (a local dir or a URI: s3://…)."""
+    if not storage.is_dir(path):
         raise ModelFileError(f"model dir {path} does not exist; pass a directory holding "
                              f"{CONFIG_FILE} and {WEIGHTS_FILE} (as written by training)")
-    cfg_file = path / CONFIG_FILE
+    cfg_file = storage.join(path, CONFIG_FILE)
     try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+        raw = json.loads(storage.read_text(cfg_file))
     except FileNotFoundError:
         raise ModelFileError(f"{path} has no {CONFIG_FILE}; it is not a model dir") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -61,6 +61,9 @@ def read_config(path: str | Path) -> GPT2Config:
 
 def read_weights(path: str | Path, config: GPT2Config) -> dict[str, torch.Tensor]:
     """Load the weights of a model dir as a GPT2 state dict, checking names and shapes."""
+    if storage.is_uri(path):
+        with storage.local_copy(path) as local:
+            return read_weights(local, config)
     path = Path(path)
     hf = _read_tensor_files(path)
     state = from_hf_state_dict(hf, where=path)

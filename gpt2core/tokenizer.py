@@ -35,6 +35,9 @@ EXPECTED = ("tokenizer.json, vocab.json + merges.txt, encoder.json + vocab.bpe, 
             "or a WordPiece vocab.txt")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".jsonl", ".png")  # not fetched for a tokenizer
+
+
 class TokenizerError(ValueError):
     """A tokenizer file or argument is wrong; the message names it and the fix."""
 
@@ -88,8 +91,17 @@ class Tokenizer:
     def from_pretrained(cls, path: str | os.PathLike, eos_token: str | None = None) -> Tokenizer:
         """Load from a directory or a file (formats in the module docstring).
 
-        eos_token defaults to "<|endoftext|>", or "</s>" where only that one exists.
+        eos_token defaults to "<|endoftext|>", or "</s>" where only that one exists. A URI
+        (s3://…) is read through gpt2core.storage: only its tokenizer files are fetched.
         """
+        from gpt2core import storage
+
+        if storage.is_uri(path):
+            if not storage.exists(path):
+                raise TokenizerError(f"tokenizer path {path} does not exist; expected "
+                                     f"{EXPECTED}.")
+            with storage.local_copy(path, skip=WEIGHT_SUFFIXES) as local:
+                return cls.from_pretrained(local, eos_token)
         path = Path(path)
         if not path.exists():
             raise TokenizerError(f"tokenizer path {path} does not exist; expected {EXPECTED}.")

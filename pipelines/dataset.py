@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2core import storage
+
 FORMAT = "gpt2-ray-dataset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -107,14 +109,19 @@ def dtype_for(vocab_size: int) -> np.dtype:
 
 
 def load_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest:
-    """Read and check a dataset dir's manifest (or the manifest file itself)."""
-    path = Path(path)
-    file = path if path.name == MANIFEST else path / MANIFEST
-    if not file.is_file():
-        what = "does not exist" if not path.exists() else f"has no {MANIFEST}"
-        raise DatasetError(f"dataset {path} {what}; make one with `gpt2 prepare --out {path}`.")
+    """Read and check a dataset dir's manifest (or the manifest file itself); local or a URI."""
+    path = str(path).rstrip("/")
+    root = path[:-len(MANIFEST) - 1] if path.endswith("/" + MANIFEST) else path
+    file = storage.join(root, MANIFEST)
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        text = storage.read_text(file)
+    except FileNotFoundError:
+        what = "has no " + MANIFEST if storage.is_dir(root) else "does not exist"
+        raise DatasetError(f"dataset {root} {what}; make one with `gpt2 prepare --out {root}` "
+                           "(the manifest is written last: a dir without it is incomplete)."
+                           ) from None
+    try:
+        raw = json.loads(text)
         if raw.get("format") != FORMAT:
             raise DatasetError(f"{file} is not a gpt2-ray dataset manifest; re-run prepare.")
         if raw.get("format_version") != FORMAT_VERSION:
@@ -128,24 +135,27 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
     if check_files:
         names = [manifest.tokenizer["file"]] + [s.file for split in manifest.splits.values()
                                                 for s in split.shards]
-        missing = [n for n in names if not (file.parent / n).is_file()]
+        present = storage.files(root)  # one listing, not a request per shard
+        missing = [n for n in names if n not in present]
         if missing:
-            raise DatasetError(f"dataset {file.parent} is incomplete ({missing[0]} is missing); "
+            raise DatasetError(f"dataset {root} is incomplete ({missing[0]} is missing); "
                                "re-run prepare with --overwrite.")
     return manifest
 
 
-def check_out(out: Path, fingerprint: str, config: dict, overwrite: bool) -> bool:
-    """True if `out` already holds this dataset; raises DatasetError where it must not be touched.
+def check_out(out: str, fingerprint: str, config: dict, overwrite: bool) -> bool:
+    """True if `out` (local or a URI) already holds this dataset; raises DatasetError where it
+    must not be touched.
 
     A dataset made from other inputs or flags is replaced only with `overwrite`; a directory
     that is not a dataset (no manifest.json) never is.
     """
-    if out.is_file():
+    if storage.is_file(out):
         raise DatasetError(f"--out {out} is a file; pass a directory.")
-    if not out.is_dir() or not any(out.iterdir()):
+    present = storage.files(out)
+    if not present:
         return False
-    if not (out / MANIFEST).is_file():
+    if MANIFEST not in present:
         raise DatasetError(f"--out {out} exists and is not a dataset dir (no {MANIFEST}); "
                            "pass a new or empty directory.")
     try:
@@ -162,6 +172,18 @@ def check_out(out: Path, fingerprint: str, config: dict, overwrite: bool) -> boo
     changed = [k for k in config if old.config.get(k) != config[k]] or ["the input files"]
     raise DatasetError(f"--out {out} holds a dataset made from other inputs or flags (changed: "
                        f"{', '.join(changed)}); pass --overwrite to replace it.")
+
+
+def publish(tmp: Path, out: str) -> None:
+    """The finished local dir `tmp` becomes `out`. Locally: a rename. On object storage (no
+    rename): the old manifest is deleted first, then every file is uploaded, manifest last,
+    so no reader ever sees a manifest beside shards it does not describe."""
+    if not storage.is_uri(out):
+        commit(tmp, Path(out))
+        return
+    storage.delete(storage.join(out, MANIFEST))
+    storage.delete(out)
+    storage.upload(tmp, out, last=[MANIFEST])
 
 
 def commit(tmp: Path, out: Path) -> None:
@@ -296,7 +318,8 @@ def read_shard(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(tokens (rows, seq_len + 1), length (rows,)) of one shard, as numpy."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    fs, inner = storage.filesystem(path)
+    table = pq.read_table(inner, filesystem=fs)
     column = table.column("tokens").combine_chunks()
     width = column.type.list_size
     return column.flatten().to_numpy().reshape(-1, width), table.column("length").to_numpy()
@@ -311,5 +334,5 @@ def stack_rows(column) -> np.ndarray:
 def read_split(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All rows of a split in order (small datasets and tests; train streams shards instead)."""
     manifest = load_manifest(root)
-    parts = [read_shard(Path(root) / s.file) for s in manifest.splits[split].shards]
+    parts = [read_shard(storage.join(root, s.file)) for s in manifest.splits[split].shards]
     return np.concatenate([t for t, _ in parts]), np.concatenate([n for _, n in parts])

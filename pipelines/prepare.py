@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gpt2core import storage
 from pipelines import corpus, dataset, ray_session, sample
 from pipelines.encoding import encoder_spec, get_encoder
 from pipelines.flags import option, parse
@@ -227,8 +228,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         spec = encoder_spec(tokenizer, pretokenized=cfg.pretokenized, probe=_probe(sample),
                             prefer_tiktoken=cfg.tiktoken)
         spec["eos_id"] = tokenizer.eos_id
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = _work_dir(out)
         try:
             manifest = _tokenize(items, cut, spec, tokenizer, cfg, tmp)
             manifest.source = {"files": len(sources), "bytes": total, "encoder": spec["kind"],
@@ -236,7 +236,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             manifest.config, manifest.fingerprint = config, fingerprint
             manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             (tmp / dataset.MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
-            dataset.commit(tmp, out)
+            dataset.publish(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     end = time.perf_counter()
@@ -251,11 +251,20 @@ def prepare(cfg: PrepareConfig) -> dict:
             "encoder": spec["kind"], "items": len(items)}
 
 
-def _out_path(out: str) -> Path:
-    if out.startswith(corpus.REMOTE):
-        raise corpus.CorpusError(f"--out {out}: prepare writes a local directory; write it "
-                                 "locally and copy it (aws s3 sync, gsutil rsync).")
-    return Path(out).expanduser().resolve()
+def _out_path(out: str) -> str:
+    """--out resolved: a URI's bucket must answer now, before Ray starts."""
+    storage.check_bucket(out, "--out")
+    return storage.resolve(out)
+
+
+def _work_dir(out: str) -> Path:
+    """Where the dataset is assembled: beside a local --out (a rename publishes it), else in
+    the local temp dir (publish uploads it, manifest last)."""
+    if storage.is_uri(out):
+        return Path(tempfile.mkdtemp(prefix="gpt2ray-dataset-"))
+    parent = Path(out).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.tmp-", dir=parent))
 
 
 def _fingerprint(cfg, sources, tokenizer) -> tuple[str, dict]:
@@ -368,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.smoke_test:
             return _smoke_test(cfg)
         prepare(cfg)
-    except (corpus.CorpusError, TokenizerError, dataset.DatasetError) as e:
+    except (corpus.CorpusError, TokenizerError, dataset.DatasetError,
+            storage.StorageError) as e:
         print(f"gpt2 prepare: error: {e}", file=sys.stderr)
         return 2
     return 0
