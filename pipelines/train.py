@@ -297,10 +297,11 @@ def plan_job(cfg: TrainConfig) -> Job:
     manifest = train_plan.prepare_data(cfg, model_dir, cfg.address)
     plan = make_plan(cfg, manifest, workers, model_dir)
     ray = ray_session.ray()
-    cluster = ray.cluster_resources()
-    train_plan.check_gpus(cfg, cluster)
-    largest = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
-    cpus, threads = train_plan.worker_cpus(cfg, cluster, largest, workers)
+    from pipelines import placement
+
+    share = placement.place(workers, 1 if cfg.gpus else 0, cfg.cpus_per_worker)  # waits for GPUs
+    cluster = ray.cluster_resources()  # after any GPU nodes the autoscaler added
+    cpus, threads = share.cpus, share.threads
     data_dir = Path(cfg.data).resolve()
     runtime = {"manifest": manifest, "model_dir": model_dir, "threads": threads,
                "data_dir": str(data_dir), "tracking_uri": tracking_uri(cfg.tracking_uri),

@@ -14,8 +14,7 @@ import numpy as np
 
 from pipelines import dataset, ray_session
 
-DATA_CPUS = 1.0  # kept free of training workers: Ray Data's 1-CPU tasks (ListFiles) must fit
-READ_TASK_CPUS = 0.25  # a Parquet read task's share: several fit in DATA_CPUS
+READ_TASK_CPUS = 0.25  # a Parquet read task's share: several fit in placement.DATA_CPUS
 DEFAULT_DATA = "data/dataset"
 
 
@@ -152,27 +151,3 @@ def read_once(manifest: dict, data_dir: str | Path, split: str, rows: int = 0):
 def _has_tokenizer(model_dir: str) -> bool:
     return any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json"))
 
-
-def worker_cpus(cfg, cluster: dict, largest_node: float, workers: int) -> tuple[float, int]:
-    """(CPUs each worker reserves, torch threads it runs).
-
-    Workers reserve the CPUs less DATA_CPUS, so Ray Data can stream beside them (with all
-    CPUs reserved its tasks never start). Reading is a small part of the work, so torch runs
-    a thread per CPU of the worker's full share, not of its reservation: one worker on 2 CPUs
-    reserves 1 and computes on 2 (Ray's OMP_NUM_THREADS would have said 1).
-    """
-    total = cluster.get("CPU", 0)
-    share = min(total / workers, largest_node)
-    cpus = cfg.cpus_per_worker or math.floor(
-        20 * min((total - DATA_CPUS) / workers, largest_node - DATA_CPUS)) / 20
-    if cpus <= 0:
-        raise ValueError(f"the cluster has {total:g} CPUs: too few for {workers} training "
-                         "worker(s) plus Ray Data; use fewer workers or --cpus_per_worker.")
-    return cpus, max(1, math.floor(max(share, cpus)))
-
-
-def check_gpus(cfg, cluster: dict) -> None:
-    if cfg.gpus > cluster.get("GPU", 0):
-        raise ValueError(f"--gpus {cfg.gpus} asks for more GPUs than the cluster has "
-                         f"({cluster.get('GPU', 0):g}); pass --gpus {int(cluster.get('GPU', 0))} "
-                         "or join a cluster with more (--address).")

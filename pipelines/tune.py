@@ -40,10 +40,10 @@ from pathlib import Path
 if __name__ == "__main__":  # as a file (python/ray job submit): import pipelines by package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import checkpoint, ray_session, tune_report, tune_space
+from pipelines import checkpoint, placement, tune_report, tune_space
 from pipelines.flags import option, parse
 from pipelines.train import Job, TrainConfig, make_trainer, plan_job
-from pipelines.train_plan import DATA_CPUS, make_plan
+from pipelines.train_plan import make_plan
 
 METRICS = ("eval/loss", "eval/bpb", "eval/ppl")  # what every evaluation reports; lower is better
 MODE = "min"
@@ -200,32 +200,19 @@ def trial_name(trial) -> str:
 def size_trials(job: Job, cfg: SweepConfig, trials: int) -> tuple[int, Job]:
     """(trials at once, the job with each worker's CPUs and threads for that many).
 
-    plan_job sized the workers for the whole cluster; here it is split between the trials,
-    still keeping DATA_CPUS free for Ray Data's read tasks.
+    plan_job sized the workers for one trial; here the cluster is shared between the trials
+    by pipelines/placement.py's rule (DATA_CPUS still free for Ray Data's read tasks; GPU
+    workers sized by the GPU nodes, counting those the autoscaler can still add).
     """
-    ray = ray_session.ray()
-    cluster = ray.cluster_resources()
-    total = cluster.get("CPU", 0)
-    node = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
-    if cfg.gpus:
-        auto = int(cluster.get("GPU", 0) // cfg.gpus)
-    else:  # small models gain little from threads: more trials, fewer threads each
-        auto = max(2, int(total // (2 * job.workers)))
-    k = max(1, min(cfg.max_concurrent or auto, trials))
-
-    def reserve(k: int) -> float:
-        free = (total - DATA_CPUS - k * TRIAL_CPUS) / (k * job.workers)
-        return math.floor(20 * min(free, node - DATA_CPUS)) / 20
-
-    while not cfg.max_concurrent and k > 1 and reserve(k) < 0.25:
-        k -= 1
-    cpus = cfg.cpus_per_worker or reserve(k)
-    if cpus <= 0:
-        raise ValueError(f"{k} trial(s) x {job.workers} worker(s) do not fit in {total:g} CPUs "
-                         f"with {DATA_CPUS:g} kept for Ray Data; lower --max_concurrent or "
-                         "--num_workers.")
-    threads = max(1, math.floor(min(total / (k * job.workers), node)))
-    return k, replace(job, cpus=cpus, runtime={**job.runtime, "threads": threads})
+    seen = placement.observe()
+    gpus = 1 if cfg.gpus else 0
+    k = placement.concurrent_trials(seen.nodes, job.workers, gpus, trials, cfg.max_concurrent,
+                                    TRIAL_CPUS, seen.max_gpus)
+    share = placement.worker_share(seen.nodes, job.workers, gpus, cfg.cpus_per_worker, k,
+                                   TRIAL_CPUS, seen.node_types)
+    if share.note:
+        print(f"placement: {share.note}.")
+    return k, replace(job, cpus=share.cpus, runtime={**job.runtime, "threads": share.threads})
 
 
 def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:

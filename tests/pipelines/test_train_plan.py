@@ -4,8 +4,9 @@ import pytest
 
 from gpt2core import GPT2, GPT2Config
 from pipelines import checkpoint
+from pipelines.placement import check_gpus, worker_share
 from pipelines.train import TrainConfig
-from pipelines.train_plan import check_gpus, make_plan, train_rows, validation_rows, worker_cpus
+from pipelines.train_plan import make_plan, train_rows, validation_rows
 
 
 def manifest(seq_len=64, vocab=512, train_rows=100, val_rows=4):
@@ -64,20 +65,25 @@ def test_flags_are_checked_when_parsed():
             TrainConfig(**kwargs)
 
 
+def worker_cpus(cfg, nodes: list[dict], workers: int) -> tuple[float, int]:
+    share = worker_share(nodes, workers, cpus_per_worker=cfg.cpus_per_worker)
+    return share.cpus, share.threads
+
+
 def test_workers_leave_a_cpu_for_ray_data_but_compute_on_their_share():
     cfg = TrainConfig()
-    assert worker_cpus(cfg, {"CPU": 2}, 2, workers=1) == (1.0, 2)
-    assert worker_cpus(cfg, {"CPU": 2}, 2, workers=2) == (0.5, 1)
-    assert worker_cpus(cfg, {"CPU": 16}, 8, workers=2) == (7.0, 8)  # two 8-CPU nodes
-    assert worker_cpus(TrainConfig(cpus_per_worker=0.25), {"CPU": 2}, 2, 1) == (0.25, 2)
+    assert worker_cpus(cfg, [{"CPU": 2}], workers=1) == (1.0, 2)
+    assert worker_cpus(cfg, [{"CPU": 2}], workers=2) == (0.5, 1)
+    assert worker_cpus(cfg, [{"CPU": 8}, {"CPU": 8}], workers=2) == (7.0, 8)  # two 8-CPU nodes
+    assert worker_cpus(TrainConfig(cpus_per_worker=0.25), [{"CPU": 2}], 1) == (0.25, 2)
     with pytest.raises(ValueError, match="too few"):
-        worker_cpus(cfg, {"CPU": 1}, 1, workers=1)
+        worker_cpus(cfg, [{"CPU": 1}], workers=1)
 
 
 def test_gpus_beyond_the_cluster_are_refused():
-    check_gpus(TrainConfig(gpus=1), {"CPU": 4, "GPU": 1})
+    check_gpus(1, 1, autoscaler=None)
     with pytest.raises(ValueError, match="--gpus 2 asks for more GPUs than the cluster has"):
-        check_gpus(TrainConfig(gpus=2), {"CPU": 4, "GPU": 1})
+        check_gpus(2, 1, autoscaler=None)
 
 
 def test_checkpoint_find_takes_a_checkpoint_or_the_latest_in_a_run_dir(tmp_path):
