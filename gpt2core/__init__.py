@@ -12,7 +12,8 @@ _EXPORTS = {"PRESETS": "config", "GPT2Config": "config", "GPT2": "model", "KVCac
             "ModelFileError": "modelfile", "generate": "sampling", "sample": "sampling",
             "stream": "sampling", "Tokenizer": "tokenizer", "TokenizerError": "tokenizer"}
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["GPT2", "GPT2Config", "KVCache", "ModelFileError", "PRESETS", "Tokenizer",
+           "TokenizerError", "generate", "sample", "stream"]
 
 if TYPE_CHECKING:
     from gpt2core.config import PRESETS, GPT2Config

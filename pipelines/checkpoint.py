@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from gpt2core import storage
+from gpt2core.modelfile import CONFIG_FILE, WEIGHTS_FILE
 from pipelines import dataset
 
 MODEL_DIR = "model"
@@ -31,23 +33,28 @@ def dir_name(step: int) -> str:
 
 
 def find(path: str) -> str:
-    """A checkpoint dir, or the latest checkpoint in a run dir; ValueError names the problem."""
-    if "://" in path:
-        raise ValueError(f"--from_checkpoint {path}: pass a local checkpoint dir; copy it "
-                         "from remote storage first (aws s3 sync, gsutil rsync).")
-    p = Path(path).expanduser().resolve()
-    if not p.exists():
+    """A checkpoint dir, or the latest complete checkpoint in a run dir (local or a URI);
+    ValueError names the problem."""
+    path = storage.resolve(path)
+    if not storage.exists(path):
         raise ValueError(f"--from_checkpoint {path} does not exist; pass a checkpoint dir "
                          f"({PREFIX}*) or the run dir that holds them.")
-    if not (p / STATE_FILE).is_file():
-        found = sorted(c for c in p.glob(f"{PREFIX}*") if (c / STATE_FILE).is_file())
-        if not found:
-            raise ValueError(f"--from_checkpoint {path} is not a checkpoint (no {STATE_FILE}) "
-                             f"and holds no {PREFIX}* dirs; pass one of those.")
-        p = found[-1]
-    if not (p / MODEL_DIR / "config.json").is_file():
-        raise ValueError(f"checkpoint {p} has no {MODEL_DIR}/config.json; it is incomplete.")
-    return str(p)
+    if complete(path):
+        return path
+    if storage.is_file(storage.join(path, STATE_FILE)):
+        raise ValueError(f"checkpoint {path} has no {MODEL_DIR}/config.json; it is incomplete.")
+    found = [storage.join(path, c) for c in storage.listdir(path) if c.startswith(PREFIX)]
+    done = [c for c in found if complete(c)]
+    if not done:
+        raise ValueError(f"--from_checkpoint {path} is not a checkpoint (no {STATE_FILE}) "
+                         f"and holds no complete {PREFIX}* dirs; pass one of those.")
+    return done[-1]
+
+
+def complete(path: str) -> bool:
+    """A checkpoint dir with its train state and its model's weights and config."""
+    present = storage.files(path)
+    return {STATE_FILE, f"{MODEL_DIR}/{CONFIG_FILE}", f"{MODEL_DIR}/{WEIGHTS_FILE}"} <= present
 
 
 def save(path: Path, model, tokenizer, train_state: dict, history_writer) -> None:
@@ -64,15 +71,24 @@ def load_state(path: str | Path) -> dict:
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def export_model(ckpt, out: Path) -> None:
-    """The checkpoint's model dir -> `out`, whole or not at all (copied, then renamed)."""
+def export_model(ckpt, out: str) -> None:
+    """The checkpoint's model dir -> `out` (local or a URI), whole or not at all: locally
+    copied, then renamed; on object storage uploaded with config.json last (its marker), after
+    any older config.json there was deleted."""
     import shutil
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    local = not storage.is_uri(out)
+    if local:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.tmp-",
+                                dir=Path(out).parent if local else None))
     try:
         ckpt.to_directory(str(tmp / "ckpt"))
-        dataset.commit(tmp / "ckpt" / MODEL_DIR, out)
+        if local:
+            dataset.commit(tmp / "ckpt" / MODEL_DIR, Path(out))
+        else:
+            storage.delete(storage.join(out, CONFIG_FILE))
+            storage.upload(tmp / "ckpt" / MODEL_DIR, out, last=[WEIGHTS_FILE, CONFIG_FILE])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -89,14 +105,14 @@ def load_model(cfg, plan):
 
     resume = ray.train.get_checkpoint()  # set after a worker failure or for a reused --name
     if resume is None and cfg.from_checkpoint:
-        resume = ray.train.Checkpoint(cfg.from_checkpoint)
+        resume = ray.train.Checkpoint(cfg.from_checkpoint)  # a local path or a URI
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if resume is not None:
         with resume.as_directory() as d:
             model = GPT2.from_pretrained(Path(d) / MODEL_DIR)
             saved = load_state(d)
             history = read_history(Path(d) / MODEL_DIR, saved["step"])
-    elif plan.from_pretrained:
+    elif plan.from_pretrained:  # a local dir or a URI: read by this worker itself
         model, saved, history = GPT2.from_pretrained(plan.from_pretrained), None, []
     else:
         model, saved, history = GPT2(plan.model_config), None, []

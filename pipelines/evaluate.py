@@ -34,7 +34,6 @@ The job:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gpt2core import storage
 from pipelines import corpus, dataset, ray_session
 from pipelines.flags import option, parse
 
@@ -195,7 +195,7 @@ class Job:
     weights: dict  # the state dict, read and checked on the driver
     sources: list  # corpus.Source, or [] for a dataset dir
     val: dataset.Split | None = None  # a dataset dir's val split
-    val_files: list[Path] = field(default_factory=list)  # its parquet shards
+    val_files: list[str] = field(default_factory=list)  # its parquet shards (paths or URIs)
 
 
 def plan(cfg: EvaluateConfig) -> Job:
@@ -211,8 +211,8 @@ def plan(cfg: EvaluateConfig) -> Job:
     if stride > window:
         raise ValueError(f"--stride {stride} is longer than the window ({window} tokens) and "
                          "would skip tokens; pass at most the window.")
-    first = Path(cfg.eval_corpus[0]).expanduser()
-    if len(cfg.eval_corpus) == 1 and (first / dataset.MANIFEST).is_file():
+    first = storage.resolve(cfg.eval_corpus[0])
+    if len(cfg.eval_corpus) == 1 and storage.is_file(storage.join(first, dataset.MANIFEST)):
         val = dataset.load_manifest(first).splits["val"]
         data_tok = dir_tokenizer(first)
         if data_tok is None or not same_vocabulary(data_tok, tokenizer):
@@ -222,7 +222,7 @@ def plan(cfg: EvaluateConfig) -> Job:
             raise corpus.CorpusError(f"the evaluation corpus is empty: dataset {first} has no "
                                      "val rows.")
         return Job(config, tokenizer, window, stride, weights, [], val,
-                   [first.resolve() / s.file for s in val.shards])
+                   [storage.join(first, s.file) for s in val.shards])
     sources = corpus.resolve(cfg.eval_corpus, role="val", per_line=cfg.doc_per_line,
                              text_field=cfg.text_field)
     if not any(s.size for s in sources):
@@ -275,7 +275,7 @@ def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> tuple[list[str], di
     target = min(ITEM_BYTES[1], max(ITEM_BYTES[0], total // (ITEMS_PER_CPU * cpus)))
     items = corpus.group(corpus.plan(job.sources, cfg.max_doc_bytes), target)
     spec = encoder_spec(job.tokenizer, pretokenized=False, probe=[],
-                        prefer_tiktoken=importlib.util.find_spec("tiktoken") is not None)
+                        prefer_tiktoken=True)
     spec["eos_id"] = job.tokenizer.eos_id
     return [json.dumps(segs) for segs in items], dict(
         encoder=spec, text_field=cfg.text_field, max_doc_bytes=cfg.max_doc_bytes)

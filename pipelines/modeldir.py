@@ -42,9 +42,9 @@ def open_model(model_path: str, vocab_path: str | None) -> tuple[GPT2Config, Tok
 
 def dir_tokenizer(path: str | Path) -> Tokenizer | None:
     """The tokenizer saved in a model or dataset dir; None when it has no tokenizer files."""
-    from gpt2core import Tokenizer, TokenizerError
+    from gpt2core import Tokenizer, TokenizerError, storage
 
-    if not any((Path(path) / n).is_file() for n in TOKENIZER_FILES):
+    if not set(TOKENIZER_FILES) & storage.files(path):
         return None
     try:
         return Tokenizer.from_pretrained(path)

@@ -16,7 +16,6 @@ import signal
 import sys
 import time
 import typing
-from pathlib import Path
 
 IMPORT_PATH = "serve.app:app"
 
@@ -50,7 +49,14 @@ def load_builder(import_path: str = IMPORT_PATH):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not Path(args.model_path, "config.json").is_file():
+    from gpt2core import storage
+
+    try:
+        is_model = storage.is_file(storage.join(args.model_path, "config.json"))
+    except storage.StorageError as e:
+        print(f"gpt2 serve: {e}", file=sys.stderr)
+        return 2
+    if not is_model:
         print(f"gpt2 serve: {args.model_path} is not a model dir (no config.json); pass "
               "--model_path a dir written by `gpt2 train` or save_pretrained.", file=sys.stderr)
         return 2
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     builder, args_cls = load_builder()
-    app_args = args_cls(model_dir=str(Path(args.model_path).resolve()),
+    app_args = args_cls(model_dir=storage.resolve(args.model_path),
                         num_replicas=args.num_replicas, num_cpus=args.num_cpus,
                         num_gpus=args.gpus, max_batch_size=args.max_batch_size,
                         max_tokens_cap=args.max_tokens_cap)

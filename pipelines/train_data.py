@@ -7,7 +7,6 @@ model inputs with gpt2core.training, and sum validation loss over every worker.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from pipelines import dataset
 from pipelines.train_plan import Plan
@@ -72,9 +71,10 @@ def tokenizer_from_spec(spec: dict):
     return Tokenizer(tokenizers.Tokenizer.from_str(spec["json"]), spec["eos_token"])
 
 
-def tokenizer_spec(path: Path) -> dict:
-    """A dataset's tokenizer as data for the workers (they may not see the driver's disk)."""
-    from gpt2core import Tokenizer
+def tokenizer_spec(path: str) -> dict:
+    """A dataset's tokenizer.json (local or a URI) as data for the workers: one read, here."""
+    from gpt2core import Tokenizer, storage
 
-    return {"json": path.read_text(encoding="utf-8"),
-            "eos_token": Tokenizer.from_pretrained(path.parent).eos_token}
+    with storage.local_copy(path) as local:
+        return {"json": local.read_text(encoding="utf-8"),
+                "eos_token": Tokenizer.from_pretrained(local).eos_token}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2core import storage
 from pipelines import dataset, ray_session
 
 READ_TASK_CPUS = 0.25  # a Parquet read task's share: several fit in placement.DATA_CPUS
@@ -97,7 +98,8 @@ def prepare_data(cfg, model_dir: str | None, address: str | None) -> dict:
     from pipelines.prepare import PrepareConfig, prepare
 
     corpus = list(cfg.corpus)
-    if not corpus and cfg.data == DEFAULT_DATA and not Path(cfg.data, dataset.MANIFEST).exists():
+    if not corpus and cfg.data == DEFAULT_DATA and \
+            not storage.is_file(storage.join(cfg.data, dataset.MANIFEST)):
         corpus = ["sample"]
     if corpus:
         vocab_path = cfg.vocab_path
@@ -117,7 +119,7 @@ def ray_split(manifest: dict, data_dir: str | Path, split: str):
     """A split's Parquet shards as a (lazy) Ray Dataset."""
     data = ray_session.ray().data
     data.DataContext.get_current().enable_progress_bars = False  # the workers print steps
-    files = [str(Path(data_dir, s["file"])) for s in manifest["splits"][split]["shards"]]
+    files = [storage.join(data_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
     return data.read_parquet(files, num_cpus=READ_TASK_CPUS)
 
 
@@ -149,5 +151,5 @@ def read_once(manifest: dict, data_dir: str | Path, split: str, rows: int = 0):
 
 
 def _has_tokenizer(model_dir: str) -> bool:
-    return any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+    return bool({"tokenizer.json", "vocab.json"} & storage.files(model_dir))
 

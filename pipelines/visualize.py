@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt2core import storage
 from pipelines.flags import option, parse
 from pipelines.tracking import METRICS_FILE, RunError, open_run
 
@@ -52,40 +53,41 @@ class VisualizeConfig:
 
 # --- sources --------------------------------------------------------------------------------
 
-def metrics_file(model_path: str | Path) -> Path:
-    """A model dir's metrics.jsonl; RunError when there is none."""
-    path = Path(model_path).expanduser()
-    if not path.is_dir():
+def metrics_file(model_path: str) -> str:
+    """A model dir's metrics.jsonl (local or a URI); RunError when there is none."""
+    if not storage.is_dir(model_path):
         raise RunError(f"model dir {model_path} does not exist; pass the dir training wrote.")
-    if not (path / METRICS_FILE).is_file():
+    if not storage.is_file(storage.join(model_path, METRICS_FILE)):
         raise RunError(f"{model_path} has no {METRICS_FILE}, so no training history; pass "
                        "--run_id with its MLflow run instead.")
-    return path / METRICS_FILE
+    return storage.join(model_path, METRICS_FILE)
 
 
-def run_dir_metrics(run_dir: str | Path) -> Path:
-    """The latest checkpoint's metrics.jsonl in a run dir, else its exported model's."""
+def run_dir_metrics(run_dir: str) -> str:
+    """The latest checkpoint's metrics.jsonl in a run dir (local or a URI), else its exported
+    model's."""
     from pipelines.checkpoint import MODEL_DIR, PREFIX
 
-    path = Path(run_dir).expanduser()
-    if not path.is_dir():
+    if not storage.is_dir(run_dir):
         raise RunError(f"run dir {run_dir} does not exist; pass <storage_path>/<name> of a "
                        "training run (runs/<name> by default).")
-    found = sorted(c / MODEL_DIR / METRICS_FILE for c in path.glob(f"{PREFIX}*")
-                   if (c / MODEL_DIR / METRICS_FILE).is_file())
-    if found:
-        return found[-1]  # names are zero-padded steps: the last sorts last
-    if (path / MODEL_DIR / METRICS_FILE).is_file():
-        return path / MODEL_DIR / METRICS_FILE
+    present = storage.files(run_dir)
+    found = sorted(f for f in present if f.startswith(PREFIX) and
+                   f.endswith(f"/{MODEL_DIR}/{METRICS_FILE}") and f.count("/") == 2)
+    if found:  # names are zero-padded steps: the last sorts last
+        return storage.join(run_dir, found[-1])
+    if f"{MODEL_DIR}/{METRICS_FILE}" in present:
+        return storage.join(run_dir, MODEL_DIR, METRICS_FILE)
     raise RunError(f"run dir {run_dir} holds no {PREFIX}*/{MODEL_DIR}/{METRICS_FILE} nor "
                    f"{MODEL_DIR}/{METRICS_FILE}; has the run saved a checkpoint yet?")
 
 
-def file_records(path: Path) -> list[dict]:
+def file_records(path: str) -> list[dict]:
     from gpt2core.plots import read_metrics
 
     try:
-        records = read_metrics(path)
+        with storage.local_copy(path) as local:
+            records = read_metrics(local)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunError(f"{path} is damaged ({e}); it is not a metrics.jsonl written by "
                        "training.") from e
@@ -111,7 +113,7 @@ def load_records(cfg: VisualizeConfig) -> tuple[list[dict], str]:
         records, title = mlflow_records(cfg.run_id, cfg.tracking_uri), f"MLflow run {cfg.run_id}"
     else:
         path = metrics_file(cfg.model_path) if cfg.model_path else run_dir_metrics(cfg.run_dir)
-        records, title = file_records(path), str(path.parent)
+        records, title = file_records(path), path.rsplit("/", 1)[0]
     if not any("train/loss" in r or "eval/loss" in r for r in records):
         raise RunError(f"{title} has no train/loss or eval/loss recorded yet; nothing to plot.")
     return records, title

@@ -18,7 +18,6 @@ Serve answers 503 with Retry-After. Errors a client causes get a 4xx with OpenAI
 
 import asyncio
 import json
-import os
 import secrets
 import time
 import uuid
@@ -32,6 +31,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 
+from gpt2core import storage
 from serve.batching import Decoder, Delta, Job
 from serve.scheduler import Scheduler
 
@@ -299,7 +299,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_dir: str
-    """A model dir (Hugging Face GPT-2 format) readable on every node that runs a replica."""
+    """A model dir (Hugging Face GPT-2 format): a URI (s3://, gs://), which each replica
+    downloads itself, or a local path readable on every node that runs a replica."""
     model_name: str | None = None
     """The id /v1/models reports; the model dir's name by default."""
     num_replicas: int | None = None
@@ -324,7 +325,8 @@ class AppArgs(BaseModel):
 
 def app(args: AppArgs) -> Application:
     """Build the application; Serve validates `args` into AppArgs (typed builder)."""
-    if not Path(args.model_dir, "config.json").is_file():
+    model_dir = storage.resolve(args.model_dir)  # a local dir or a URI each replica reads
+    if not storage.is_file(storage.join(model_dir, "config.json")):
         raise ValueError(f"model_dir {args.model_dir!r} has no config.json; point model_dir at a "
                          "model dir written by `gpt2 train` or save_pretrained")
     options: dict = {"max_ongoing_requests": args.max_ongoing_requests
@@ -334,7 +336,7 @@ def app(args: AppArgs) -> Application:
     if args.max_queued_requests is not None:
         options["max_queued_requests"] = args.max_queued_requests
     options["ray_actor_options"] = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
-    name = args.model_name or Path(os.path.abspath(args.model_dir)).name
+    name = args.model_name or model_dir.rstrip("/").rsplit("/", 1)[-1]
     return GPT2Server.options(**options).bind(
-        os.path.abspath(args.model_dir), name, args.max_tokens_cap, args.max_batch_size,
+        model_dir, name, args.max_tokens_cap, args.max_batch_size,
         args.batch_wait_timeout_s, args.body_limit)

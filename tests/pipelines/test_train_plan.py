@@ -86,20 +86,30 @@ def test_gpus_beyond_the_cluster_are_refused():
         check_gpus(2, 1, autoscaler=None)
 
 
-def test_checkpoint_find_takes_a_checkpoint_or_the_latest_in_a_run_dir(tmp_path):
+def _fake_checkpoint(root, step: int, weights: bool = True) -> None:
+    from gpt2core import storage
+
+    d = storage.join(root, checkpoint.dir_name(step))
+    storage.write_text(storage.join(d, checkpoint.MODEL_DIR, "config.json"), "{}")
+    if weights:
+        storage.write_bytes(storage.join(d, checkpoint.MODEL_DIR, "model.safetensors"), b"w")
+    storage.write_bytes(storage.join(d, checkpoint.STATE_FILE), b"")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_checkpoint_find_takes_a_checkpoint_or_the_latest_complete_one(request, tmp_path, where):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("bucket") + "/run"
     for step in (10, 20):
-        d = tmp_path / checkpoint.dir_name(step)
-        (d / checkpoint.MODEL_DIR).mkdir(parents=True)
-        (d / checkpoint.MODEL_DIR / "config.json").write_text("{}")
-        (d / checkpoint.STATE_FILE).write_bytes(b"")
-    assert checkpoint.find(str(tmp_path)).endswith("checkpoint_0000020")
-    assert checkpoint.find(str(tmp_path / "checkpoint_0000010")).endswith("checkpoint_0000010")
+        _fake_checkpoint(root, step)
+    _fake_checkpoint(root, 30, weights=False)  # cut off mid-upload: never chosen
+    assert checkpoint.find(root).endswith("checkpoint_0000020")
+    assert checkpoint.find(f"{root}/checkpoint_0000010").endswith("checkpoint_0000010")
     with pytest.raises(ValueError, match="does not exist"):
-        checkpoint.find(str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="holds no checkpoint_"):
-        checkpoint.find(str(tmp_path / "checkpoint_0000010" / "model"))
-    with pytest.raises(ValueError, match="local checkpoint dir"):
-        checkpoint.find("s3://bucket/run")
+        checkpoint.find(f"{root}/nope")
+    with pytest.raises(ValueError, match="holds no complete checkpoint_"):
+        checkpoint.find(f"{root}/checkpoint_0000010/model")
+    with pytest.raises(ValueError, match="it is incomplete"):
+        checkpoint.find(f"{root}/checkpoint_0000030")
 
 
 def test_the_original_projects_train_command_parses():
