@@ -2,9 +2,11 @@
 the gpu skip."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -96,3 +98,95 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs CUDA; torch.cuda.is_available() is False")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+class LocalCluster:
+    """A multi-node Ray cluster on this machine: `ray start --head` and more `ray start
+    --address` nodes, each its own process group, with this process's environment (so the S3
+    server's address reaches every node). Stopped by signals to those groups: a plain `ray stop`
+    would also stop clusters this test did not start."""
+
+    def __init__(self, root: Path):
+        self.root, self.nodes = root, []
+        bin_dir = Path(sys.executable).parent
+        self.ray = str(bin_dir / "ray")
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token",
+                    "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.port, self.dashboard = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"  # the GCS: what --address and drivers take
+        self.jobs = f"http://127.0.0.1:{self.dashboard}"  # what `ray job submit` takes
+
+    def _start(self, args: list[str], name: str, prefix: str = "") -> subprocess.Popen:
+        ports = [a for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                "--runtime-env-agent-port", "--metrics-export-port",
+                                "--node-manager-port", "--object-manager-port")
+                 for a in (flag, str(free_port()))]
+        command = [self.ray, "start", "--block", "--node-ip-address", "127.0.0.1",
+                   "--disable-usage-stats", *ports, *args]
+        if prefix:  # e.g. a node in its own mount namespace, where a dir is hidden
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       f"{prefix} && exec \"$@\"", "node", *command]
+        log = open(self.root / f"{name}.log", "w")
+        node = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        node.name = name
+        self.nodes.append(node)
+        return node
+
+    def start_head(self, num_cpus: int) -> None:
+        self._start(["--head", "--port", str(self.port), "--num-cpus", str(num_cpus),
+                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard),
+                     "--temp-dir", tempfile.mkdtemp(prefix="ray-", dir="/tmp")], "head")
+        self.wait(1)
+
+    def add_node(self, num_cpus: int, name: str, hide: Path | None = None) -> subprocess.Popen:
+        """A worker node; with `hide`, that directory is an empty tmpfs for this node only."""
+        prefix = f"mount -t tmpfs none {hide}" if hide else ""
+        node = self._start(["--address", self.address, "--num-cpus", str(num_cpus)], name,
+                           prefix)
+        self.wait(len([n for n in self.nodes if n.poll() is None]))
+        return node
+
+    def alive(self) -> int:
+        """Nodes the GCS reports alive (`ray list nodes` needs the dashboard: ask the GCS)."""
+        code = (f"import ray; ray.init(address={self.address!r}, logging_level='error', "
+                "log_to_driver=False); print('ALIVE', sum(n['Alive'] for n in ray.nodes()))")
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
+                             text=True, timeout=120)
+        found = [w.split()[1] for w in out.stdout.splitlines() if w.startswith("ALIVE ")]
+        return int(found[-1]) if found else -1
+
+    def wait(self, nodes: int, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive() != nodes:
+            dead = [n.name for n in self.nodes if n.poll() is not None and n.name == "head"]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"cluster did not reach {nodes} nodes:\n" + "\n".join(
+                    (self.root / f"{n.name}.log").read_text()[-1500:] for n in self.nodes))
+            time.sleep(1)
+
+    def kill(self, node: subprocess.Popen) -> None:
+        """SIGKILL the node's whole process group: raylet, object store, workers."""
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=30)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGTERM)
+        for node in reversed(self.nodes):
+            try:
+                node.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # Ray's graceful stop can take half a minute
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tools():
+    """The helpers above, for test modules (conftest is not importable under importlib mode)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(LocalCluster=LocalCluster, free_port=free_port, wait_port=wait_port)
