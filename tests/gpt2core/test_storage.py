@@ -77,3 +77,27 @@ def test_local_paths_resolve_and_join(tmp_path, monkeypatch):
     assert storage.resolve("runs") == str(tmp_path / "runs")
     assert storage.join("s3://b/runs/", "r1", "model") == "s3://b/runs/r1/model"
     assert not storage.is_uri("runs") and storage.is_uri("gs://b/x")
+
+
+def test_refused_credentials_are_one_sentence(tmp_path, tools, monkeypatch):
+    """moto checks credentials against its IAM when INITIAL_NO_AUTH_ACTION_COUNT is 0: a
+    second server of that kind refuses any key it has not issued."""
+    import os
+    import subprocess
+    import sys
+
+    port = tools.free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        tools.wait_port(port, server, "moto server")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTISSUED0000000")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        with pytest.raises(storage.StorageError, match="access was refused; set credentials"):
+            storage.check_bucket("s3://some-bucket/data", "--data")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -105,6 +105,18 @@ def test_prompt_prints_only_the_continuation_and_is_seeded(model_dir, tok, capsy
     assert first == tok.decode(ids) + "\n"
 
 
+def test_a_model_dir_on_s3_generates_what_the_local_one_does(model_dir, bucket, capsys):
+    from gpt2core import storage
+
+    storage.upload(model_dir, f"{bucket}/model")
+    texts = []
+    for path in (str(model_dir), f"{bucket}/model"):
+        assert gen.main(["--model_path", path, "--prompt", "ROMEO:", "--seed", "3",
+                         "--seq_len", "30"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
+
+
 def test_multibyte_characters_print_whole(tok, monkeypatch):
     """'你' is three bytes, one token each: nothing prints until all three have come."""
     import gpt2core

@@ -74,6 +74,20 @@ def test_run_dir_reads_the_latest_checkpoint(tmp_path):
     assert vis.main(["--run_dir", str(run), "--output", str(out)]) == 0 and out.is_file()
 
 
+def test_run_dir_and_model_dir_on_s3(bucket, tmp_path):
+    from gpt2core import storage
+
+    run = tmp_path / "run"
+    write_history(run / "checkpoint_0000050" / "model", run_records(50))
+    write_history(run / "checkpoint_0000100" / "model", run_records(100))
+    storage.upload(run, f"{bucket}/runs/r1")
+    records, title = vis.load_records(vis.VisualizeConfig(run_dir=f"{bucket}/runs/r1"))
+    assert records[-1]["step"] == 100 and title == f"{bucket}/runs/r1/checkpoint_0000100/model"
+    out = tmp_path / "s3.png"
+    assert vis.main(["--model_path", f"{bucket}/runs/r1/checkpoint_0000050/model",
+                     "--output", str(out)]) == 0 and out.read_bytes()[:8] == PNG
+
+
 def test_mlflow_run_gives_the_same_records_and_a_png(mlflow_run, tmp_path):
     from gpt2core.plots import metrics_figure
 
