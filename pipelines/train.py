@@ -17,8 +17,9 @@ The job, top to bottom:
   2. Ray Train: `num_workers` workers each run train_loop_per_worker(config). Each streams its
      equal share of the train rows (`get_dataset_shard`), shuffled per epoch from --seed;
      AdamW with warm-up + cosine, grad accumulation and clipping, AMP, DDP across workers.
-     Rank 0 logs to MLflow; every --save_steps all ranks report and rank 0's checkpoint is
-     kept (checkpoint.py). A dead worker restarts the group from the last checkpoint.
+     Every --save_steps all ranks report and rank 0's checkpoint is kept (checkpoint.py);
+     rank 0's reports carry its records, which the Train controller logs to MLflow
+     (tracking.py). A dead worker restarts the group from the last checkpoint.
   3. Driver: the final checkpoint's model dir is copied to --save_model_path; a sample of text
      from it is printed, with where the model, the loss curve and the MLflow run are.
 """
@@ -37,7 +38,7 @@ if __name__ == "__main__":  # as a file (python/ray job submit): import pipeline
 
 from pipelines import checkpoint, dataset, ray_session, train_data, train_plan
 from pipelines.flags import option, parse
-from pipelines.tracking import RunLog, check_server, tracking_uri
+from pipelines.tracking import History, check_experiment, check_server, tracking_uri, train_run
 from pipelines.train_plan import make_plan
 
 if TYPE_CHECKING:
@@ -132,7 +133,8 @@ class TrainConfig:
 # --- the Ray Train worker ---------------------------------------------------------------------
 
 def train_loop_per_worker(config: dict) -> None:
-    """One worker's training: model, data shard, steps, evaluation, MLflow and checkpoints."""
+    """One worker's training: model, data shard, steps, evaluation, records and checkpoints.
+    No MLflow here: a worker may run on any node, the store is the driver's (tracking.py)."""
     import ray.train
     import ray.train.torch
     import torch
@@ -156,19 +158,15 @@ def train_loop_per_worker(config: dict) -> None:
         model, lr=cfg.base_lr, weight_decay=cfg.wd_rate, warmup_steps=cfg.warmup_steps,
         total_steps=cfg.total_steps, min_lr=cfg.min_lr, device=device, use_amp=cfg.use_amp,
         wrap=wrap)
-    start = {"step": 0, "tokens": 0, "epoch": 0, "batch": 0, "run_id": None}
+    start = {"step": 0, "tokens": 0, "epoch": 0, "batch": 0}
     if saved is not None:
         state.load_state_dict(saved)
         start = {k: saved[k] for k in start}
 
-    log = None
+    log = None  # rank 0's records: metrics.jsonl, and MLflow through its reports
     if rank == 0:
-        log = RunLog(runtime["tracking_uri"], cfg.experiment, runtime["name"],
-                     {**asdict(cfg), "num_params": model.num_params(),
-                      "world_size": world}, run_id=start["run_id"], history=history,
-                     tags=runtime.get("mlflow_tags"))
-        _say(f"[rank 0] MLflow run {log.run_id} at {runtime['tracking_uri']}; "
-              f"{model.num_params() / 1e6:.2f}M parameters, seq_len {plan.seq_len}, "
+        log = History(history, num_params=model.num_params(), world_size=world)
+        _say(f"[rank 0] {model.num_params() / 1e6:.2f}M parameters, seq_len {plan.seq_len}, "
               f"{world} worker(s), {plan.steps_per_epoch} steps per epoch, start step "
               f"{state.step_count}")
     peak = training.peak_flops(device, state.dtype)
@@ -206,12 +204,12 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update(train_data.evaluate(state, val_shard, plan, cfg,
                                                    runtime["manifest"]))
             if log is not None and metrics:
-                log.log(step, metrics)
+                log.add(step, metrics)
                 _say(f"step {step}/{cfg.total_steps} " + " ".join(
                     f"{k} {v:.4g}" for k, v in metrics.items() if k in _SHOWN))
             if do_eval or do_save:
                 position = {"step": step, "tokens": tokens, "epoch": epoch, "batch": batch,
-                            "run_id": log.run_id if log else None}
+                            "run_id": runtime.get("mlflow_run_id")}  # None: a Tune trial
                 _report(state, tokenizer, log, position, metrics, save=do_save, final=last)
             window = window or _Window()
 
@@ -234,29 +232,32 @@ _SHOWN = ("train/loss", "train/lr", "train/tokens_per_sec", "eval/loss", "eval/b
 
 def _say(message: str) -> None:
     """A line on the worker's console, once: Train's patched print echoes it twice when
-    another library (MLflow) has wrapped sys.stdout."""
+    another library has wrapped sys.stdout."""
     print(message, file=sys.__stdout__, flush=True)
 
 
 def _report(state, tokenizer, log, position: dict, metrics: dict, save: bool,
             final: bool) -> None:
-    """ray.train.report on every rank (it is a barrier); rank 0 attaches the checkpoint."""
+    """ray.train.report on every rank (it is a barrier); rank 0 attaches its records since its
+    last report (for MLflow, tracking.RunWriter) and the checkpoint."""
     import ray.train
 
     from gpt2core.plots import loss_curve
 
     metrics = {**metrics, "step": position["step"], "mlflow_run_id": position["run_id"] or ""}
+    if log is not None:
+        metrics.update(log.report())
     if log is None or not save:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         checkpoint.save(path, state.raw, tokenizer, {**state.state_dict(), **position},
-                        log.write_history)
-        if final:
-            plot = loss_curve(log.history, path / checkpoint.MODEL_DIR / "loss_curve.png",
-                              title=f"{log.run_id}: {state.raw.num_params() / 1e6:.1f}M params")
-            log.finish(path / checkpoint.MODEL_DIR, plot)
+                        log.write)
+        if final:  # in the model dir: exported with it, and MLflow's artifact too
+            loss_curve(log.records, path / checkpoint.MODEL_DIR / "loss_curve.png",
+                       title=f"{position['run_id'] or 'Tune trial'}: "
+                             f"{state.raw.num_params() / 1e6:.1f}M params")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=checkpoint.dir_name(position["step"]))
 
@@ -339,13 +340,16 @@ def make_trainer(job: Job, name: str, cfg: TrainConfig | None = None, callbacks=
 
 def train(cfg: TrainConfig) -> dict:
     """Check, prepare if asked, train, export; returns where things went and the last metrics."""
+    check_experiment(tracking_uri(cfg.tracking_uri), cfg.experiment)  # before Ray starts
     job = plan_job(cfg)
     cfg = job.cfg
     name = cfg.name or time.strftime("gpt2-%Y%m%d-%H%M%S")
     print(f"training {name}: {job.workers} worker(s) x {job.cpus:g} CPU"
           f"{' + 1 GPU' if cfg.gpus else ''} ({job.runtime['threads']} torch thread(s) each), "
           f"{cfg.total_steps} steps -> {job.storage}/{name}")
-    result = make_trainer(job, name).fit()
+    with train_run(job.runtime["tracking_uri"], cfg, name, f"{job.storage}/{name}") as run:
+        job = replace(job, runtime={**job.runtime, "mlflow_run_id": run.run_id})
+        result = make_trainer(job, name, callbacks=[run.callback]).fit()  # the run: tracking.py
     local = "://" not in job.storage
     out = Path(cfg.save_model_path or (Path(job.storage if local else "runs", name, "model")))
     checkpoint.export_model(result.checkpoint, out.resolve())

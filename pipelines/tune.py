@@ -21,7 +21,8 @@ The sweep, top to bottom:
      function, not a trainer) that builds train.py's TorchTrainer for the trial's config with a
      TuneReportCallback, so every evaluation reaches the scheduler. ASHA (--scheduler asha)
      stops trials whose --metric trails the others' at the same step, after --grace_period.
-     Each trial logs its own MLflow run, nested under the sweep's parent run.
+     Each trial has its own MLflow run, nested under the sweep's parent run, logged by the
+     Tune driver from the trial's results (tune_report.trial_runs).
   3. Driver: a table of the trials (printed, results.csv), every trial's validation curve
      (curves.png), and the best trial's model dir exported, ready for `gpt2 serve`.
 Ctrl-C stops the sweep with its state saved; --resume finishes the trials left, each continuing
@@ -42,6 +43,7 @@ if __name__ == "__main__":  # as a file (python/ray job submit): import pipeline
 
 from pipelines import checkpoint, placement, tune_report, tune_space
 from pipelines.flags import option, parse
+from pipelines.tracking import check_experiment, tracking_uri
 from pipelines.train import Job, TrainConfig, make_trainer, plan_job
 from pipelines.train_plan import make_plan
 
@@ -95,14 +97,14 @@ def run_trial(config: dict, job: Job, sweep: dict) -> None:
     import ray.tune
     from ray.util.queue import Queue
 
-    cfg = replace(job.cfg, **dict.fromkeys(sweep["derived"]), **config)
+    cfg = tune_report.trial_config(job.cfg, sweep["derived"], config)
     make_plan(cfg, job.manifest, job.workers, job.runtime["model_dir"])  # bad mix: ends here
     name = ray.tune.get_context().get_trial_name()
-    runtime = {**job.runtime, "mlflow_tags": {"mlflow.parentRunId": sweep["parent_run_id"],
-                                              "sweep": sweep["name"]}}
     controller = Queue(1, actor_options={"num_cpus": 0})  # the Train controller's handle
     stop = _abort_on_stop(controller)
-    trainer = make_trainer(replace(job, cfg=cfg, runtime=runtime), name, cfg=cfg,
+    # no MLflow here: this runs on any node; the Tune driver logs the trial's run
+    # (tune_report.trial_runs) from the results EvalReport sends it
+    trainer = make_trainer(replace(job, cfg=cfg), name, cfg=cfg,
                            callbacks=[_eval_report(sweep["metric"], sweep["mode"], controller)],
                            storage=sweep["train_storage"])
     try:
@@ -125,12 +127,18 @@ def _for_tune(metrics: dict, metric: str, mode: str) -> dict:
 
 def _eval_report(metric: str, mode: str, controller):
     """TuneReportCallback for evaluations only (Tune wants --metric in every result; a
-    save-only report has none). It runs in the Train controller, and hands the trial that
-    controller's handle, for _abort_on_stop."""
+    save-only report has none, so its records for MLflow wait for the next result). It runs in
+    the Train controller, and hands the trial that controller's handle, for _abort_on_stop."""
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.tracking import RECORDS, RESTORED
 
     class EvalReport(TuneReportCallback):
         sent = False
+
+        def __init__(self):
+            super().__init__()
+            self.held = {RECORDS: [], RESTORED: []}  # rank 0's, not sent to Tune yet
 
         def after_report(self, run_context, metrics, checkpoint):
             if not self.sent:
@@ -138,9 +146,12 @@ def _eval_report(metric: str, mode: str, controller):
 
                 controller.put(ray.get_runtime_context().current_actor)
                 self.sent = True
+            for key, held in self.held.items():
+                held += metrics[0].get(key) or []
             if metric in metrics[0]:
-                metrics = [_for_tune(metrics[0], metric, mode), *metrics[1:]]
-                super().after_report(run_context, metrics, checkpoint)
+                first = {**_for_tune(metrics[0], metric, mode), **self.held}
+                self.held = {RECORDS: [], RESTORED: []}
+                super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     return EvalReport()
 
@@ -234,6 +245,7 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
         raise ValueError(f"{Path(cfg.storage_path, name)} exists; finish that sweep with "
                          "--resume, or pass another --name.")
     trials = tune_space.count_trials(space, cfg.num_samples)
+    check_experiment(tracking_uri(cfg.tracking_uri), cfg.experiment)  # before Ray starts
     job = plan_job(cfg.train_config())  # starts Ray
     tune_space.check_against_data(space, job, derived)
     k, job = size_trials(job, cfg, trials)
@@ -270,6 +282,9 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
             grace_period=min(max_t, cfg.grace_period or 2 * cfg.eval_steps)) \
             if cfg.scheduler == "asha" else FIFOScheduler()
         keep = [_keep_rungs(scheduler)] if cfg.scheduler == "asha" else []
+        # first: it takes MLflow's records out of each result before Tune's loggers see it
+        runs = tune_report.trial_runs(job.runtime["tracking_uri"], cfg.experiment, info,
+                                      job.cfg, trial_name)
         tuner = tune.Tuner(
             trainable, param_space=tune_space.param_space(space),
             tune_config=tune.TuneConfig(
@@ -277,7 +292,7 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
                 num_samples=cfg.num_samples, max_concurrent_trials=k,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=name, storage_path=job.storage,
-                                      callbacks=[*keep, *(callbacks or [])]))
+                                      callbacks=[runs, *keep, *(callbacks or [])]))
     grid = tuner.fit()
     return _report(grid, cfg, space, job, name, parent, trials)
 

@@ -1,11 +1,12 @@
 """What a Tune sweep (pipelines/tune.py) leaves behind: its trials as a table (printed and
 results.csv), their validation curves (curves.png), the best trial's checkpoint, and the MLflow
-parent run that every trial's run is nested under."""
+parent run that every trial's run is nested under (logged by `trial_runs` on the Tune driver)."""
 
 from __future__ import annotations
 
 import csv
 import math
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from pipelines import checkpoint
@@ -114,17 +115,85 @@ def latest_checkpoint(run_dir: str):
 
 def start_parent_run(tracking_uri: str, experiment: str, name: str, params: dict) -> str:
     """The sweep's MLflow run; each trial's run is tagged mlflow.parentRunId with its id."""
-    import mlflow
+    from pipelines.tracking import RunLog
 
-    from pipelines.tracking import mlflow_params
+    return RunLog(tracking_uri, experiment, name, params, tags={"sweep": name}).run_id
 
-    client = mlflow.MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run_id = client.create_run(exp_id, run_name=name, tags={"sweep": name}).info.run_id
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000])  # MLflow's limit
-                                     for k, v in mlflow_params(params).items()])
-    return run_id
+
+def trial_config(base, derived: tuple[str, ...], config: dict):
+    """A trial's TrainConfig: `base` with the trial's fields; the `derived` ones (min_lr, when
+    not given) left for __post_init__ to work out again from them."""
+    return replace(base, **dict.fromkeys(derived), **config)
+
+
+def trial_runs(tracking_uri: str, experiment: str, sweep: dict, base, name_of):
+    """A ray.tune.Callback that keeps each trial's MLflow run, nested under the sweep's
+    (`sweep`: tune.py's info; `base`: the trials' base TrainConfig; `name_of(trial)`: its name).
+
+    A trial's TorchTrainer is built inside the trial's actor, so its Train controller may be on
+    any node, where a local store (the default) is not. Tune calls its callbacks on the Tune
+    driver: trial runs are made here when a trial starts (found again after --resume), fed by
+    the results its EvalReport sends Tune (rank 0's records ride in them), marked FINISHED
+    with the model at the last step, KILLED when the trial is stopped early, FAILED on an error.
+    """
+    from ray import tune
+
+    from pipelines.tracking import RECORDS, RESTORED, RunLog, RunWriter
+
+    parent = sweep["parent_run_id"]
+
+    class TrialRuns(tune.Callback):
+        def __init__(self):
+            self.writers: dict[str, RunWriter] = {}  # by trial id
+
+        def _writer(self, trial) -> RunWriter:
+            if trial.trial_id not in self.writers:
+                cfg, name = trial_config(base, sweep["derived"], trial.config), name_of(trial)
+                run = RunLog(tracking_uri, experiment, name, asdict(cfg),
+                             run_id=self._find(name),
+                             tags={"mlflow.parentRunId": parent, "sweep": sweep["name"]})
+                self.writers[trial.trial_id] = RunWriter(tracking_uri, run.run_id,
+                                                         cfg.total_steps)
+            return self.writers[trial.trial_id]
+
+        def _find(self, name: str) -> str | None:
+            """The trial's run from before a --resume."""
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri)
+            runs = client.search_runs(
+                [client.get_run(parent).info.experiment_id],
+                f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name = '{name}'",
+                max_results=1)
+            return runs[0].info.run_id if runs else None
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.writers.pop(trial.trial_id, None)  # a restarted trial's run: RUNNING again
+            self._writer(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            writer, final = self._writer(trial), None
+            if result.get("step") == writer.total_steps:
+                # the model: from the trial's run dir, since the last result may be run_trial's
+                # own (after --resume), which names no checkpoint
+                final = latest_checkpoint(f"{sweep['train_storage']}/{name_of(trial)}")
+            writer.report(result, final)
+            # Tune lets a callback edit a result (its loggers come after this callback): the
+            # records were MLflow's; the run id is the trial's, which its workers do not know
+            result.pop(RECORDS, None)
+            result.pop(RESTORED, None)
+            result["mlflow_run_id"] = writer.run_id
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            writer = self.writers.get(trial.trial_id)
+            if writer is not None and not writer.finished:  # stopped early (ASHA)
+                writer.end("KILLED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.writers:
+                self.writers[trial.trial_id].end("FAILED")
+
+    return TrialRuns()
 
 
 def finish_parent_run(tracking_uri: str, parent: str, best: dict | None, metric: str,

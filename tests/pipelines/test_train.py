@@ -60,6 +60,8 @@ def test_two_workers_train_and_the_loss_falls(two_workers):
 
 
 def test_mlflow_has_the_whole_config_metrics_and_artifacts(two_workers):
+    """Logged by the Train controller from rank 0's reports (the workers import no MLflow:
+    test_tracking.py); the artifacts lie beside the store, not in Ray's temp dir."""
     import mlflow
 
     cfg, out = two_workers
@@ -69,10 +71,21 @@ def test_mlflow_has_the_whole_config_metrics_and_artifacts(two_workers):
     for field, value in asdict(cfg).items():
         assert field in run.data.params, field
     assert run.data.params["num_workers"] == "2" and run.data.params["base_lr"] == "0.003"
+    assert run.data.params["world_size"] == "2" and int(run.data.params["num_params"]) > 0
     assert set(METRICS) <= set(run.data.metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [20, 40]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(5, 41, 5))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert {"model/config.json", "model/model.safetensors", "model/loss_curve.png"} <= artifacts
+    location = client.get_experiment(run.info.experiment_id).artifact_location
+    store_dir = Path(out["tracking_uri"][len("sqlite:///"):]).parent
+    assert location == str(store_dir / "mlartifacts" / cfg.experiment)
+    assert "/tmp/ray/" not in location and "/ray/session_" not in location
+    on_disk = Path(location, run.info.run_id, "artifacts")
+    for name in ("model/config.json", "model/model.safetensors", "model/metrics.jsonl",
+                 "model/loss_curve.png", "loss_curve.png"):
+        assert (on_disk / name).is_file(), name
 
 
 def test_exported_model_dir_loads_in_transformers(two_workers):
@@ -120,6 +133,8 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_a_killed_worker_is_replaced_and_the_run_continues(tmp_path, data_dir):
+    import mlflow
+
     cfg = config(tmp_path, data_dir, name="faulty", total_steps=160, save_steps=10,
                  eval_steps=160, max_failures=2)
     killed = []
@@ -141,6 +156,10 @@ def test_a_killed_worker_is_replaced_and_the_run_continues(tmp_path, data_dir):
     assert out["metrics"]["step"] == 160
     steps = [r["step"] for r in records(out["model_dir"]) if "train/loss" in r]
     assert steps == list(range(5, 161, 5))  # continuous: nothing lost, nothing twice
+    # the same in MLflow: the steps the new workers redid are not logged again
+    history = mlflow.MlflowClient(out["tracking_uri"]).get_metric_history(
+        out["metrics"]["mlflow_run_id"], "train/loss")
+    assert [m.step for m in history] == list(range(5, 161, 5))
 
 
 def test_mlflow_tracking_server(tmp_path, data_dir, mlflow_server):
@@ -198,7 +217,9 @@ def mlflow_server(tmp_path):
     (["--tracking_uri", "http://127.0.0.1:9"],
      "the MLflow tracking server at http://127.0.0.1:9 does not answer"),
 ])
-def test_bad_input_is_one_sentence_and_exit_2(tmp_path, data_dir, capsys, args, message):
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path, data_dir, capsys, monkeypatch, args,
+                                              message):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # not ./
     args = [a.format(tmp=tmp_path) for a in args]
     argv = ["--data", str(data_dir), "--storage_path", str(tmp_path / "runs"), *args]
     assert main(argv) == 2
@@ -206,6 +227,7 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, data_dir, capsys, args, 
     assert err.startswith("gpt2 train: error: ") and message.format(tmp=tmp_path) in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_vocab_mismatch_with_a_pretrained_model(tmp_path, data_dir, capsys):

@@ -98,6 +98,62 @@ def test_curves_and_table_files(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_trial_runs_are_nested_logged_and_ended_on_the_tune_driver(tmp_path):
+    """tune_report.trial_runs, fed as Tune feeds it: a trial's run is made when it starts,
+    logs the records in its results, ends FINISHED with its model or KILLED when stopped early,
+    and is found again when a resumed sweep restarts the trial."""
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from pipelines.tracking import RECORDS
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tune_report.start_parent_run(uri, "sweeps", "sweep", {"num_samples": 2})
+    info = {"name": "sweep", "parent_run_id": parent, "train_storage": str(tmp_path / "train"),
+            "derived": ("min_lr",)}
+    runs = tune_report.trial_runs(uri, "sweeps", info, TrainConfig(total_steps=20),
+                                  lambda t: f"trial_{t.trial_id}")
+    done, stopped = (SimpleNamespace(trial_id=i, config={"base_lr": 2e-3}) for i in ("0", "1"))
+    ckpt = tmp_path / "train" / "trial_0" / "checkpoint_0000020" / "model"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "loss_curve.png").write_bytes(b"png")
+    for trial in (done, stopped):
+        runs.on_trial_start(0, [], trial)
+    result = {"step": 10, "eval/loss": 5.0, "mlflow_run_id": "", "num_params": 99,
+              RECORDS: [{"step": 5, "train/loss": 6.0}, {"step": 10, "eval/loss": 5.0}]}
+    runs.on_trial_result(0, [], stopped, dict(result))
+    runs.on_trial_complete(0, [], stopped)  # ASHA stopped it at step 10
+    last = {**result, "step": 20, RECORDS: [{"step": 20, "eval/loss": 4.0}]}
+    runs.on_trial_result(0, [], done, last)
+    runs.on_trial_complete(0, [], done)
+    assert RECORDS not in last and last["mlflow_run_id"]  # Tune keeps the run id, not records
+
+    client = mlflow.MlflowClient(uri)
+    children = {r.info.run_name: r for r in client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
+    assert children["trial_0"].info.run_id == last["mlflow_run_id"]
+    assert children["trial_0"].info.status == "FINISHED"
+    assert children["trial_1"].info.status == "KILLED"
+    trial = children["trial_0"].data
+    assert trial.params["base_lr"] == "0.002" and trial.params["min_lr"] == "0.0002"
+    assert trial.params["num_params"] == "99" and trial.tags["sweep"] == "sweep"
+    history = client.get_metric_history(last["mlflow_run_id"], "eval/loss")
+    assert [(m.step, m.value) for m in history] == [(20, 4.0)]
+    assert [m.step for m in client.get_metric_history(
+        children["trial_1"].info.run_id, "eval/loss")] == [10]
+    artifacts = {a.path for a in client.list_artifacts(last["mlflow_run_id"], "model")}
+    assert {"model/config.json", "model/loss_curve.png"} <= artifacts
+
+    # --resume: a new callback (Tune's copy from the sweep's start) finds the trial's run
+    again = tune_report.trial_runs(uri, "sweeps", info, TrainConfig(total_steps=20),
+                                   lambda t: f"trial_{t.trial_id}")
+    again.on_trial_start(0, [], stopped)
+    assert again.writers["1"].run_id == children["trial_1"].info.run_id
+    assert client.get_run(children["trial_1"].info.run_id).info.status == "RUNNING"
+
+
 def test_asha_rungs_survive_a_resume():
     """Tune does not save the scheduler; the rungs ride in a callback's state instead, so a
     resumed sweep still stops a trial that trails the ones finished before the interruption."""
@@ -200,6 +256,21 @@ def test_sweep_stops_the_diverging_trial_nests_runs_exports_and_resumes(train_da
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.info.run_name for c in children} == {r["trial"] for r in rows}
     assert all(c.info.status != "RUNNING" for c in children)
+    # ...logged by the Tune driver from each trial's results, artifacts beside the store
+    runs = {c.info.run_name: c for c in children}
+    assert parent.data.tags["best_run_id"] == runs[best["trial"]].info.run_id
+    assert all(r["mlflow_run_id"] == runs[r["trial"]].info.run_id for r in rows)
+    assert exp.artifact_location == str(tmp_path / "mlartifacts" / "tune-test")
+    for r in rows:
+        run = runs[r["trial"]]
+        evals = {m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")}
+        assert evals == set(range(10, int(r["steps"]) + 1, 10)), r["trial"]
+        assert run.data.params["base_lr"] == str(float(r["base_lr"]))
+        model = Path(exp.artifact_location, run.info.run_id, "artifacts", "model")
+        if r["status"] == "finished":
+            assert run.info.status == "FINISHED" and (model / "model.safetensors").is_file()
+        else:
+            assert run.info.status == "KILLED" and not model.exists()
 
     # nothing of the sweep's Train runs (their placement groups) is left holding the cluster
     import ray
