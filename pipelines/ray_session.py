@@ -52,12 +52,13 @@ def data_context(max_block_size: int):
         ctx.op_resource_reservation_enabled, ctx.target_max_block_size = saved
 
 
-def check_shared(path: str, flag: str) -> None:
+def check_shared(path: str, flag: str, marker: str | None = None) -> None:
     """A local `path` that a node of the cluster cannot see fails here, in one sentence, before
-    training starts (not at the first checkpoint). Every live node looks for a probe file that
-    the driver writes there; a URI (s3://, gs://) is shared by nature. Also refused: a path in
-    Ray's temp dir (a relative path under `ray job submit` lands in the job's working-dir copy,
-    which Ray deletes)."""
+    training starts (not at the first checkpoint, or in a read task). Every live node looks for
+    `path/marker` (an input's own file: manifest.json, config.json), or else for a probe file
+    the driver writes there (an output dir); a URI (s3://, gs://) is shared by nature. Also
+    refused: an output in Ray's temp dir (a relative path under `ray job submit` lands in the
+    job's working-dir copy, which Ray deletes)."""
     import os
     import uuid
     from pathlib import Path
@@ -68,23 +69,25 @@ def check_shared(path: str, flag: str) -> None:
 
     if storage.is_uri(path):
         return
-    fix = (f"pass {flag} s3://bucket/runs (or gs://), or a directory on a mount that every "
+    fix = (f"pass {flag} s3://bucket/… (or gs://), or a directory on a mount that every "
            "node shares")
-    if "/ray/session_" in path:
+    if marker is None and "/ray/session_" in path:
         raise ValueError(f"{flag} {path} is inside Ray's temporary dir, which Ray deletes; {fix}.")
     r = ray()
     nodes = [n for n in r.nodes() if n["Alive"]]
     if len(nodes) < 2:
         return
-    probe = Path(path, f".gpt2ray-probe-{uuid.uuid4().hex}")
-    probe.parent.mkdir(parents=True, exist_ok=True)
-    probe.write_text("")
+    probe = Path(path, marker or f".gpt2ray-probe-{uuid.uuid4().hex}")
+    if marker is None:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
     sees = r.remote(num_cpus=0)(os.path.exists)
     try:
         found = r.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             n["NodeID"], soft=False)).remote(str(probe)) for n in nodes], timeout=120)
     finally:
-        probe.unlink()
+        if marker is None:
+            probe.unlink()
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, found) if not ok]
     if blind:
         raise ValueError(f"{flag} {path} is a local path that {len(blind)} of the cluster's "

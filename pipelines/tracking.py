@@ -99,6 +99,11 @@ def check_experiment(uri: str, experiment: str) -> None:
     """Before Ray starts: the server answers, and an existing `experiment` can keep artifacts.
     Only reads: a local store that does not exist yet is not created here."""
     store = local_store(uri)
+    if store is not None and any(t in str(store.resolve()) for t in RAY_TEMP):
+        raise RunError(f"the MLflow store {uri} is inside Ray's temporary dir (under `ray job "
+                       "submit` a relative path lands in the job's copy of the working dir), "
+                       "which Ray deletes; pass --tracking_uri sqlite:////ABSOLUTE/PATH/mlflow.db "
+                       "or a tracking server (http://HOST:5000).")
     if store is not None and not store.exists():
         return
     check_server(uri)

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 if __name__ == "__main__":  # as a file (python/ray job submit): import pipelines by package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import checkpoint, dataset, ray_session, train_data, train_plan
+from gpt2core import storage
+from pipelines import checkpoint, dataset, placement, ray_session, train_data, train_plan
 from pipelines.flags import option, parse
 from pipelines.tracking import History, check_experiment, check_server, tracking_uri, train_run
 from pipelines.train_plan import make_plan
@@ -90,10 +91,11 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
     # run
     name: str | None = option(None, "run name (default gpt2-<time>); reusing one resumes it")
-    storage_path: str = option("runs", "where runs and checkpoints go (local, s3://, gs://)",
+    storage_path: str = option("runs", "where runs and checkpoints go (local, s3://, gs://); "
+                               "on several nodes, storage they all reach",
                                aliases=["--save_checkpoint_path"])
-    save_model_path: str | None = option(None, "where the final model dir goes (default "
-                                         "<storage_path>/<name>/model, local)")
+    save_model_path: str | None = option(None, "where the final model dir goes (local, s3://, "
+                                         "gs://; default <storage_path>/<name>/model)")
     from_checkpoint: str | None = option(None, "resume from a checkpoint dir or a run dir")
     keep_checkpoints: int = option(2, "checkpoints kept per run (the latest ones)")
     max_failures: int = option(3, "restarts from the last checkpoint after a worker dies")
@@ -283,33 +285,39 @@ def plan_job(cfg: TrainConfig) -> Job:
     size the workers. Bad input found without Ray fails before Ray starts."""
     workers = cfg.gpus or cfg.num_workers
     check_server(tracking_uri(cfg.tracking_uri))
+    for flag in ("data", "storage_path", "save_model_path", "from_checkpoint", "from_pretrained"):
+        if getattr(cfg, flag):  # a bucket that is missing or refuses us: one sentence, now
+            storage.check_bucket(getattr(cfg, flag), f"--{flag}")
     if cfg.from_checkpoint:
         cfg = replace(cfg, from_checkpoint=checkpoint.find(cfg.from_checkpoint))
-    model_dir = str(Path(cfg.from_checkpoint, checkpoint.MODEL_DIR)) if cfg.from_checkpoint \
+    model_dir = storage.join(cfg.from_checkpoint, checkpoint.MODEL_DIR) if cfg.from_checkpoint \
         else cfg.from_pretrained
     if model_dir:
         from gpt2core.modelfile import read_config
 
         read_config(model_dir)  # a missing or broken model dir fails here
-    given = cfg.data != train_plan.DEFAULT_DATA or Path(cfg.data, dataset.MANIFEST).exists()
+    given = cfg.data != train_plan.DEFAULT_DATA or \
+        storage.is_file(storage.join(cfg.data, dataset.MANIFEST))
     if given and not cfg.corpus:
         make_plan(cfg, asdict(dataset.load_manifest(cfg.data)), workers, model_dir)
     ray_session.init_ray(cfg.address)
     manifest = train_plan.prepare_data(cfg, model_dir, cfg.address)
     plan = make_plan(cfg, manifest, workers, model_dir)
     ray = ray_session.ray()
-    from pipelines import placement
-
     share = placement.place(workers, 1 if cfg.gpus else 0, cfg.cpus_per_worker)  # waits for GPUs
     cluster = ray.cluster_resources()  # after any GPU nodes the autoscaler added
     cpus, threads = share.cpus, share.threads
-    data_dir = Path(cfg.data).resolve()
+    data_dir, where = storage.resolve(cfg.data), storage.resolve(cfg.storage_path)
+    # every node reads the data and the model, and writes checkpoints, itself
+    ray_session.check_shared(data_dir, "--data", dataset.MANIFEST)
+    if model_dir:
+        flag = "--from_checkpoint" if cfg.from_checkpoint else "--from_pretrained"
+        ray_session.check_shared(storage.resolve(model_dir), flag, "config.json")
+    ray_session.check_shared(where, "--storage_path")
     runtime = {"manifest": manifest, "model_dir": model_dir, "threads": threads,
-               "data_dir": str(data_dir), "tracking_uri": tracking_uri(cfg.tracking_uri),
-               "tokenizer": train_data.tokenizer_spec(data_dir / manifest["tokenizer"]["file"])}
-    storage = cfg.storage_path if "://" in cfg.storage_path \
-        else str(Path(cfg.storage_path).expanduser().resolve())
-    return Job(cfg, manifest, runtime, workers, cpus, storage,
+               "tracking_uri": tracking_uri(cfg.tracking_uri), "tokenizer":
+               train_data.tokenizer_spec(storage.join(data_dir, manifest["tokenizer"]["file"]))}
+    return Job(cfg, manifest, runtime, workers, cpus, where,
                train_plan.train_rows(cfg, manifest, data_dir, cluster),
                train_plan.validation_rows(cfg, manifest, data_dir,
                                           plan.eval_rows_per_batch * workers))
@@ -350,10 +358,9 @@ def train(cfg: TrainConfig) -> dict:
     with train_run(job.runtime["tracking_uri"], cfg, name, f"{job.storage}/{name}") as run:
         job = replace(job, runtime={**job.runtime, "mlflow_run_id": run.run_id})
         result = make_trainer(job, name, callbacks=[run.callback]).fit()  # the run: tracking.py
-    local = "://" not in job.storage
-    out = Path(cfg.save_model_path or (Path(job.storage if local else "runs", name, "model")))
-    checkpoint.export_model(result.checkpoint, out.resolve())
-    return {"name": name, "model_dir": str(out.resolve()), "run_dir": f"{job.storage}/{name}",
+    out = storage.resolve(cfg.save_model_path or storage.join(job.storage, name, "model"))
+    checkpoint.export_model(result.checkpoint, out)
+    return {"name": name, "model_dir": out, "run_dir": storage.join(job.storage, name),
             "checkpoint": result.checkpoint.path, "metrics": dict(result.metrics),
             "tracking_uri": job.runtime["tracking_uri"]}
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from pathlib import Path
 if __name__ == "__main__":  # as a file (python/ray job submit): import pipelines by package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpt2core import storage
 from pipelines import checkpoint, placement, tune_report, tune_space
 from pipelines.flags import option, parse
 from pipelines.tracking import check_experiment, tracking_uri
@@ -241,8 +243,8 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
     derived = () if cfg.min_lr_given or "min_lr" in space else ("min_lr",)
     space = tune_space.check_space(space, cfg.train_config(), derived)
     name = cfg.name or time.strftime("tune-%Y%m%d-%H%M%S")
-    if not saved and "://" not in cfg.storage_path and Path(cfg.storage_path, name).exists():
-        raise ValueError(f"{Path(cfg.storage_path, name)} exists; finish that sweep with "
+    if not saved and storage.exists(storage.join(cfg.storage_path, name)):
+        raise ValueError(f"{storage.join(cfg.storage_path, name)} exists; finish that sweep with "
                          "--resume, or pass another --name.")
     trials = tune_space.count_trials(space, cfg.num_samples)
     check_experiment(tracking_uri(cfg.tracking_uri), cfg.experiment)  # before Ray starts
@@ -254,7 +256,7 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
         job.runtime["tracking_uri"], cfg.experiment, name,
         {**asdict(cfg), "name": name, "search_space": space})
     if not saved:
-        _write_text(f"{where}/{RECORD}", json.dumps(
+        storage.write_text(f"{where}/{RECORD}", json.dumps(
             {"config": {**asdict(cfg), "name": name, "resume": False,
                         "min_lr": cfg.min_lr if cfg.min_lr_given else None}, "space": space,
              "parent_run_id": parent}, indent=1))
@@ -304,7 +306,10 @@ def _report(grid, cfg: SweepConfig, space: dict, job: Job, name: str, parent: st
     rows, curves = tune_report.summarise(grid, space, cfg.metric, MODE, cfg.total_steps)
     best = tune_report.best_row(rows, cfg.metric, MODE)
     complete = len(rows) == trials and all(r["status"] != "unfinished" for r in rows)
-    out_dir = Path(job.storage if "://" not in job.storage else "runs", name)
+    where = storage.join(job.storage, name)
+    # the table and curves are drawn here, then land in the sweep's dir (uploaded to a URI)
+    tmp = tempfile.TemporaryDirectory(prefix="gpt2ray-sweep-")
+    out_dir = Path(tmp.name if storage.is_uri(where) else where)
     tune_report.print_table(rows, space, cfg.metric)
     table = tune_report.write_csv(rows, out_dir / "results.csv")
     labels = {r["trial"]: " ".join([r["trial"], *(f"{k}={tune_report.cell(r[k])}"
@@ -312,39 +317,28 @@ def _report(grid, cfg: SweepConfig, space: dict, job: Job, name: str, parent: st
     plot = tune_report.plot_curves(curves, cfg.metric, out_dir / "curves.png", labels=labels,
                                    stopped={r["trial"] for r in rows if r["stopped early"]},
                                    title=f"{name}: {cfg.metric} of {len(rows)} trials")
+    if storage.is_uri(where):
+        storage.upload(out_dir, where)
     model_dir = None
     if complete and best is not None:
-        model_dir = Path(cfg.save_model_path or out_dir / "best_model").resolve()
-        run_dir = f"{job.storage}/{name}/train/{best['trial']}"
+        model_dir = storage.resolve(cfg.save_model_path or storage.join(where, "best_model"))
+        run_dir = storage.join(where, "train", best["trial"])
         checkpoint.export_model(tune_report.latest_checkpoint(run_dir), model_dir)
     tune_report.finish_parent_run(job.runtime["tracking_uri"], parent, best, cfg.metric,
                                   complete, [table, plot])
-    return {"name": name, "rows": rows, "best": best, "complete": complete, "csv": str(table),
-            "plot": str(plot), "model_dir": str(model_dir) if model_dir else None,
-            "sweep_dir": f"{job.storage}/{name}", "parent_run_id": parent,
+    tmp.cleanup()
+    return {"name": name, "rows": rows, "best": best, "complete": complete,
+            "csv": storage.join(where, table.name), "plot": storage.join(where, plot.name),
+            "model_dir": model_dir, "sweep_dir": where, "parent_run_id": parent,
             "tracking_uri": job.runtime["tracking_uri"]}
 
 
-def _write_text(uri: str, text: str) -> None:
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-    fs.create_dir(path.rsplit("/", 1)[0])
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
 def _read_record(cfg: SweepConfig) -> dict:
-    import pyarrow.fs
-
-    storage = cfg.storage_path if "://" in cfg.storage_path \
-        else str(Path(cfg.storage_path).expanduser().resolve())
-    fs, path = pyarrow.fs.FileSystem.from_uri(f"{storage}/{cfg.name}/{RECORD}")
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+    try:
+        return json.loads(storage.read_text(storage.join(cfg.storage_path, cfg.name, RECORD)))
+    except FileNotFoundError:
         raise ValueError(f"no sweep {cfg.name!r} in {cfg.storage_path} (no {RECORD}); pass the "
-                         "--name and --storage_path it ran with.")
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+                         "--name and --storage_path it ran with.") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,18 +99,11 @@ def plot_curves(curves: dict[str, list], metric: str, out: Path, stopped=(), lab
 
 
 def latest_checkpoint(run_dir: str):
-    """The newest complete checkpoint of a trial's Train run (local path or URI)."""
-    import pyarrow.fs
+    """The newest complete checkpoint (train state, weights, config) of a trial's Train run
+    (local path or URI): a checkpoint cut off mid-upload is never exported."""
     import ray.train
 
-    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
-    found = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))
-                   if i.base_name.startswith(checkpoint.PREFIX))
-    for base in reversed(found):
-        config = fs.get_file_info(f"{root}/{base}/{checkpoint.MODEL_DIR}/config.json")
-        if config.type == pyarrow.fs.FileType.File:
-            return ray.train.Checkpoint(f"{root}/{base}", filesystem=fs)
-    raise ValueError(f"{run_dir} holds no complete checkpoint to export.")
+    return ray.train.Checkpoint(checkpoint.find(run_dir))
 
 
 def start_parent_run(tracking_uri: str, experiment: str, name: str, params: dict) -> str:

@@ -120,6 +120,14 @@ def test_train_and_tune_refuse_it_before_ray_starts(tmp_path, refused, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_store_in_rays_temp_dir_is_refused(tmp_path):
+    """Under `ray job submit` without --tracking_uri, ./mlflow.db is in the job's working-dir
+    copy, which Ray deletes with its session."""
+    uri = f"sqlite:///{tmp_path}/ray/session_2026-11-29_05-00-00/runtime_resources/mlflow.db"
+    with pytest.raises(tracking.RunError, match="inside Ray's temporary dir.*--tracking_uri"):
+        tracking.check_experiment(uri, "gpt2")
+
+
 def test_checking_a_store_that_does_not_exist_creates_none(tmp_path):
     tracking.check_experiment(store(tmp_path), "gpt2")
     assert not (tmp_path / "mlflow.db").exists()

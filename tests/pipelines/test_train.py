@@ -213,7 +213,7 @@ def mlflow_server(tmp_path):
     (["--preset", "gpt3"], "unknown preset 'gpt3'"),
     (["--gpus", "1"], "--gpus 1 asks for more GPUs than the cluster has (0)"),
     (["--from_pretrained", "{tmp}/nomodel"], "model dir {tmp}/nomodel does not exist"),
-    (["--from_checkpoint", "{tmp}"], "holds no checkpoint_"),
+    (["--from_checkpoint", "{tmp}"], "holds no complete checkpoint_"),
     (["--tracking_uri", "http://127.0.0.1:9"],
      "the MLflow tracking server at http://127.0.0.1:9 does not answer"),
 ])
@@ -228,6 +228,39 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, data_dir, capsys, monkey
     assert "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "s3://no-such-bucket-x/data"],
+     "--data s3://no-such-bucket-x/data: bucket 'no-such-bucket-x' does not exist"),
+    (["--data", "{bucket}/nothing"], "dataset {bucket}/nothing does not exist"),
+    (["--data", "{bucket}/partial"], "dataset {bucket}/partial has no manifest.json"),
+    (["--from_checkpoint", "{bucket}/partial"], "holds no complete checkpoint_"),
+    (["--from_pretrained", "{bucket}/partial"], "{bucket}/partial has no config.json"),
+    (["--storage_path", "s3://no-such-bucket-x/runs"], "bucket 'no-such-bucket-x' does not"),
+    (["--endpoint"], "--data {bucket}/data: the storage endpoint does not answer"),
+])
+def test_bad_object_storage_is_one_sentence_before_ray(tmp_path, data_dir, bucket, capsys,
+                                                       monkeypatch, args, message):
+    """Missing buckets, prefixes without their marker, an endpoint that does not answer: one
+    sentence, exit 2, before any worker starts; nothing written to the bucket."""
+    from gpt2core import storage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    storage.upload(data_dir, f"{bucket}/data", last=["manifest.json"])
+    storage.write_text(f"{bucket}/partial/train/00000.parquet", "half a dataset")
+    before = storage.files(bucket)
+    if args == ["--endpoint"]:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        args = []
+    argv = ["--data", f"{bucket}/data", "--storage_path", f"{bucket}/runs",
+            *[a.format(bucket=bucket) for a in args]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpt2 train: error: ") and message.format(bucket=bucket) in err
+    assert len(err.splitlines()) == 1
+    monkeypatch.undo()
+    assert storage.files(bucket) == before
 
 
 def test_vocab_mismatch_with_a_pretrained_model(tmp_path, data_dir, capsys):
