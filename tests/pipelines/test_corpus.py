@@ -1,7 +1,14 @@
-"""pipelines/corpus.py: inputs resolve as documented, segments read every line exactly once,
-big documents chunk the same way in a file and in memory, UTF-8 damage is counted. No Ray."""
+"""pipelines/corpus.py (and listing.py, compressed.py): inputs resolve as documented, segments
+read every line exactly once, big documents chunk the same way in a file and in memory,
+compressed files give the same documents as plain ones and name the byte where they are
+damaged, UTF-8 damage is counted. No Ray."""
 
+import bz2
+import glob
+import gzip
 import json
+import lzma
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import corpus
+from pipelines import compressed, corpus
 from pipelines.corpus import CorpusError
 
 LINES = st.lists(st.text(alphabet="ab é\r\t你🙂", max_size=30), max_size=40)
@@ -59,7 +66,8 @@ def test_files_dirs_and_globs_resolve_in_order(tmp_path):
     ("missing.txt", None, "does not exist"),
     ("*.nothing", None, "matches no files"),
     ("empty", "dir", "holds no .txt"),
-    ("x.gz", "\x1f", "decompress"),
+    ("x.zip", "PK", "convert or decompress it"),
+    ("x.parquet.gz", "\x1f", "convert or decompress it"),
     ("x.json", "[]", "JSON Lines"),
     ("x.jsonl", '{"body": "a"}\n', "x.jsonl line 1 has no string field 'text'"),
     ("x.jsonl", '\n{"text": \n{}', "x.jsonl line 2 is not valid JSON"),
@@ -80,7 +88,7 @@ def test_parquet_column_is_checked(tmp_path):
         resolve(tmp_path / "x.parquet")
     with pytest.raises(CorpusError, match="not text"):
         resolve(tmp_path / "x.parquet", field="n")
-    assert resolve(tmp_path / "x.parquet", field="body")[0].row_groups
+    assert resolve(tmp_path / "x.parquet", field="body")[0].fmt == "parquet"
 
 
 # --- documents ----------------------------------------------------------------------------
@@ -149,7 +157,7 @@ def test_split_is_a_pure_function_of_the_document():
 def test_plan_and_group_keep_corpus_order(tmp_path):
     (tmp_path / "big.txt").write_text("x\n" * 100)
     (tmp_path / "small.txt").write_text("y")
-    segments = corpus.plan(resolve(tmp_path / "big.txt", tmp_path / "small.txt"), 64)
+    segments = list(corpus.plan(resolve(tmp_path / "big.txt", tmp_path / "small.txt"), 64))
     assert [(s["start"], s["end"]) for s in segments] == [(0, 64), (64, 128), (128, 192),
                                                          (192, 200), (0, 1)]
     items = corpus.group(segments, 100)
@@ -173,3 +181,96 @@ def test_uris_read_through_pyarrow_filesystems(tmp_path):
     with pytest.raises(CorpusError, match="does not exist or holds no"):
         corpus.resolve([f"file://{tmp_path}/nope"], role="auto", per_line=False,
                        text_field="text")
+
+
+# --- compressed inputs ----------------------------------------------------------------------
+
+def compress(codec: str, data: bytes) -> bytes:
+    """`data` in two streams (members, frames) one after the other, as `cat a.gz b.gz` makes."""
+    if codec == ".zst":
+        import pyarrow as pa
+
+        one = lambda d: pa.Codec("zstd").compress(d, asbytes=True)  # noqa: E731
+    else:
+        one = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[codec]
+    half = len(data) // 2
+    return one(data[:half]) + one(data[half:])
+
+
+@pytest.mark.parametrize("codec", compressed.CODECS)
+def test_compressed_files_give_the_documents_of_plain_ones(tmp_path, monkeypatch, codec):
+    monkeypatch.setattr(corpus, "PIECE_BYTES", 50)  # many pieces: lines cross their edges
+    text = "".join(f"line {i}: naïve café 你好 🙂 {'x' * (i % 23)}\n" for i in range(120))
+    jsonl = "".join(json.dumps({"text": f"doc {i} " * (i % 7 + 1)}) + "\n" for i in range(80))
+    for name, content in (("a.txt", text), ("b.jsonl", jsonl)):
+        (tmp_path / name).write_text(content)
+        (tmp_path / (name + codec)).write_bytes(compress(codec, content.encode()))
+    for name, per_line in (("a.txt", False), ("a.txt", True), ("b.jsonl", False)):
+        plain = resolve(tmp_path / name, per_line=per_line)
+        packed = resolve(tmp_path / (name + codec), per_line=per_line)
+        assert packed[0].codec == codec and packed[0].fmt == plain[0].fmt
+        assert len(list(corpus.plan(packed, 256))) == 1  # read from its start, by one task
+        docs, invalid = documents(packed, 256)
+        assert docs == documents(plain, 256)[0] and len(docs) > 10
+        assert invalid[str(tmp_path / (name + codec))][1] == (tmp_path / name).stat().st_size
+    found = [s.uri for s in resolve(tmp_path)]  # a directory takes them in, beside the plain
+    assert str(tmp_path / ("a.txt" + codec)) in found and str(tmp_path / "b.jsonl") in found
+
+
+@pytest.mark.parametrize("codec", compressed.CODECS)
+def test_damaged_compressed_files_name_the_file_and_the_byte(tmp_path, codec):
+    data = "".join(f"{i} some text to compress {i * 7919 % 1000}\n" for i in range(20000))
+    packed = compress(codec, data.encode())
+    damaged = bytearray(packed)
+    middle = len(packed) // 4
+    damaged[middle:middle + 64] = bytes(64)
+    (tmp_path / ("damaged.txt" + codec)).write_bytes(bytes(damaged))
+    (tmp_path / ("short.txt" + codec)).write_bytes(packed[:len(packed) // 4])
+    for name, message in (("damaged", rf"is not valid {codec[1:]} data: decoding failed "
+                                      r"between bytes [\d,]+ and [\d,]+ \("),
+                          ("short", rf"is cut short: its {codec[1:]} data ends at byte "
+                                    f"{len(packed) // 4:,} before")):
+        path = tmp_path / (name + ".txt" + codec)
+        with pytest.raises(CorpusError, match=message) as e:
+            documents(resolve(path, per_line=True))
+        assert str(path) in str(e.value) and str(e.value).endswith("again.")
+        if name == "damaged":  # found at or after the damage (gzip: at its member's CRC)
+            low, high = (int(x.replace(",", "")) for x in
+                         str(e.value).split("between bytes ")[1].split(" (")[0].split(" and "))
+            assert low < high and high >= middle and low < len(packed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lines=LINES, max_bytes=st.integers(4, 64), cuts=st.lists(st.integers(0, 400)))
+def test_pieces_of_a_stream_follow_the_chunk_rule(lines, max_bytes, cuts):
+    data = "\n".join(lines).encode()
+    bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    chunks = [data[a:b] for a, b in zip(bounds, bounds[1:])]  # however the stream arrives
+    pieces = list(compressed.line_pieces(iter(chunks), max_bytes))
+    assert b"".join(pieces) == data
+    assert [p.decode() for p in pieces] == [c for c in reference_chunks(data.decode(), max_bytes)
+                                            if c]
+
+
+def test_parquet_segments_hold_the_row_groups_that_start_in_them(tmp_path, monkeypatch):
+    rows = [f"row {i} " + "y" * (i % 50) for i in range(500)]
+    pq.write_table(pa.table({"text": rows}), tmp_path / "p.parquet", row_group_size=17)
+    monkeypatch.setattr(corpus, "SEGMENT_BYTES", 700)
+    segments = list(corpus.plan(resolve(tmp_path / "p.parquet"), 1 << 20))
+    assert len(segments) > 5
+    assert [d for seg in segments for d in corpus.read_documents(seg, "text", 1 << 20, {})] \
+        == rows
+
+
+def test_globs_stream_in_full_path_order(tmp_path):
+    for name in ("a.txt", "a/b.txt", "a/c/d.txt", "b.txt", ".hidden/e.txt", "a/.f.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    for pattern in ("*.txt", "**/*.txt", "a/**", "*/*.txt", "a/[bc]*", "?.txt"):
+        want = sorted(p for p in glob.glob(str(tmp_path / pattern), recursive=True)
+                      if os.path.isfile(p))
+        got = [s.uri for s in resolve(tmp_path / pattern)]
+        assert got == want, pattern
+        remote = corpus.resolve([f"file://{tmp_path}/{pattern}"], role="auto", per_line=False,
+                                text_field="text")
+        assert [s.uri for s in remote] == [f"file://{p}" for p in want], pattern

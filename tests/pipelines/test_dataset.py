@@ -1,5 +1,7 @@
-"""pipelines/dataset.py: packing loses nothing, shards read back, manifests are checked."""
+"""pipelines/dataset.py and packing.py: packing loses nothing, shards read back (whole or by
+row group, in any order), manifests are checked, an --out is judged before it is touched."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -8,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines import dataset
-from pipelines.dataset import DatasetError, RowPacker, ShardWriter
+from pipelines.dataset import DatasetError
+from pipelines.packing import DatasetWriter, RowPacker, ShardWriter
 
 EOS = 7
 
@@ -44,16 +47,52 @@ def test_packing_is_lossless_and_overlaps_by_one(pieces, seq_len):
 
 
 def test_shards_split_at_shard_rows_and_read_back(tmp_path):
+    import pyarrow.parquet as pq
+
     rows, lengths = pack([list(range(1, 100))], 4)
-    writer = ShardWriter(tmp_path, "train", 4, np.dtype(np.uint16), shard_rows=10)
+    writer = ShardWriter(tmp_path, "train", "k-", 4, np.dtype(np.uint16), shard_rows=10,
+                         group_rows=5)
     writer.add(rows[:-1])
     writer.add(rows[-1:], lengths[-1:])
     shards = writer.close()
     assert [s.rows for s in shards] == [10, 10, 5] and sum(s.tokens for s in shards) == 99
+    assert [s.file for s in shards] == [f"train/k-0000{i}.parquet" for i in range(3)]
+    for s in shards:
+        data = (tmp_path / s.file).read_bytes()
+        assert (s.bytes, s.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        groups = pq.ParquetFile(tmp_path / s.file).metadata
+        assert [groups.row_group(i).num_rows for i in range(groups.num_row_groups)] == \
+            [5] * (s.rows // 5)
     back = [dataset.read_shard(tmp_path / s.file) for s in shards]
     assert np.array_equal(np.concatenate([t for t, _ in back]), rows)
     assert np.array_equal(np.concatenate([n for _, n in back]), lengths)
     assert dataset.stack_rows(np.array(list(rows), dtype=object)).shape == rows.shape
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == \
+        [f"k-0000{i}.parquet" for i in range(3)]  # no temp file left
+
+
+def test_row_groups_read_back_in_any_order(tmp_path):
+    writer = DatasetWriter(tmp_path, seq_len=4, eos_id=EOS, dtype=np.dtype(np.uint16),
+                           shard_mb=1, group_rows=3)
+    for i in range(5):
+        writer.add("train", np.arange(i * 10, i * 10 + 9) % 60000, 1, 9)
+    writer.add("val", np.arange(7), 1, 7)
+    splits = writer.close()
+    assert splits["train"].rows == 12 and splits["train"].padding == 12 * 4 - 45
+    manifest = dataset.Manifest({"file": "tokenizer.json", "sha256": "x"}, 300, EOS, 4,
+                                "uint16", splits, group_rows=3)
+    rows = np.concatenate([dataset.read_shard(tmp_path / s.file)[0]
+                           for s in splits["train"].shards])
+    units = dataset.row_groups(manifest, "train", tmp_path)
+    assert [u["group"] for u in units] == [0, 1, 2, 3]
+    table = dataset.read_groups({k: np.array([u[k] for u in units]) for k in ("file", "group")})
+    assert np.array_equal(dataset.stack_rows(table.column("tokens").to_numpy(False)), rows)
+    shuffled = dataset.row_groups(manifest, "train", tmp_path, seed=0)
+    assert shuffled == dataset.row_groups(manifest, "train", tmp_path, seed=0) != units
+    assert sorted(u["group"] for u in shuffled) == [0, 1, 2, 3]
+    old = dataset.Manifest(**{**manifest.__dict__, "group_rows": 0})  # format 1: whole shards
+    assert dataset.row_groups(old, "val", tmp_path) == \
+        [{"file": str(tmp_path / "val/00000.parquet"), "group": -1}]
 
 
 def test_dtype_follows_vocab_size():
@@ -82,17 +121,20 @@ def test_load_manifest_round_trips_and_names_what_is_wrong(tmp_path):
         dataset.load_manifest(tmp_path / "ds")
     raw = json.loads((tmp_path / "ds" / dataset.MANIFEST).read_text())
     (tmp_path / "ds" / dataset.MANIFEST).write_text(json.dumps({**raw, "format_version": 99}))
-    with pytest.raises(DatasetError, match="format_version 99"):
+    with pytest.raises(DatasetError, match="format_version 99, this code reads 1 and 2"):
         dataset.load_manifest(tmp_path / "ds")
+    (tmp_path / "ds" / dataset.MANIFEST).write_text(json.dumps({**raw, "format_version": 1}))
+    (tmp_path / "ds" / "train" / "00000.parquet").write_bytes(b"")
+    assert dataset.load_manifest(tmp_path / "ds").group_rows == 0  # format 1 still reads
     (tmp_path / "ds" / dataset.MANIFEST).write_text("{")
     with pytest.raises(DatasetError, match="damaged"):
         dataset.load_manifest(tmp_path / "ds")
 
 
 def test_check_out_decides_what_an_existing_out_means(tmp_path):
-    assert not dataset.check_out(tmp_path / "new", "f", {}, overwrite=False)
+    assert dataset.check_out(tmp_path / "new", "f", {}, overwrite=False) == "new"
     (tmp_path / "empty").mkdir()
-    assert not dataset.check_out(tmp_path / "empty", "f", {}, overwrite=False)
+    assert dataset.check_out(tmp_path / "empty", "f", {}, overwrite=False) == "new"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "mine.txt").write_text("keep me")
     for overwrite in (False, True):
@@ -102,7 +144,19 @@ def test_check_out_decides_what_an_existing_out_means(tmp_path):
     with pytest.raises(DatasetError, match="is a file"):
         dataset.check_out(tmp_path / "file", "f", {}, overwrite=False)
     write_dataset(tmp_path / "ds", config={"seq_len": 4})
-    assert dataset.check_out(tmp_path / "ds", "f", {"seq_len": 4}, overwrite=False)
+    assert dataset.check_out(tmp_path / "ds", "f", {"seq_len": 4}, overwrite=False) == "done"
     with pytest.raises(DatasetError, match=r"changed: seq_len\); pass --overwrite"):
         dataset.check_out(tmp_path / "ds", "g", {"seq_len": 8}, overwrite=False)
-    assert not dataset.check_out(tmp_path / "ds", "g", {"seq_len": 8}, overwrite=True)
+    assert dataset.check_out(tmp_path / "ds", "g", {"seq_len": 8}, overwrite=True) == "new"
+    # an unfinished prepare: resumed with the same flags, replaced only with --overwrite
+    (tmp_path / "part" / ".prepare").mkdir(parents=True)
+    (tmp_path / "part" / dataset.STATE).write_text(
+        json.dumps({"fingerprint": "f", "config": {"seq_len": 4}}))
+    assert dataset.check_out(tmp_path / "part", "f", {"seq_len": 4}, overwrite=False) == \
+        "resume"
+    with pytest.raises(DatasetError, match=r"unfinished prepare .* \(changed: seq_len\); pass "
+                                           "--overwrite"):
+        dataset.check_out(tmp_path / "part", "g", {"seq_len": 8}, overwrite=False)
+    assert dataset.check_out(tmp_path / "part", "f", {"seq_len": 4}, overwrite=True) == "new"
+    dataset.clear(str(tmp_path / "part"))
+    assert list((tmp_path / "part").iterdir()) == []

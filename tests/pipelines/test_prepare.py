@@ -1,10 +1,16 @@
 """pipelines/prepare.py: lossless, split-stable, idempotent datasets; bad input ends in one
-sentence with exit status 2 and nothing written. Ray integration tests are marked slow."""
+sentence with exit status 2 and nothing written; a killed run resumes; compressed inputs and
+object storage. Ray integration tests are marked slow."""
 
+import gzip
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from gpt2core import storage
 from gpt2core.tokenizer import EOS_TOKEN, Tokenizer
-from pipelines import corpus, dataset, prepare, ray_session, sample
+from pipelines import corpus, dataset, prepare, prepare_tasks, ray_session, sample
 from pipelines.encoding import encoder_spec
 from pipelines.flags import build_parser, parse
 
@@ -59,9 +66,12 @@ def check_lossless(out: Path, train: list[str], val: list[str]) -> dataset.Manif
             assert tok.decode(ids) == "".join(d + EOS_TOKEN for d in docs)
         assert (split.documents, split.tokens) == (len(docs), len(ids))
         assert split.bytes == sum(len(d.encode()) for d in docs)
-        assert split.rows == -(-len(ids) // manifest.seq_len) == sum(s.rows for s in split.shards)
         rows, lengths = dataset.read_split(out, name)
-        assert rows.dtype == np.dtype(manifest.dtype) and (lengths[:-1] == rows.shape[1]).all()
+        assert split.rows == len(rows) == sum(s.rows for s in split.shards)
+        assert split.padding == split.rows * manifest.seq_len - split.tokens
+        # only a work item's last row may be short: at most one per item
+        assert rows.dtype == np.dtype(manifest.dtype) and (lengths >= 2).all()
+        assert (lengths < rows.shape[1]).sum() <= manifest.source["items"]
     return manifest
 
 
@@ -78,35 +88,45 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(ray_session, "init_ray", refuse)
 
 
-def test_udfs_work_on_one_item_without_ray(tmp_path, monkeypatch):
+def test_tasks_work_on_one_item_without_ray(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("alpha\nbeta\n\ngamma\n")
     (tmp_path / "b.jsonl").write_text('{"text": "delta"}\n{"text": 1}\n')
     sources = corpus.resolve([str(tmp_path / "a.txt")], role="auto", per_line=True,
                              text_field="text")
-    item = {"item": np.array([0]), "segments": np.array([json.dumps(corpus.plan(sources, 99))]),
-            "quota": np.array([8])}
-    scan = prepare.scan_item(item, cut=0, text_field="text", max_doc_bytes=99)
-    assert (scan["documents"][0], scan["val"][0], scan["error"][0]) == (3, 0, "")
-    assert [t for _, t in json.loads(scan["sample"][0])] == ["alpha", "bet"]  # an 8-byte quota
+    segments = list(corpus.plan(sources, 99))
+    got = prepare_tasks.sample_item(segments, 8, cut=0, text_field="text", max_doc_bytes=99)
+    assert got == prepare_tasks.Sample(["alpha", "bet"])  # an 8-byte quota
     tok = Tokenizer.train(["alpha beta gamma delta"] * 20, vocab_size=300)
-    spec = {**encoder_spec(tok, pretokenized=False, probe=[]), "eos_id": tok.eos_id}
-    monkeypatch.setattr(prepare, "ENCODE_BYTES", 5)  # a run per 5 bytes of text or more
-    runs = list(prepare.tokenize_item(item, cut=2**64, encoder=spec, dtype="<u2",
-                                      text_field="text", max_doc_bytes=99))  # all go to val
-    assert [(r["part"][0], r["last"][0], r["error"][0]) for r in runs] == \
-        [(0, False, ""), (1, False, ""), (2, True, "")]
-    assert np.frombuffer(b"".join(r["val_ids"][0] for r in runs), "<u2").tolist() == \
-        expected(tok, ["alpha", "beta", "gamma"])
-    assert sum(r["val_documents"][0] for r in runs) == 3 and runs[0]["val_bytes"][0] == 5
-    assert all(r["train_ids"][0] == b"" for r in runs)
+    spec = prepare_tasks.TaskSpec(
+        str(tmp_path / "out"), "f" * 12, 2**64, tok.sha256(),
+        {**encoder_spec(tok, pretokenized=False, probe=[]), "eos_id": tok.eos_id}, "<u2",
+        seq_len=2, shard_rows=2, group_rows=1, text_field="text", max_doc_bytes=99,
+        max_invalid_utf8=0.01)  # every document hashes below the cut: all go to val
+    monkeypatch.setattr(prepare_tasks, "ENCODE_BYTES", 5)  # a run per 5 bytes of text or more
+    record = prepare_tasks.tokenize_item(segments, 7, spec)
+    val = record.splits["val"]
+    assert (record.error, record.reused, val.documents, val.bytes) == ("", False, 3, 14)
+    assert record.splits["train"].documents == 0 and record.low == 2**64 - 1
+    assert val.rows >= 4 and [s.rows for s in val.shards][:-1] == [2] * (len(val.shards) - 1)
+    assert [s.file for s in val.shards] == [f"val/ffffffffffff-000007-{i:05d}.parquet"
+                                            for i in range(len(val.shards))]  # 2 rows a shard
+    rows = [dataset.read_shard(tmp_path / "out" / s.file) for s in val.shards]
+    ids = [int(t) for r, n in rows for row, k in zip(r, n) for t in row[1:k]]
+    assert ids == expected(tok, ["alpha", "beta", "gamma"])
+    again = prepare_tasks.tokenize_item(segments, 7, spec)  # found, checked, not redone
+    assert again.reused and again.splits == record.splits
+    (tmp_path / "out" / val.shards[1].file).write_bytes(b"damaged")
+    redone = prepare_tasks.tokenize_item(segments, 7, spec)
+    assert not redone.reused and redone.splits == record.splits
+    low = prepare_tasks.tokenize_item(segments, 7, spec, cut=0)  # another cut: another name
+    assert low.splits["train"].documents == 3 and low.low_count == 1
+    assert low.splits["train"].shards[0].file.startswith("train/ffffffffffff-000007-0000000")
     bad = corpus.resolve([str(tmp_path / "b.jsonl")], role="auto", per_line=False,
                          text_field="text")
-    item["segments"] = np.array([json.dumps(corpus.plan(bad, 99))])
+    segments = list(corpus.plan(bad, 99))
     assert "b.jsonl line 2 has no string field" in \
-        prepare.scan_item(item, cut=0, text_field="text", max_doc_bytes=99)["error"][0]
-    last = list(prepare.tokenize_item(item, cut=0, encoder=spec, dtype="<u2",
-                                      text_field="text", max_doc_bytes=99))[-1]
-    assert last["last"][0] and "b.jsonl line 2" in last["error"][0]
+        prepare_tasks.tokenize_item(segments, 8, spec).error
+    assert not (tmp_path / "out" / ".prepare" / "ffffffffffff-000008.json").exists()
 
 
 def test_every_config_field_is_a_flag():
@@ -167,7 +187,7 @@ def test_bad_paths_exit_2_before_ray_and_write_nothing(no_ray, s3_server, tmp_pa
 def test_workers_import_neither_torch_nor_ray():
     """Ray workers import this module to run the UDFs: a second of torch each would show.
     (gpt2core.storage may load: gpt2core's names load lazily, so it brings no torch.)"""
-    code = ("import sys, pipelines.prepare\n"
+    code = ("import sys, pipelines.prepare, pipelines.prepare_tasks\n"
             "print([m for m in ('torch', 'ray', 'gpt2core.model') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
@@ -221,7 +241,8 @@ def test_tinyshakespeare_is_lossless(ray_local, tmp_path, shakespeare_path):
     import ray.data
 
     files = [str(tmp_path / "ts" / s.file) for s in manifest.splits["train"].shards]
-    batch = ray.data.read_parquet(files).take_batch(10**6, batch_format="numpy")
+    with ray_session.ordered():
+        batch = ray.data.read_parquet(files).take_batch(10**6, batch_format="numpy")
     rows, lengths = dataset.read_split(tmp_path / "ts", "train")
     assert np.array_equal(dataset.stack_rows(batch["tokens"]), rows)
     assert np.array_equal(batch["length"], lengths)
@@ -254,7 +275,7 @@ def test_rerun_is_a_noop_and_changed_flags_need_overwrite(ray_local, tmp_path, c
     (tmp_path / "a.txt").write_text("".join(f"line {i}\n" for i in range(200)))
     args = ["--corpus", tmp_path / "a.txt", "--out", tmp_path / "ds", "--doc_per_line", *SMALL]
     assert run(*args) == 0
-    shard = tmp_path / "ds" / "train" / "00000.parquet"
+    shard = tmp_path / "ds" / dataset.load_manifest(tmp_path / "ds").splits["train"].shards[0].file
     stamp = shard.stat().st_mtime_ns
     capsys.readouterr()
     assert run(*args) == 0
@@ -354,3 +375,133 @@ def test_sample_corpus_smoke_test(ray_local, capsys):
     assert len(files) == 42 and all(f.read_text().isascii() for f in files)
     assert run("--smoke-test") == 0
     assert "smoke test passed" in capsys.readouterr().out
+
+
+SMALL_ITEMS = (16 << 10, 16 << 10)  # work items of 16 KiB: many of them, even in a test
+KILLABLE = f"""
+import sys
+from pipelines import prepare
+prepare.ITEM_BYTES = {SMALL_ITEMS}
+sys.exit(prepare.main(sys.argv[1:]))
+"""
+
+
+def records(out: str) -> list[str]:
+    return [f for f in storage.files(storage.join(out, ".prepare")) if f != "state.json"]
+
+
+def same_dataset(a: str, b: str) -> None:
+    """The same tokenizer, split totals and rows, shard by shard."""
+    ma, mb = dataset.load_manifest(a), dataset.load_manifest(b)
+    assert ma.tokenizer == mb.tokenizer and ma.source == mb.source
+    for name in dataset.SPLITS:
+        sa, sb = ma.splits[name], mb.splits[name]
+        assert (sa.documents, sa.bytes, sa.tokens, sa.rows, sa.padding) == \
+            (sb.documents, sb.bytes, sb.tokens, sb.rows, sb.padding)
+        assert [(s.file, s.rows, s.sha256) for s in sa.shards] == \
+            [(s.file, s.rows, s.sha256) for s in sb.shards]
+        for x, y in zip(dataset.read_split(a, name), dataset.read_split(b, name)):
+            assert np.array_equal(x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_killed_prepare_resumes_with_the_same_rows(ray_local, tmp_path, monkeypatch, capsys,
+                                                     shakespeare_path, where, request):
+    """SIGKILL the driver midway (it runs apart, on this test's cluster); the same command
+    again reuses the items that finished and ends with what an uninterrupted run makes."""
+    out = str(tmp_path / "ds") if where == "local" else request.getfixturevalue("bucket") + "/ds"
+    flags = ["--corpus", shakespeare_path, "--vocab_size", "300", "--seq_len", "64",
+             "--max_doc_bytes", "4096", "--out", out]
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", KILLABLE, *map(str, flags), "--address",
+             ray_local.get_runtime_context().gcs_address], cwd=ROOT, stdout=log, stderr=log)
+    deadline = time.monotonic() + 300
+    while len(records(out)) < 4:
+        assert driver.poll() is None and time.monotonic() < deadline, \
+            (tmp_path / "driver.log").read_text()
+        time.sleep(0.05)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert not storage.exists(storage.join(out, dataset.MANIFEST))  # nothing looks complete
+    finished = len(records(out))
+    capsys.readouterr()
+    assert run(*flags, "--seq_len", "32") == 2  # other flags: refused, left as it is
+    assert "holds an unfinished prepare of other inputs or flags (changed: seq_len)" in \
+        capsys.readouterr().err and len(records(out)) == finished
+
+    monkeypatch.setattr(prepare, "ITEM_BYTES", SMALL_ITEMS)
+    cfg = parse(prepare.PrepareConfig, [str(f) for f in flags], "p")
+    resumed = prepare.prepare(cfg)
+    assert finished <= resumed["reused"] < resumed["items"]
+    assert not storage.exists(storage.join(out, ".prepare"))
+    whole = prepare.prepare(replace(cfg, out=str(tmp_path / "whole")))
+    assert whole["reused"] == 0 and whole["items"] == resumed["items"]
+    same_dataset(out, str(tmp_path / "whole"))
+    if where == "local":  # every file the manifest names, and no other (no temp files)
+        manifest = dataset.load_manifest(out)
+        named = {s.file for split in manifest.splits.values() for s in split.shards}
+        assert {f for f in storage.files(out) if f.endswith(".parquet") or ".tmp-" in f} == named
+
+
+@pytest.mark.slow
+def test_compressed_inputs_from_object_storage(ray_local, tmp_path, bucket, monkeypatch):
+    """.jsonl.zst and .txt.gz read from s3:// by the tasks, written to s3://: the same dataset
+    as the plain files, local to local."""
+    lines = [f"line {i}: naïve café {'x' * (i % 13)}" for i in range(3000)]
+    jsonl = "".join(json.dumps({"text": t}) + "\n" for t in lines[:1500])
+    text = "".join(t + "\n" for t in lines[1500:])
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.jsonl").write_text(jsonl)
+    (tmp_path / "plain" / "b.txt").write_text(text)
+    fs, root = storage.filesystem(bucket)
+    for name, data in (("a.jsonl.zst", pa.Codec("zstd").compress(jsonl.encode(), asbytes=True)),
+                       ("b.txt.gz", gzip.compress(text.encode()))):
+        # compression=None: pyarrow would otherwise compress again, by the name's suffix
+        with fs.open_output_stream(f"{root}/corpus/{name}", compression=None) as f:
+            f.write(data)
+    monkeypatch.setattr(prepare, "ITEM_BYTES", SMALL_ITEMS)
+    flags = ["--vocab_size", "300", "--seq_len", "32", "--max_doc_bytes", "2048"]
+    assert run("--corpus", tmp_path / "plain", "--out", tmp_path / "local", *flags) == 0
+    assert run("--corpus", f"{bucket}/corpus/", "--out", f"{bucket}/ds", *flags) == 0
+    local, remote = dataset.load_manifest(tmp_path / "local"), dataset.load_manifest(f"{bucket}/ds")
+    assert remote.source["files"] == 2 and remote.source["bytes"] < local.source["bytes"]
+    for name in dataset.SPLITS:
+        a, b = local.splits[name], remote.splits[name]
+        assert (a.documents, a.bytes, a.tokens) == (b.documents, b.bytes, b.tokens)
+        assert stream(tmp_path / "local", name) == [
+            int(t) for row, n in zip(*dataset.read_split(f"{bucket}/ds", name))
+            for t in row[1:n]]
+
+
+@pytest.mark.slow
+def test_a_damaged_compressed_file_is_named_with_its_byte_and_nothing_is_left(
+        ray_local, tmp_path, capsys):
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(b"first file\n" * 3000))
+    damaged = bytearray(gzip.compress("".join(f"{i}\n" for i in range(50000)).encode()))
+    damaged[len(damaged) // 2:len(damaged) // 2 + 32] = bytes(32)
+    (tmp_path / "b.txt.gz").write_bytes(bytes(damaged))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert run("--corpus", tmp_path / "a.txt.gz", tmp_path / "b.txt.gz", "--doc_per_line",
+               "--out", tmp_path / "out", *SMALL) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'b.txt.gz'} is not valid gz data: decoding failed between bytes " in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_many_small_files_are_lossless_in_many_items(ray_local, tmp_path, monkeypatch):
+    d = tmp_path / "many"
+    for i in range(400):
+        (d / f"{i // 100:02d}").mkdir(parents=True, exist_ok=True)
+        (d / f"{i // 100:02d}" / f"{i:04d}.txt").write_text(f"file {i} " * (i % 9 + 1) + "\n")
+    monkeypatch.setattr(prepare, "ITEM_BYTES", (4 << 10, 4 << 10))
+    result = prepare.prepare(prepare.PrepareConfig(corpus=[str(d)], out=str(tmp_path / "out"),
+                                                   vocab_size=300, seq_len=16,
+                                                   val_fraction=0.1))
+    assert result["items"] > 3
+    docs = [p.read_text() for p in sorted(d.rglob("*.txt"))]
+    is_val = val_by_hash(docs, 0.1)
+    check_lossless(tmp_path / "out", [x for x, v in zip(docs, is_val) if not v],
+                   [x for x, v in zip(docs, is_val) if v])

@@ -1,0 +1,299 @@
+"""The Ray side of pipelines/prepare.py: the passes over the work items, on the driver.
+
+    job = Job(cfg, out, target, window, listing(cfg), fingerprint, NOT_FINGERPRINTED)
+    tokenizer, sample_s = job.tokenizer(given, config, resume=False)   # sample pass (+ BPE)
+    records, invalid = job.tokenize(None)                              # tokenize pass
+    manifest = job.manifest(records, invalid)                          # split rules, counts
+
+Work items are planned from a fresh, streamed listing each pass (`items`), so the driver holds
+no list of files or items; `run` keeps at most `window` tasks in flight and hands back their
+small results as they finish. What the tasks do is pipelines/prepare_tasks.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gpt2core import storage
+from pipelines import corpus, dataset, ray_session
+from pipelines.encoding import encoder_spec
+from pipelines.prepare_tasks import RECORDS, ItemRecord, TaskSpec, sample_item, tokenize_item
+
+if TYPE_CHECKING:
+    from gpt2core.tokenizer import Tokenizer
+    from pipelines.prepare import PrepareConfig
+
+PROBE_BYTES = 64 << 10  # text compared between tiktoken and tokenizers before trusting tiktoken
+GROUP_BYTES = 1 << 20  # Parquet row groups of about this much: training's unit of shuffling
+
+
+@dataclass
+class Listing:
+    """The inputs, as one streamed listing saw them."""
+
+    files: int = 0
+    bytes: int = 0
+    val_bytes: int = 0  # of --eval_corpus
+    digest: str = ""  # sha256 over (uri, size, mtime, role, format) of every file, in order
+
+
+def _sources(cfg: PrepareConfig, check: str) -> Iterator[corpus.Source]:
+    per_line = cfg.doc_per_line or cfg.pretokenized
+    yield from corpus.sources(cfg.corpus, role="train" if cfg.eval_corpus else "auto",
+                              per_line=per_line, text_field=cfg.text_field, check=check)
+    yield from corpus.sources(cfg.eval_corpus, role="val", per_line=per_line,
+                              text_field=cfg.text_field, check=check)
+
+
+def listing(cfg: PrepareConfig) -> Listing:
+    """One pass over the inputs (the first file of each kind checked): counts and a digest."""
+    found = Listing()
+    for s in _digested(_sources(cfg, "first"), found):
+        found.files, found.bytes = found.files + 1, found.bytes + s.size
+        found.val_bytes += s.size if s.role == "val" else 0
+    if not found.bytes:
+        raise corpus.CorpusError("the corpus is empty: every input file is empty.")
+    if cfg.eval_corpus and not found.val_bytes:
+        raise corpus.CorpusError("the validation split is empty: every --eval_corpus file is "
+                                 "empty.")
+    return found
+
+
+def _digested(sources: Iterator[corpus.Source], into: Listing) -> Iterator[corpus.Source]:
+    """The sources, passed through; at the end, into.digest is their digest."""
+    digest = hashlib.sha256()
+    for s in sources:
+        digest.update(json.dumps([s.uri, s.size, s.mtime_ns, s.role, s.fmt]).encode())
+        yield s
+    into.digest = digest.hexdigest()
+
+
+@dataclass
+class Job:
+    """The Ray part of one prepare: the passes over the work items, as tasks."""
+
+    cfg: PrepareConfig  # pipelines/prepare.py's
+    out: str
+    target: int  # bytes per work item
+    window: int  # tasks in flight
+    inputs: Listing
+    fingerprint: str
+    not_fingerprinted: tuple[str, ...]  # flags left out of the fingerprint and the manifest
+    spec: TaskSpec | None = None  # set with the tokenizer
+    vocab_size: int = 0
+
+    def items(self) -> Iterator[tuple[int, list[dict]]]:
+        """(index, segments) of every work item, from a fresh listing; raises if the inputs
+        changed since the first."""
+        seen = Listing()
+        sources = _digested(_sources(self.cfg, "none"), seen)
+        yield from enumerate(corpus.iter_groups(corpus.plan(sources, self.cfg.max_doc_bytes),
+                                                self.target))
+        if seen.digest != self.inputs.digest:
+            raise corpus.CorpusError("the corpus changed while it was being prepared (files "
+                                     "added, removed or rewritten); run prepare again.")
+
+    def run(self, fn, calls: Iterator[tuple]):
+        """fn(*args) as Ray tasks for each (key, args), at most `window` running; yields
+        (key, result) as they finish. Stopped early (an error), it cancels and waits for the
+        tasks still running, so none writes after it returns."""
+        ray = ray_session.ray()
+        task, pending = ray.remote(fn), {}
+        try:
+            for key, args in calls:
+                pending[task.remote(*args)] = key
+                while len(pending) >= self.window:
+                    yield from self._finished(ray, pending)
+            while pending:
+                yield from self._finished(ray, pending)
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+            for ref in pending:
+                try:
+                    ray.get(ref)
+                except Exception:  # noqa: BLE001 -- cancelled or failed: either way, done
+                    pass
+
+    @staticmethod
+    def _finished(ray, pending: dict):
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            yield pending.pop(ref), ray.get(ref)
+
+    def tokenizer(self, given: Tokenizer | None, config: dict,
+                  resume: bool) -> tuple[Tokenizer, float]:
+        """The tokenizer (given, an interrupted run's, or trained on a sample), saved in --out
+        with the state file that marks an unfinished prepare; also the encoder spec."""
+        cfg, start = self.cfg, time.perf_counter()
+        saved = _saved_tokenizer(self.out, self.fingerprint) if resume and not given else None
+        training = given is None and saved is None
+        texts = self.sample(cfg.tokenizer_sample_bytes if training else PROBE_BYTES, training)
+        sample_s = time.perf_counter() - start
+        tokenizer = given or saved or _train_tokenizer(texts, cfg.vocab_size)
+        if not resume or training:
+            with tempfile.TemporaryDirectory() as tmp:
+                tokenizer.save(tmp)
+                storage.upload(tmp, self.out)
+            storage.write_text(storage.join(self.out, dataset.STATE), json.dumps(
+                {"fingerprint": self.fingerprint, "config": config, "item_bytes": self.target,
+                 "tokenizer_sha256": tokenizer.sha256()}))
+        spec = encoder_spec(tokenizer, pretokenized=cfg.pretokenized, probe=_probe(texts),
+                            prefer_tiktoken=cfg.tiktoken)
+        dtype, self.vocab_size = dataset.dtype_for(tokenizer.vocab_size), tokenizer.vocab_size
+        row = (cfg.seq_len + 1) * dtype.itemsize
+        self.spec = TaskSpec(
+            self.out, self.fingerprint[:12], corpus.threshold(cfg.val_fraction),
+            tokenizer.sha256(), {**spec, "eos_id": tokenizer.eos_id}, dtype.str, cfg.seq_len,
+            (cfg.shard_mb << 20) // row, max(1, GROUP_BYTES // row), cfg.text_field,
+            cfg.max_doc_bytes, cfg.max_invalid_utf8)
+        return tokenizer, sample_s
+
+    def sample(self, budget: int, spread: bool) -> list[str]:
+        """Text of the train split for the tokenizer: each item's share of `budget`, from its
+        start (spread), or only the first items' (a probe)."""
+        cfg, total = self.cfg, self.inputs.bytes
+        items = self.items() if spread else itertools.islice(
+            self.items(), max(1, math.ceil(budget / self.target)))
+        calls = ((i, (segs, math.ceil(budget * sum(s["bytes"] for s in segs) / total)
+                      if spread else budget, corpus.threshold(cfg.val_fraction),
+                      cfg.text_field, cfg.max_doc_bytes)) for i, segs in items)
+        texts = {}
+        with closing(self.run(sample_item, calls)) as results:
+            for i, got in results:
+                if got.error:
+                    raise corpus.CorpusError(got.error)
+                texts[i] = got.texts
+        return [t for i in sorted(texts) for t in texts[i]]
+
+    def tokenize(self, only: set[int] | None,
+                 cut: int | None = None) -> tuple[dict[int, ItemRecord], list[int]]:
+        """The tokenize pass (or, with `only`, its rerun of those items with another cut):
+        records by item, and [replaced bytes, files with some]."""
+        from tqdm import tqdm
+
+        spec = ray_session.ray().put(self.spec)
+        calls = ((i, (segs, i, spec, cut)) for i, segs in self.items()
+                 if only is None or i in only)
+        records, partial, invalid = {}, {}, [0, 0]
+        bar = tqdm(total=self.inputs.bytes, unit="B", unit_scale=True, desc="tokenize",
+                   disable=not sys.stderr.isatty() or only is not None)
+        with closing(self.run(tokenize_item, calls)) as results, bar:
+            for i, record in results:
+                if record.error:
+                    raise corpus.CorpusError(record.error)
+                invalid = [invalid[0] + record.invalid, invalid[1] + record.invalid_files]
+                for uri, (bad, n, planned, size) in record.partial.items():
+                    seen = [a + b for a, b in zip(partial.pop(uri, [0, 0, 0]), (bad, n, planned))]
+                    if seen[2] < size:  # more of the file is in other items
+                        partial[uri] = seen
+                        continue
+                    corpus.check_file_utf8(uri, seen[0], seen[1], self.cfg.max_invalid_utf8)
+                    invalid = [invalid[0] + seen[0], invalid[1] + (seen[0] > 0)]
+                record.partial = {}
+                records[i] = record
+                bar.update(sum(s.bytes for s in record.splits.values()))
+        return records, invalid
+
+    def manifest(self, records: dict[int, ItemRecord], invalid: list[int]) -> dataset.Manifest:
+        """The records added up, in corpus order; the split rules applied (and, when no
+        document fell below --val_fraction, the items holding the lowest hash redone)."""
+        cfg = self.cfg
+        splits = _add_up(records)
+        documents, val_docs = splits["train"].documents + splits["val"].documents, \
+            splits["val"].documents
+        if documents == 0:
+            raise corpus.CorpusError("the corpus is empty: no file holds a non-blank document.")
+        if cfg.eval_corpus and val_docs == 0:
+            raise corpus.CorpusError("the validation split is empty: --eval_corpus holds no "
+                                     "non-blank document.")
+        low = min(r.low for r in records.values())
+        holding = {i for i, r in records.items() if r.low == low}
+        if not val_docs:  # nothing hashed below --val_fraction: the lowest hash goes to val
+            val_docs = sum(records[i].low_count for i in holding)
+        if documents == val_docs:
+            raise corpus.CorpusError(
+                "the train split is empty: --corpus holds no non-blank document."
+                if cfg.eval_corpus else f"the corpus is too small to split: its {documents} "
+                "document(s) would all go to validation; add text, pass --eval_corpus, or "
+                "lower --max_doc_bytes to cut it into more documents.")
+        if not splits["val"].documents:
+            records.update(self.tokenize(holding, cut=low + 1)[0])
+            splits = _add_up(records)
+        spec = self.spec
+        corpus.warn_utf8(*invalid)
+        return dataset.Manifest(
+            tokenizer={"file": "tokenizer.json", "sha256": spec.tokenizer_sha256},
+            vocab_size=self.vocab_size, eos_id=spec.encoder["eos_id"], seq_len=cfg.seq_len,
+            dtype=np.dtype(spec.dtype).name, splits=splits, group_rows=spec.group_rows,
+            source={"files": self.inputs.files, "bytes": self.inputs.bytes,
+                    "encoder": spec.encoder["kind"], "invalid_utf8_bytes": invalid[0],
+                    "items": len(records)},
+            config={k: v for k, v in asdict(cfg).items() if k not in self.not_fingerprinted},
+            fingerprint=self.fingerprint,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def _add_up(records: dict[int, ItemRecord]) -> dict[str, dataset.Split]:
+    splits = {s: dataset.Split() for s in dataset.SPLITS}
+    for i in sorted(records):
+        for name, part in records[i].splits.items():
+            splits[name].add(part)
+    return splits
+
+
+def _saved_tokenizer(out: str, fingerprint: str) -> Tokenizer | None:
+    """An interrupted run's tokenizer, if its state file vouches for it."""
+    from gpt2core.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        state = json.loads(storage.read_text(storage.join(out, dataset.STATE)))
+        tokenizer = Tokenizer.from_pretrained(storage.join(out, "tokenizer.json"))
+    except (FileNotFoundError, ValueError, TokenizerError):
+        return None
+    ok = state.get("fingerprint") == fingerprint and \
+        state.get("tokenizer_sha256") == tokenizer.sha256()
+    return tokenizer if ok else None
+
+
+def _train_tokenizer(sample: list[str], vocab_size: int) -> Tokenizer:
+    from gpt2core.tokenizer import Tokenizer
+
+    print(f"training a {vocab_size}-token BPE on {sum(map(len, sample)) / 1e6:.1f} MB of text")
+    tokenizer = Tokenizer.train(sample, vocab_size, show_progress=sys.stderr.isatty())
+    if tokenizer.vocab_size < vocab_size:
+        print(f"note: the sample supports only {tokenizer.vocab_size} tokens, fewer than "
+              f"--vocab_size {vocab_size}.", file=sys.stderr)
+    return tokenizer
+
+
+def _probe(sample: list[str]) -> list[str]:
+    texts, size = [], 0
+    for text in sample:
+        texts.append(text[:PROBE_BYTES - size])
+        size += len(texts[-1])
+        if size >= PROBE_BYTES:
+            break
+    return texts
+
+
+def tidy(out: str, manifest: dataset.Manifest) -> None:
+    """After the manifest: the records go, and any shard it does not name (a killed task's)."""
+    keep = {s.file for split in manifest.splits.values() for s in split.shards}
+    for split in dataset.SPLITS:
+        for name in storage.listdir(storage.join(out, split)):
+            if f"{split}/{name}" not in keep:
+                storage.delete(storage.join(out, split, name))
+    storage.delete(storage.join(out, RECORDS))
