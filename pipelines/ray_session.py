@@ -22,6 +22,13 @@ def init_ray(address: str | None) -> float:
     return time.perf_counter() - start
 
 
+def this_node():
+    """A scheduling strategy for the driver's node (soft: elsewhere when it has no room)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray().get_runtime_context().get_node_id(), soft=True)
+
+
 @contextmanager
 def ordered():
     """Ray Data execution that hands blocks back in input order, restored afterwards."""

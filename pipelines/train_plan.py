@@ -147,7 +147,15 @@ def read_once(manifest: dict, data_dir: str | Path, split: str, rows: int = 0):
     the same rows in the same blocks as the stream, on every run."""
     with ray_session.ordered():  # inside: a Dataset keeps the DataContext it was made with
         ds = ray_split(manifest, data_dir, split)
-        return (ds.limit(rows) if rows else ds).materialize()
+        ds = ds.limit(rows) if rows else ds
+        # the blocks are kept on the driver's node: a worker node that dies must not take the
+        # cache with it (Ray could only rebuild the lost blocks by re-running their reads)
+        return ds.map_batches(_same, batch_size=None, num_cpus=READ_TASK_CPUS,
+                              scheduling_strategy=ray_session.this_node()).materialize()
+
+
+def _same(batch):
+    return batch
 
 
 def _has_tokenizer(model_dir: str) -> bool:
