@@ -15,9 +15,11 @@ from pipelines.train_plan import Plan
 def batches(shard, plan: Plan, cfg, epoch: int, rank: int, skip: int):
     """This worker's micro-batches of an epoch as (inputs, targets), the first `skip` dropped.
 
-    The order is fixed by the seed: Ray Data splits the rows in order (preserve_order) and the
-    shuffle buffer is seeded by (seed, epoch, rank), so a resumed run skips exactly what the
-    interrupted one had consumed.
+    The order is fixed by the seed: the split's row groups come in an order shuffled across the
+    whole split by --seed (train_plan.train_rows), Ray Data splits them in that order among
+    the workers (preserve_order), and each worker's shuffle buffer mixes them further, seeded
+    by (seed, epoch, rank); so a resumed run skips exactly what the interrupted one had
+    consumed.
     """
     from gpt2core.training import rows_to_batch
 

@@ -16,6 +16,7 @@ from gpt2core import storage
 from pipelines import dataset, ray_session
 
 READ_TASK_CPUS = 0.25  # a Parquet read task's share: several fit in placement.DATA_CPUS
+READ_TASK_BYTES = 8 << 20  # row groups a read task takes: blocks of about this much
 DEFAULT_DATA = "data/dataset"
 
 
@@ -115,12 +116,19 @@ def prepare_data(cfg, model_dir: str | None, address: str | None) -> dict:
     return asdict(dataset.load_manifest(cfg.data))
 
 
-def ray_split(manifest: dict, data_dir: str | Path, split: str):
-    """A split's Parquet shards as a (lazy) Ray Dataset."""
+def ray_split(manifest: dict, data_dir: str | Path, split: str, seed: int | None = None):
+    """A split's rows as a (lazy) Ray Dataset, read by Parquet row group: in shard order, or
+    with a seed in an order shuffled across the whole split, so rows from every part of the
+    corpus (every source of a --corpus a/ b/) come from the first steps on. A read task takes
+    about READ_TASK_BYTES of groups, in that order."""
     data = ray_session.ray().data
     data.DataContext.get_current().enable_progress_bars = False  # the workers print steps
-    files = [storage.join(data_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
-    return data.read_parquet(files, num_cpus=READ_TASK_CPUS)
+    m = dataset.Manifest.from_dict(manifest)
+    units = dataset.row_groups(m, split, data_dir, seed)
+    group_bytes = m.group_rows * (m.seq_len + 1) * np.dtype(m.dtype).itemsize
+    per_task = max(1, READ_TASK_BYTES // group_bytes) if group_bytes else 1
+    return data.from_items(units, override_num_blocks=math.ceil(len(units) / per_task)) \
+        .map_batches(dataset.read_groups, batch_size=None, num_cpus=READ_TASK_CPUS)
 
 
 def train_rows(cfg, manifest: dict, data_dir: str | Path, cluster: dict):
@@ -131,8 +139,8 @@ def train_rows(cfg, manifest: dict, data_dir: str | Path, cluster: dict):
     size = manifest["splits"]["train"]["rows"] * (manifest["seq_len"] + 1) \
         * np.dtype(manifest["dtype"]).itemsize
     if size > min(cfg.cache_train_mb << 20, cluster.get("object_store_memory", 0) / 2):
-        return ray_split(manifest, data_dir, "train")
-    return read_once(manifest, data_dir, "train")
+        return ray_split(manifest, data_dir, "train", seed=cfg.seed)
+    return read_once(manifest, data_dir, "train", seed=cfg.seed)
 
 
 def validation_rows(cfg, manifest: dict, data_dir: str | Path, rows_per_eval_batch: int):
@@ -142,11 +150,12 @@ def validation_rows(cfg, manifest: dict, data_dir: str | Path, rows_per_eval_bat
     return read_once(manifest, data_dir, "val", cfg.eval_batches * rows_per_eval_batch)
 
 
-def read_once(manifest: dict, data_dir: str | Path, split: str, rows: int = 0):
-    """A split (its first `rows` rows, if given) materialized in Ray's object store, in order:
-    the same rows in the same blocks as the stream, on every run."""
+def read_once(manifest: dict, data_dir: str | Path, split: str, rows: int = 0,
+              seed: int | None = None):
+    """A split (its first `rows` rows, if given) materialized in Ray's object store, in the
+    order ray_split reads it: the same rows in the same blocks as the stream, on every run."""
     with ray_session.ordered():  # inside: a Dataset keeps the DataContext it was made with
-        ds = ray_split(manifest, data_dir, split)
+        ds = ray_split(manifest, data_dir, split, seed)
         ds = ds.limit(rows) if rows else ds
         # the blocks are kept on the driver's node: a worker node that dies must not take the
         # cache with it (Ray could only rebuild the lost blocks by re-running their reads)

@@ -3,7 +3,7 @@
 import pytest
 
 from gpt2core import GPT2, GPT2Config
-from pipelines import checkpoint
+from pipelines import checkpoint, ray_session, train_plan
 from pipelines.placement import check_gpus, worker_share
 from pipelines.train import TrainConfig
 from pipelines.train_plan import make_plan, train_rows, validation_rows
@@ -153,7 +153,7 @@ def test_a_small_train_split_is_cached_with_the_streams_rows_and_order(train_dat
     import numpy as np
     from ray.data.dataset import MaterializedDataset
 
-    from pipelines import dataset
+    from pipelines import dataset, ray_session
 
     manifest = json.loads((train_data / dataset.MANIFEST).read_text())
     cluster = ray_local.cluster_resources()
@@ -161,11 +161,69 @@ def test_a_small_train_split_is_cached_with_the_streams_rows_and_order(train_dat
     streamed = train_rows(TrainConfig(cache_train_mb=0), manifest, train_data, cluster)
     assert isinstance(cached, MaterializedDataset)
     assert not isinstance(streamed, MaterializedDataset)
-    rows = [dataset.stack_rows(d.take_batch(10**6, batch_format="numpy")["tokens"])
-            for d in (cached, streamed)]
+    with ray_session.ordered():  # as Ray Train reads them (DataConfig preserve_order)
+        rows = [dataset.stack_rows(d.take_batch(10**6, batch_format="numpy")["tokens"])
+                for d in (cached, streamed)]
     assert np.array_equal(rows[0], rows[1])
-    assert np.array_equal(rows[0], dataset.read_split(train_data, "train")[0])
+    # the row groups in the order --seed (0) shuffles them, each group's rows in order
+    groups = dataset.row_groups(dataset.load_manifest(train_data), "train", train_data, seed=0)
+    table = dataset.read_groups({k: np.array([g[k] for g in groups]) for k in ("file", "group")})
+    assert np.array_equal(rows[0], dataset.stack_rows(table.column("tokens").to_numpy(False)))
+    assert sorted(map(bytes, rows[0])) == \
+        sorted(map(bytes, dataset.read_split(train_data, "train")[0]))
     # a split bigger than half the object store streams, whatever --cache_train_mb says
     tiny_store = {**cluster, "object_store_memory": 1000}
     assert not isinstance(train_rows(TrainConfig(), manifest, train_data, tiny_store),
                           MaterializedDataset)
+
+
+@pytest.mark.slow
+def test_two_sources_mix_from_the_first_batches_of_an_epoch(ray_local, tmp_path, monkeypatch):
+    """--corpus a/ b/, two sources with distinct vocabularies, prepared in corpus order: the
+    first 5 % of an epoch's batches draw rows from both (the row groups are read in an order
+    the seed shuffles across the split; the shuffle buffer only mixes neighbouring blocks):
+    read in shard order they would all come from a/. The order is the same for the same seed."""
+    import random
+    from dataclasses import asdict
+
+    from gpt2core import Tokenizer
+    from gpt2core.tokenizer import EOS_TOKEN
+    from pipelines import dataset, prepare, prepare_job, train_data
+
+    rng = random.Random(0)
+    for source, letters in (("a", "abcdefghijklm"), ("b", "nopqrstuvwxyz")):
+        (tmp_path / source).mkdir()
+        for i in range(40):
+            words = ("".join(rng.choices(letters, k=rng.randint(2, 7))) for _ in range(700))
+            (tmp_path / source / f"{i:02d}.txt").write_text(" ".join(words) + "\n")
+    monkeypatch.setattr(prepare, "ITEM_BYTES", (8 << 10, 8 << 10))  # 40 work items
+    monkeypatch.setattr(prepare_job, "GROUP_BYTES", 32 * 17 * 2)  # row groups of 32 rows
+    # a block per row group: Ray's shuffle buffer mixes whole blocks, and at real sizes a
+    # block (8 MiB) is a sliver of the split; here one would hold all of it
+    monkeypatch.setattr(train_plan, "READ_TASK_BYTES", 32 * 17 * 2)
+    out = tmp_path / "ds"
+    prepare.prepare(prepare.PrepareConfig(corpus=[str(tmp_path / "a"), str(tmp_path / "b")],
+                                          out=str(out), vocab_size=300, seq_len=16))
+    manifest = asdict(dataset.load_manifest(out))
+    tok = Tokenizer.from_pretrained(out)
+
+    def first_batches(seed: int | None) -> list[set[str]]:
+        cfg = TrainConfig(seed=seed or 0, shuffle_buffer=64, batch_train=16, cache_train_mb=0)
+        plan = make_plan(cfg, manifest, world=1)
+        n = manifest["splits"]["train"]["rows"] // plan.rows_per_batch
+        seen = []
+        with ray_session.ordered():  # as Ray Train reads (DataConfig preserve_order)
+            rows = train_rows(cfg, manifest, out, {}) if seed is not None else \
+                train_plan.ray_split(manifest, out, "train")
+            for i, (inputs, _) in enumerate(train_data.batches(rows, plan, cfg, 0, 0, 0)):
+                if i >= max(1, n // 20):
+                    break
+                texts = [tok.decode(row.tolist()).replace(EOS_TOKEN, "") for row in inputs]
+                seen.append({"ab"[any(c in "nopqrstuvwxyz" for c in t)] for t in texts})
+        return seen
+
+    assert len(manifest["splits"]["train"]["shards"]) > 20
+    mixed = first_batches(seed=0)
+    assert set().union(*mixed) == {"a", "b"} and len(mixed) >= 5
+    assert first_batches(seed=0) == mixed  # fixed by the seed: what exact resume needs
+    assert set().union(*first_batches(None)) == {"a"}  # shard order: one source first
