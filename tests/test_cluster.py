@@ -108,15 +108,16 @@ def test_prepare_train_through_a_node_failure_evaluate_serve_all_on_s3(
     manifest = dataset.load_manifest(s3_data)
     assert manifest.splits["train"].rows > 0 and manifest.splits["val"].rows > 0
     # --- train: ray job submit, 2 workers on 2 raylets, data and runs on S3, MLflow server
+    job_id = f"train-{os.getpid()}-{time.time_ns()}"
     job = subprocess.run(
         [cluster.ray, "job", "submit", "--address", cluster.jobs, "--no-wait",
-         "--working-dir", ".", "--", "python", "pipelines/train.py", "--data", s3_data,
+         "--submission-id", job_id, "--working-dir", ".", "--", "python", "pipelines/train.py",
+         "--data", s3_data,
          "--storage_path", "s3://corpus/runs", "--tracking_uri", mlflow_server,
          "--name", "cl", "--num_workers", "2", *TINY, "--total_steps", "60",
          "--eval_steps", "20", "--save_steps", "10", "--log_steps", "10"],
         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert job.returncode == 0, job.stderr[-2000:]
-    job_id = next(w for w in job.stdout.split() if w.startswith("raysubmit_"))
     deadline = time.monotonic() + 600
     while not [c for c in storage.listdir("s3://corpus/runs/cl") if c.startswith("checkpoint_")]:
         assert time.monotonic() < deadline, "no checkpoint reached S3"
@@ -127,7 +128,7 @@ def test_prepare_train_through_a_node_failure_evaluate_serve_all_on_s3(
     cluster.kill(victim)  # its raylet, object store and training worker, at once
     cluster.add_node(1, "c")  # a node joins: the restarted group gets its 2 CPUs back
     status = ""
-    while "SUCCEEDED" not in status and "FAILED" not in status:
+    while not any(end in status for end in ("SUCCEEDED", "FAILED", "STOPPED")):
         assert time.monotonic() < deadline + 600, "the job did not end"
         time.sleep(5)
         status = subprocess.run([cluster.ray, "job", "status", "--address", cluster.jobs,
