@@ -63,8 +63,8 @@ def convertible(tokenizer_json: str) -> bool:
         return False
     if any(not t.get("special") for t in spec.get("added_tokens", [])):
         return False
-    vocab, decoder = model["vocab"], byte_decoder()
-    if not all(c in decoder for token in vocab for c in token if token not in _specials(spec)):
+    vocab, decoder, specials = model["vocab"], byte_decoder(), _specials(spec)
+    if not all(c in decoder for token in vocab for c in token if token not in specials):
         return False
     if len({decoder[t] for t in vocab if len(t) == 1 and t in decoder}) < 256:
         return False  # tiktoken needs every single byte as a token

@@ -115,16 +115,18 @@ class _Local:
     def tree(self, root: str, depth: int | None, hidden: bool) -> Iterator[tuple[str, int, int]]:
         try:
             with os.scandir(root) as it:
-                entries = [(e.name + "/" * e.is_dir(), e.path) for e in it
-                           if hidden or not e.name.startswith(".")]
+                entries = sorted((e.name + "/" * e.is_dir(), e) for e in it
+                                 if hidden or not e.name.startswith("."))
         except (FileNotFoundError, NotADirectoryError):
             return
-        for key, path in sorted(entries):  # "a.txt" < "a/": the order of full paths
+        for key, entry in entries:  # "a.txt" < "a/": the order of full paths
             if key.endswith("/"):
                 if depth is None or depth > 1:
-                    yield from self.tree(path, None if depth is None else depth - 1, hidden)
-            elif os.path.isfile(path):
-                yield self.stat(path)
+                    yield from self.tree(entry.path, None if depth is None else depth - 1,
+                                         hidden)
+            elif entry.is_file():
+                st = entry.stat()
+                yield entry.path, st.st_size, st.st_mtime_ns
 
 
 class _Remote:

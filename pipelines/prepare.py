@@ -175,7 +175,9 @@ def prepare(cfg: PrepareConfig) -> dict:
           f"{times['tokenizer_s']:.1f} s, tokenize {times['tokenize_s']:.1f} s; {len(records)} "
           f"work items, {reused} reused; Ray start-up {ray_s:.1f} s not counted) -> {out}")
     return {"up_to_date": False, "out": str(out), "bytes": inputs.bytes, **times,
-            "encoder": manifest.source["encoder"], "items": len(records), "reused": reused}
+            "encoder": manifest.source["encoder"], "items": len(records), "reused": reused,
+            "task_s": sum(r.seconds for r in records.values() if not r.reused),
+            "padding": {k: s.padding for k, s in manifest.splits.items()}}
 
 
 def _out_path(out: str) -> str:

@@ -75,7 +75,7 @@ def _digested(sources: Iterator[corpus.Source], into: Listing) -> Iterator[corpu
     """The sources, passed through; at the end, into.digest is their digest."""
     digest = hashlib.sha256()
     for s in sources:
-        digest.update(json.dumps([s.uri, s.size, s.mtime_ns, s.role, s.fmt]).encode())
+        digest.update(f"{s.uri}\0{s.size}\0{s.mtime_ns}\0{s.role}\0{s.fmt}\n".encode())
         yield s
     into.digest = digest.hexdigest()
 

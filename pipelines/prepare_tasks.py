@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -76,6 +77,7 @@ class ItemRecord:
     partial: dict[str, list[int]] = field(default_factory=dict)
     error: str = ""
     reused: bool = False
+    seconds: float = 0.0  # the task's wall time (what a rate per CPU is measured from)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -115,7 +117,7 @@ def sample_item(segments: list[dict], quota: int, cut: int, text_field: str,
 
 def tokenize_item(segments: list[dict], item: int, spec: TaskSpec,
                   cut: int | None = None) -> ItemRecord:
-    cut = spec.cut if cut is None else cut
+    start, cut = time.perf_counter(), spec.cut if cut is None else cut
     key = item_key(spec, item, cut)
     record = ItemRecord(item, cut, spec.tokenizer_sha256, hashlib.sha256(
         json.dumps(segments, sort_keys=True).encode()).hexdigest())
@@ -154,6 +156,7 @@ def tokenize_item(segments: list[dict], item: int, spec: TaskSpec,
     except corpus.CorpusError as e:
         return ItemRecord(item, cut, spec.tokenizer_sha256, record.segments, error=str(e))
     record.splits = writer.close()
+    record.seconds = time.perf_counter() - start
     storage.write_text(record_path(spec, key), record.to_json())
     return record
 
