@@ -122,8 +122,12 @@ class LocalCluster:
                                 "--runtime-env-agent-port", "--metrics-export-port",
                                 "--node-manager-port", "--object-manager-port")
                  for a in (flag, str(free_port()))]
+        # each node its own temp dir, as on separate machines: nodes sharing one would share
+        # (and clean up) each other's runtime_resources, a running job's working dir included
         command = [self.ray, "start", "--block", "--node-ip-address", "127.0.0.1",
-                   "--disable-usage-stats", *ports, *args]
+                   "--disable-usage-stats", "--temp-dir", tempfile.mkdtemp(prefix="ray-",
+                                                                          dir="/tmp"),
+                   *ports, *args]
         if prefix:  # e.g. a node in its own mount namespace, where a dir is hidden
             command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                        f"{prefix} && exec \"$@\"", "node", *command]
@@ -136,8 +140,8 @@ class LocalCluster:
 
     def start_head(self, num_cpus: int) -> None:
         self._start(["--head", "--port", str(self.port), "--num-cpus", str(num_cpus),
-                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard),
-                     "--temp-dir", tempfile.mkdtemp(prefix="ray-", dir="/tmp")], "head")
+                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard)],
+                    "head")
         self.wait(1)
 
     def add_node(self, num_cpus: int, name: str, hide: Path | None = None) -> subprocess.Popen:
