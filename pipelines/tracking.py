@@ -63,7 +63,7 @@ def artifact_root(uri: str, experiment: str) -> str | None:
     return None if store is None else str(store.resolve().parent / "mlartifacts" / experiment)
 
 
-def check_server(uri: str, timeout: float = 5.0) -> None:
+def check_server(uri: str, timeout: float = 30.0) -> None:
     """An http(s) tracking server that does not answer fails here, on the driver, in one
     sentence; MLflow's client would retry it for minutes, then fail the run."""
     import urllib.error

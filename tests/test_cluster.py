@@ -51,7 +51,9 @@ def mlflow_server(s3_server, tools, tmp_path_factory):
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
          "--port", str(port), "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
          "--artifacts-destination", "s3://mlf/artifacts", "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # no job runner: its eight queue consumers would take the 2 CPUs' share of the cluster
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         tools.wait_port(port, server, "mlflow server", timeout=120)
         yield f"http://127.0.0.1:{port}"
