@@ -88,6 +88,18 @@ def s3_data(cluster, tmp_path_factory):
     return "s3://corpus/data"
 
 
+def job_ended(cluster, job_id: str) -> str:
+    """The job's final status (SUCCEEDED, FAILED, STOPPED), or "" while it runs."""
+    out = subprocess.run([cluster.ray, "job", "status", "--address", cluster.jobs, job_id],
+                         env=cluster.env, capture_output=True, text=True).stdout
+    return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
+
+
+def job_logs(cluster, job_id: str) -> str:
+    return subprocess.run([cluster.ray, "job", "logs", "--address", cluster.jobs, job_id],
+                          env=cluster.env, capture_output=True, text=True).stdout
+
+
 def training_worker_nodes(cluster) -> set[str]:
     """Names of the nodes whose process groups hold a Ray Train worker process."""
     sessions = {}
@@ -123,21 +135,18 @@ def test_prepare_train_through_a_node_failure_evaluate_serve_all_on_s3(
     deadline = time.monotonic() + 600
     while not [c for c in storage.listdir("s3://corpus/runs/cl") if c.startswith("checkpoint_")]:
         assert time.monotonic() < deadline, "no checkpoint reached S3"
+        assert not job_ended(cluster, job_id), job_logs(cluster, job_id)[-4000:]
         time.sleep(2)
     hosts = training_worker_nodes(cluster) - {"head"}
     assert hosts, "no training worker on a worker node"
     victim = next(n for n in cluster.nodes if n.name == sorted(hosts)[0])
     cluster.kill(victim)  # its raylet, object store and training worker, at once
     cluster.add_node(1, "c")  # a node joins: the restarted group gets its 2 CPUs back
-    status = ""
-    while not any(end in status for end in ("SUCCEEDED", "FAILED", "STOPPED")):
+    while not (status := job_ended(cluster, job_id)):
         assert time.monotonic() < deadline + 600, "the job did not end"
         time.sleep(5)
-        status = subprocess.run([cluster.ray, "job", "status", "--address", cluster.jobs,
-                                 job_id], env=cluster.env, capture_output=True, text=True).stdout
-    logs = subprocess.run([cluster.ray, "job", "logs", "--address", cluster.jobs, job_id],
-                          env=cluster.env, capture_output=True, text=True).stdout
-    assert "SUCCEEDED" in status, logs[-4000:]
+    logs = job_logs(cluster, job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
     assert "finished cl: step 60" in logs
     model = "s3://corpus/runs/cl/model"  # where the README says, on the storage given
     assert {"config.json", "model.safetensors", "metrics.jsonl", "tokenizer.json"} <= \
