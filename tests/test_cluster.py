@@ -91,7 +91,8 @@ def s3_data(cluster, tmp_path_factory):
 def job_ended(cluster, job_id: str) -> str:
     """The job's final status (SUCCEEDED, FAILED, STOPPED), or "" while it runs."""
     out = subprocess.run([cluster.ray, "job", "status", "--address", cluster.jobs, job_id],
-                         env=cluster.env, capture_output=True, text=True).stdout
+                         env=cluster.env, capture_output=True, text=True)
+    out = out.stdout + out.stderr  # the CLI logs the status line to stderr
     return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
 
 
