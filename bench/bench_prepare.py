@@ -1,32 +1,27 @@
-"""Benchmark pipelines/prepare.py against single-process encoding with the same tokenizer.
+"""Benchmark pipelines/prepare.py at corpus scale: throughput, and what the driver costs.
 
-Corpus: tinyshakespeare repeated x1, x4, x16 (and x64, without the slow tokenizers runs) as
-separate files (each file a document, cut into
-64 KiB chunks as prepare cuts it). One byte-level BPE (8192, trained on tinyshakespeare) is used
-by everything. Side by side, in one run:
+Corpora: tinyshakespeare copied x1, x16, x64 as separate files, and x4 cut into 10,000 small
+files (one document each, in 100 directories). Every run is given the same byte-level BPE (8192,
+trained on tinyshakespeare; --vocab_path), so its first pass reads only a 64 KiB probe; one more
+run at x16 trains its own BPE, to show what the tokenizer's sample pass costs.
 
-  prepare     the Ray job (`prepare()` in-process on a local Ray cluster with one CPU per core):
-              scan + tokenize + pack + write Parquet + manifest; with tiktoken in the workers
-              (its default for this vocabulary) and with --no-tiktoken (tokenizers)
-  baselines   one Python process, the same documents, read + encode + eos + one uint16 array
-              (no packing, no writing): tokenizers `encode_batch` on one thread and on all
-              cores; tiktoken on the same vocabulary (converted by pipelines/encoding.py) on one
-              thread (`encode_to_numpy`) and `encode_batch` on all cores
+Each measurement runs in a fresh driver process with its own local Ray cluster (one CPU per
+core) and a warm-up prepare first (worker start-up is not counted); best of --repeats:
+  MB/s         MB of source text per second of prepare()'s wall time (Ray start-up excluded)
+  driver RSS   peak resident memory of the driver process, sampled every 20 ms
+  driver CPU   CPU-seconds of the driver process (its sampling thread excluded), as a share of
+               the whole job's: the driver and every process under it (GCS, raylet, workers)
+  CPU rate     MB of text per CPU-second of the whole job: time per GB on N nodes is
+               projected from it and from the driver's CPU per work item
+Side by side: the same measurements of the prepare before issue 14 (the driver packs and
+writes every shard; git commit OLD, run from a copy of that commit's code) and a one-thread
+tiktoken baseline (read + encode, no Ray, no writing).
 
-MB/s is source text (1e6 bytes) per second of wall time. Prepare's time excludes Ray start-up,
-which is stated separately: `ray.init` and the first Ray Data job of a fresh cluster (its worker
-processes import Ray Data, pyarrow, ...). Peak RSS of prepare is sampled every 0.1 s over the
-whole process tree (driver, raylet, GCS, workers; shared pages count once per process), and is
-also given as the increase over the idle cluster; baselines report their own ru_maxrss.
-Each measurement is the best of --repeats runs. The machine is shared: the table also states
-the load average and the parallel speed-up two busy processes actually got ("effective cores").
-
-Targets (issue 3): prepare MB/s at x16 >= 0.8 x cores x the best one-thread single-process
-rate; prepare's peak memory at x16 <= 1.3 x at x1.
+Targets (issue 14): the driver's peak RSS at x64 <= 1.2 x at x1; its CPU share at x64 <= 5 %.
 
 Run:
-    .venv/bin/python bench/bench_prepare.py                       # ~5 min on 2 cores
-    .venv/bin/python bench/bench_prepare.py --scales 1 4 --repeats 1
+    .venv/bin/python bench/bench_prepare.py                 # ~6 min on 2 cores
+    .venv/bin/python bench/bench_prepare.py --scales 1 16 --repeats 1 --no-old
 It prints a markdown table and writes JSON (default bench/results/bench_prepare.json).
 """
 
@@ -35,93 +30,101 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-BASELINE = r"""
-import json, os, resource, sys, time
-kind, threads, tokdir, repeats = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-files = sys.argv[5:]
-os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
-import numpy as np
-from gpt2core.tokenizer import Tokenizer
-from pipelines import corpus
-from pipelines.encoding import to_tiktoken
-tok = Tokenizer.from_pretrained(tokdir)
-enc = to_tiktoken(tok.backend.to_str()) if kind == "tiktoken" else None
-best = float("inf")
-for _ in range(repeats):
-    start = time.perf_counter()
-    docs = [d for f in files for d in corpus.chunk_document(open(f, encoding="utf-8").read(),
-                                                            64 << 10) if d.strip()]
-    if enc is None:
-        ids = [e.ids for e in tok.backend.encode_batch_fast(docs, add_special_tokens=False)]
-    elif threads > 1:
-        ids = enc.encode_batch(docs, allowed_special="all", num_threads=threads)
-    else:
-        ids = [enc.encode_to_numpy(d, allowed_special="all") for d in docs]
-    eos = np.array([tok.eos_id], np.uint16)
-    stream = np.concatenate([a for doc in ids for a in (np.asarray(doc, np.uint16), eos)])
-    best = min(best, time.perf_counter() - start)
-print(json.dumps({"s": best, "tokens": len(stream),
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+OLD = "34d5e68^"  # the last commit before workers wrote their own shards
+SMALL_FILES = 10_000
+NODE_CPUS = 16  # the projection's node size
+
+DRIVER = r"""
+import json, os, resource, sys, threading, time
+args = json.loads(sys.argv[1])
+import ray  # first: it puts its bundled psutil on sys.path
+import ray.data
+import psutil
+
+ray.init(num_cpus=args["cpus"], include_dashboard=False, logging_level="warning")
+ray.data.DataContext.get_current().enable_progress_bars = False
+import pipelines.prepare
+from pipelines.prepare import PrepareConfig, prepare
+
+if args.get("item_bytes"):  # the driver's cost per work item, measured with many small ones
+    pipelines.prepare.ITEM_BYTES = (args["item_bytes"], args["item_bytes"])
+
+me = psutil.Process()
+
+
+class Sampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.cpu, self.running = 0, 0.0, True
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, me.memory_info().rss)
+            self.cpu = time.thread_time()
+            time.sleep(0.02)
+
+
+def tree_cpu():
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def driver_cpu(sampler):
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime - sampler.cpu
+
+
+def flags(corpus, out, **extra):
+    return PrepareConfig(corpus=[corpus], out=out, overwrite=True,
+                         val_fraction=args["val_fraction"], **extra)
+
+
+prepare(flags(args["warm"], args["out"] + "-warm", vocab_path=args["vocab"]))
+sampler = Sampler()
+sampler.start()
+best = None
+for _ in range(args["repeats"]):
+    sampler.peak, c0, d0, s0 = 0, tree_cpu(), driver_cpu(sampler), sampler.cpu
+    extra = {"vocab_path": args["vocab"]} if args["vocab"] else {}
+    r = prepare(flags(args["corpus"], args["out"], **extra))
+    r["driver_cpu_s"] = driver_cpu(sampler) - d0
+    r["job_cpu_s"] = tree_cpu() - c0 - (sampler.cpu - s0)
+    r["driver_peak_mb"] = sampler.peak / 2**20
+    best = r if best is None or r["prepare_s"] < best["prepare_s"] else best
+    best["driver_peak_mb"] = max(best["driver_peak_mb"], r["driver_peak_mb"])
+print("RESULT " + json.dumps(best))
 """
 
-
-class TreeRSS(threading.Thread):
-    """Peak summed RSS of this process and all its descendants, sampled every `every` s."""
-
-    def __init__(self, every: float = 0.1):
-        super().__init__(daemon=True)
-        import ray  # noqa: F401, I001  (first: it puts its bundled psutil on sys.path)
-        import psutil
-
-        self.psutil, self.root, self.every = psutil, psutil.Process(), every
-        self.peak, self.running = 0, True
-
-    def now(self) -> int:
-        total = 0
-        for p in [self.root, *self.root.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except self.psutil.Error:
-                pass
-        return total
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.now())
-            time.sleep(self.every)
-
-    def reset(self) -> None:
-        self.peak = self.now()
-
-
-def _busy(_) -> float:
-    start = time.perf_counter()
-    n = 0
-    for i in range(4_000_000):
-        n += i
-    return time.perf_counter() - start
-
-
-def effective_cores(cores: int) -> float:
-    """How many cores `cores` busy processes actually got: contention shows as < cores."""
-    alone = min(_busy(0) for _ in range(2))
-    with mp.get_context("spawn").Pool(cores) as pool:
-        together = pool.map(_busy, range(cores))
-    return round(sum(alone / t for t in together), 2)
+BASELINE = r"""
+import sys, time
+import numpy as np
+from gpt2core.tokenizer import Tokenizer
+from pipelines.encoding import to_tiktoken
+tok = Tokenizer.from_pretrained(sys.argv[1])
+enc = to_tiktoken(tok.backend.to_str())
+files = sys.argv[2:]
+start = time.perf_counter()
+ids = [enc.encode_to_numpy(open(f, encoding="utf-8").read(), allowed_special="all")
+       for f in files]
+stream = np.concatenate([a for doc in ids for a in (doc.astype(np.uint16), [tok.eos_id])])
+print("RESULT", time.perf_counter() - start)
+"""
 
 
 def machine() -> dict:
@@ -133,35 +136,61 @@ def machine() -> dict:
             "python": platform.python_version(), "load_avg": os.getloadavg()}
 
 
-def baseline(kind: str, threads: int, tokdir: Path, files: list[Path], repeats: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", BASELINE, kind, str(threads), str(tokdir),
-                          str(repeats), *map(str, files)], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def drive(code: Path, args: dict) -> dict:
+    """One fresh driver process running `code`'s prepare; its RESULT line."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], cwd=code, env=env,
+                         capture_output=True, text=True, timeout=1800)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"prepare ({code}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def corpora(text: Path, scales: list[int], work: Path) -> dict[str, Path]:
+    found = {}
+    for k in scales:
+        found[f"x{k}"] = work / f"x{k}"
+        found[f"x{k}"].mkdir()
+        for i in range(k):
+            shutil.copy(text, found[f"x{k}"] / f"copy{i:03d}.txt")
+    lines = text.read_text(encoding="utf-8").splitlines(keepends=True) * 4
+    per = len(lines) / SMALL_FILES
+    small = found[f"{SMALL_FILES:,} files"] = work / "small"
+    for i in range(SMALL_FILES):
+        d = small / f"{i // 100:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:05d}.txt").write_text("".join(lines[round(i * per):round((i + 1) * per)]),
+                                        encoding="utf-8")
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="the x1 corpus")
-    parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--tokenizers_up_to", type=int, default=16,
-                        help="skip the (slow) tokenizers runs above this scale")
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--val_fraction", type=float, default=0.05,
+                        help="0.05: a chunk of tinyshakespeare hashes below it (0.023), so "
+                        "the copies corpora never take the lowest-hash fallback, which the "
+                        "new prepare pays for by tokenizing again every item holding it")
+    parser.add_argument("--no-old", dest="old", action="store_false",
+                        help="skip the pre-issue-14 prepare")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/bench_prepare.json")
     args = parser.parse_args()
     if not args.text.is_file():
         sys.exit(f"{args.text} is missing; pass --text with a text file.")
-
     info = machine()
-    cores = info["cores"]
-    info["effective_cores"] = effective_cores(cores)
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     try:
-        results = run(args, info, cores, work)
+        results = run(args, info["cores"], work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info["load_avg_after"] = os.getloadavg()
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": info,
+              "old_commit": subprocess.run(["git", "rev-parse", "--short", OLD], cwd=ROOT,
+                                           capture_output=True, text=True).stdout.strip(),
               **results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -169,116 +198,90 @@ def main() -> None:
     print(f"\nwrote {args.json}")
 
 
-def run(args, info: dict, cores: int, work: Path) -> dict:
+def run(args, cores: int, work: Path) -> dict:
     from gpt2core.tokenizer import Tokenizer
 
-    start = time.perf_counter()
-    tokenizer = Tokenizer.train([args.text], vocab_size=8192)
-    tokenizer.save(work / "tok")
-    train_s = time.perf_counter() - start
-    corpora = {}
-    for k in args.scales:
-        corpora[k] = work / f"x{k}"
-        corpora[k].mkdir()
-        for i in range(k):
-            shutil.copy(args.text, corpora[k] / f"copy{i:03d}.txt")
-
+    Tokenizer.train([args.text], vocab_size=8192).save(work / "tok")
+    found = corpora(args.text, args.scales, work)
+    codes = {"new": ROOT}
+    if args.old:
+        codes["old"] = work / "old"
+        codes["old"].mkdir()
+        archive = subprocess.run(["git", "archive", OLD, "pipelines", "gpt2core"], cwd=ROOT,
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(codes["old"])], input=archive, check=True)
     rows = {}
-    for k, d in corpora.items():
-        files = sorted(d.iterdir())
+    for name, corpus in found.items():
+        files = sorted(p for p in corpus.rglob("*.txt"))
         mb = sum(f.stat().st_size for f in files) / 1e6
-        row = rows[k] = {"mb": mb}
-        for kind, threads in (("tokenizers", 1), ("tokenizers", cores), ("tiktoken", 1),
-                              ("tiktoken", cores)):
-            if kind == "tokenizers" and k > args.tokenizers_up_to:
-                continue
-            r = baseline(kind, threads, work / "tok", files, args.repeats)
-            row[f"{kind}/{threads}"] = {"mb_s": mb / r["s"], "rss_mb": r["rss_mb"],
-                                        "tokens": r["tokens"]}
-        print(f"x{k}: baselines done", flush=True)
-
-    import ray
-    from ray.data import DataContext
-
-    from pipelines.prepare import PrepareConfig, prepare
-
-    sampler = TreeRSS()
-    start = time.perf_counter()
-    ray.init(num_cpus=cores, include_dashboard=False, logging_level="warning")
-    ray_init_s = time.perf_counter() - start
-    DataContext.get_current().enable_progress_bars = False
-    sampler.start()
-    cold = prepare(PrepareConfig(corpus=[str(corpora[args.scales[0]])], out=str(work / "cold"),
-                                 vocab_path=str(work / "tok")))
-    time.sleep(1.0)
-    idle_mb = sampler.now() / 2**20
-    for k, d in corpora.items():
-        for fast in (True, False) if k <= args.tokenizers_up_to else (True,):
-            best, peak = None, 0
-            for _ in range(args.repeats):
-                sampler.reset()
-                r = prepare(PrepareConfig(corpus=[str(d)], out=str(work / f"out{k}"),
-                                          vocab_path=str(work / "tok"), overwrite=True,
-                                          tiktoken=fast))
-                peak = max(peak, sampler.peak)
-                best = r if best is None or r["prepare_s"] < best["prepare_s"] else best
-            rows[k]["prepare/" + ("tiktoken" if fast else "tokenizers")] = {
-                "mb_s": rows[k]["mb"] / best["prepare_s"], "peak_rss_mb": peak / 2**20,
-                "over_idle_mb": peak / 2**20 - idle_mb, "encoder": best["encoder"],
-                **{key: round(best[key], 3) for key in ("scan_s", "tokenize_s", "prepare_s")}}
-        print(f"x{k}: prepare done", flush=True)
-    sampler.running = False
-    ray.shutdown()
-    return {"tokenizer_train_s": train_s, "ray_init_s": ray_init_s,
-            "first_ray_data_job_s": cold["prepare_s"], "idle_cluster_rss_mb": idle_mb,
-            "scales": {str(k): v for k, v in rows.items()}}
+        rows[name] = row = {"mb": mb, "files": len(files)}
+        base = subprocess.run([sys.executable, "-c", BASELINE, str(work / "tok"), *map(str, files)],
+                              cwd=ROOT, capture_output=True, text=True, check=True)
+        row["tiktoken/1"] = {"mb_s": mb / float(base.stdout.split("RESULT")[-1])}
+        for variant, code in codes.items():
+            r = drive(code, {"cpus": cores, "corpus": str(corpus), "out": str(work / "out"),
+                             "warm": str(found[next(iter(found))]), "vocab": str(work / "tok"),
+                             "repeats": args.repeats, "val_fraction": args.val_fraction})
+            row[variant] = {**r, "mb_s": mb / r["prepare_s"],
+                            "driver_share": r["driver_cpu_s"] / max(1e-9, r["job_cpu_s"])}
+        print(f"{name}: done", flush=True)
+    small = found[f"{SMALL_FILES:,} files"]
+    many = drive(ROOT, {"cpus": cores, "corpus": str(small), "out": str(work / "out"),
+                        "warm": str(found[next(iter(found))]), "vocab": str(work / "tok"),
+                        "repeats": args.repeats, "val_fraction": args.val_fraction,
+                        "item_bytes": 8 << 10})
+    trained = None
+    if "x16" in found:  # the first pass a trained tokenizer needs
+        trained = drive(ROOT, {"cpus": cores, "corpus": str(found["x16"]),
+                               "out": str(work / "out"), "warm": str(found["x16"]),
+                               "vocab": None, "repeats": 1, "val_fraction": args.val_fraction})
+    return {"scales": rows, "trained_x16": trained, "small_items": many}
 
 
 def markdown(report: dict) -> str:
     m, scales = report["machine"], report["scales"]
-    cores = m["cores"]
-
-    def rate(r: dict, key: str) -> str:
-        return f"{r[key]['mb_s']:.2f}" if key in r else "-"
-
+    first = next(iter(scales.values()))
+    nan = {"mb_s": float("nan"), "driver_peak_mb": float("nan"), "driver_share": float("nan"),
+           "job_cpu_s": float("nan")}
     lines = [
-        f"Machine: {m['cpu']}, {cores} cores, {m['ram_gb']} GB RAM, Python {m['python']}; "
-        f"load average {m['load_avg'][0]:.2f} before, {m['load_avg_after'][0]:.2f} after; two "
-        f"busy processes got {m['effective_cores']} cores' worth ({report['date']}).",
-        f"Ray start-up (not in prepare's MB/s): ray.init {report['ray_init_s']:.1f} s; first "
-        f"Ray Data job of the fresh cluster (x{next(iter(scales))}, worker imports included) "
-        f"{report['first_ray_data_job_s']:.1f} s. Tokenizer training (once, shared): "
-        f"{report['tokenizer_train_s']:.1f} s.",
-        "",
-        "MB/s of source text | MB | prepare, tiktoken | prepare, tokenizers | tiktoken 1 thread "
-        f"| tiktoken {cores} threads | tokenizers 1 thread | tokenizers {cores} threads | "
-        f"prepare / best 1-thread (target {0.8 * cores:.1f}x) | prepare / same encoder, "
-        "1 thread |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for k, r in scales.items():
-        best1 = max(r[key]["mb_s"] for key in ("tiktoken/1", "tokenizers/1") if key in r)
-        p = r["prepare/tiktoken"]["mb_s"]
-        same = [f"{p / r['tiktoken/1']['mb_s']:.2f}x tiktoken"]
-        if "prepare/tokenizers" in r:
-            same.append(f"{r['prepare/tokenizers']['mb_s'] / r['tokenizers/1']['mb_s']:.2f}x "
-                        "tokenizers")
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, Python {m['python']}; "
+        f"load average {m['load_avg'][0]:.2f} before, {m['load_avg_after'][0]:.2f} after "
+        f"({report['date']}). Old: the prepare of commit {report['old_commit']}.", "",
+        "| corpus | MB | files | MB/s new | MB/s old | tiktoken 1 thread | work items | "
+        "driver peak RSS new (x first) | old | driver CPU share new | old | MB per job "
+        "CPU-second new | old | padding (train) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in scales.items():
+        new, old = r["new"], r.get("old", nan)
         lines.append(
-            f"| x{k} | {r['mb']:.1f} | {p:.2f} | {rate(r, 'prepare/tokenizers')} | "
-            f"{rate(r, 'tiktoken/1')} | {rate(r, f'tiktoken/{cores}')} | "
-            f"{rate(r, 'tokenizers/1')} | {rate(r, f'tokenizers/{cores}')} | {p / best1:.2f}x | "
-            f"{', '.join(same)} |")
-    first = next(iter(scales.values()))["prepare/tiktoken"]
-    lines += ["", "Peak RSS | prepare, all processes (target at x16 <= 1.3x x1) | over the idle "
-              f"cluster ({report['idle_cluster_rss_mb']:.0f} MB) | prepare: scan / tokenize "
-              "| tiktoken 1 thread | tokenizers 1 thread |", "|---|---|---|---|---|---|"]
-    for k, r in scales.items():
-        p = r["prepare/tiktoken"]
-        hf = f"{r['tokenizers/1']['rss_mb']:.0f} MB" if "tokenizers/1" in r else "-"
-        lines.append(
-            f"| x{k} | {p['peak_rss_mb']:.0f} MB ({p['peak_rss_mb'] / first['peak_rss_mb']:.2f}x"
-            f" x1) | {p['over_idle_mb']:.0f} MB | {p['scan_s']:.2f} s / {p['tokenize_s']:.2f} s"
-            f" | {r['tiktoken/1']['rss_mb']:.0f} MB | {hf} |")
+            f"| {name} | {r['mb']:.1f} | {r['files']:,} | {new['mb_s']:.2f} | "
+            f"{old['mb_s']:.2f} | {r['tiktoken/1']['mb_s']:.2f} | {new['items']} | "
+            f"{new['driver_peak_mb']:.0f} MB "
+            f"({new['driver_peak_mb'] / first['new']['driver_peak_mb']:.2f}x) | "
+            f"{old['driver_peak_mb']:.0f} MB | {100 * new['driver_share']:.1f} % | "
+            f"{100 * old['driver_share']:.1f} % | {r['mb'] / new['job_cpu_s']:.2f} | "
+            f"{r['mb'] / old['job_cpu_s']:.2f} | {new['padding']['train']:,} tokens |")
+    big = max(scales.values(), key=lambda r: r["mb"] if r["files"] < 1000 else 0)["new"]
+    rate = big["bytes"] / 1e6 / big["job_cpu_s"]  # every process's CPU, per MB
+    many, one = report["small_items"], scales[f"{SMALL_FILES:,} files"]["new"]
+    per_item = (many["driver_cpu_s"] - one["driver_cpu_s"]) / (many["items"] - one["items"])
+    item_mb = 8 * 2**20 / 1e6  # at scale every item is ITEM_BYTES[1]
+    lines += ["", f"Projection: {rate:.2f} MB of text per CPU-second of the whole job (the "
+              f"largest copy corpus); the driver's CPU per work item, from the {SMALL_FILES:,} "
+              f"files in {many['items']} items of 8 KiB against {one['items']}: "
+              f"{1000 * per_item:.1f} ms, so with items of {item_mb:.1f} MB it could hand out "
+              f"{item_mb / per_item:,.0f} MB/s on its own. Time per GB on N nodes of 16 CPUs, "
+              "assuming storage keeps up:", "",
+              "| nodes x 16 CPUs | s per GB (tasks) | s per GB (driver bound) |", "|---|---|---|"]
+    for n in (1, 4, 16, 64):
+        lines.append(f"| {n} | {1000 / (rate * n * NODE_CPUS):.2f} | "
+                     f"{1000 / item_mb * per_item:.2f} |")
+    t = report.get("trained_x16")
+    if t:
+        lines += ["", f"x16 with a trained 8192-token BPE: sample pass {t['sample_s']:.2f} s "
+                  f"(reads min(--tokenizer_sample_bytes, corpus) spread over the items), BPE "
+                  f"training {t['tokenizer_s']:.2f} s, tokenize {t['tokenize_s']:.2f} s; "
+                  f"{t['bytes'] / 1e6 / t['prepare_s']:.2f} MB/s overall."]
     return "\n".join(lines)
 
 

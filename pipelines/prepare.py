@@ -177,6 +177,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     return {"up_to_date": False, "out": str(out), "bytes": inputs.bytes, **times,
             "encoder": manifest.source["encoder"], "items": len(records), "reused": reused,
             "task_s": sum(r.seconds for r in records.values() if not r.reused),
+            "redone": job.redone,
             "padding": {k: s.padding for k, s in manifest.splits.items()}}
 
 

@@ -93,6 +93,7 @@ class Job:
     not_fingerprinted: tuple[str, ...]  # flags left out of the fingerprint and the manifest
     spec: TaskSpec | None = None  # set with the tokenizer
     vocab_size: int = 0
+    redone: int = 0  # items tokenized again because the lowest hash went to validation
 
     def items(self) -> Iterator[tuple[int, list[dict]]]:
         """(index, segments) of every work item, from a fresh listing; raises if the inputs
@@ -229,9 +230,9 @@ class Job:
                 if cfg.eval_corpus else f"the corpus is too small to split: its {documents} "
                 "document(s) would all go to validation; add text, pass --eval_corpus, or "
                 "lower --max_doc_bytes to cut it into more documents.")
-        if not splits["val"].documents:
+        if not splits["val"].documents:  # costs a second pass over those items only
             records.update(self.tokenize(holding, cut=low + 1)[0])
-            splits = _add_up(records)
+            splits, self.redone = _add_up(records), len(holding)
         spec = self.spec
         corpus.warn_utf8(*invalid)
         return dataset.Manifest(
