@@ -90,15 +90,25 @@ def s3_data(cluster, tmp_path_factory):
 
 def job_ended(cluster, job_id: str) -> str:
     """The job's final status (SUCCEEDED, FAILED, STOPPED), or "" while it runs."""
-    out = subprocess.run([cluster.ray, "job", "status", "--address", cluster.jobs, job_id],
-                         env=cluster.env, capture_output=True, text=True)
-    out = out.stdout + out.stderr  # the CLI logs the status line to stderr
-    return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
+    status = jobs(cluster).get_job_status(job_id)
+    return status.value if status.is_terminal() else ""
 
 
 def job_logs(cluster, job_id: str) -> str:
-    return subprocess.run([cluster.ray, "job", "logs", "--address", cluster.jobs, job_id],
-                          env=cluster.env, capture_output=True, text=True).stdout
+    return jobs(cluster).get_job_logs(job_id)
+
+
+def jobs(cluster):
+    """Ray's job client for the cluster (the token from ~/.ray/auth_token, as the CLI's)."""
+    from ray.job_submission import JobSubmissionClient
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"  # read when the client is made, for its headers
+    try:
+        return JobSubmissionClient(cluster.jobs)
+    finally:
+        os.environ.pop("RAY_AUTH_MODE") if saved is None else \
+            os.environ.update(RAY_AUTH_MODE=saved)
 
 
 def training_worker_nodes(cluster) -> set[str]:
