@@ -108,7 +108,7 @@ def listdir(path: str | os.PathLike) -> list[str]:
 def read_bytes(path: str | os.PathLike) -> bytes:
     fs, inner = filesystem(path)
     try:
-        with fs.open_input_stream(inner) as f:
+        with fs.open_input_stream(inner, compression=None) as f:  # bytes as stored
             return f.read()
     except FileNotFoundError:
         raise
@@ -133,7 +133,9 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         return
     fs, inner = filesystem(path)
     try:
-        with fs.open_output_stream(inner) as f:  # an S3 object appears whole or not at all
+        # compression=None: the bytes as given (pyarrow would compress x.gz by its name); an
+        # S3 object appears whole or not at all
+        with fs.open_output_stream(inner, compression=None) as f:
             f.write(data)
     except OSError as e:
         raise _error(str(path), e) from None

@@ -30,6 +30,8 @@ TINY = ["--layers", "1", "--dims", "32", "--heads", "2", "--batch_train", "8"]
 def cluster(s3_server, tools, tmp_path_factory):
     """Head (1 CPU) + two 1-CPU worker nodes, and the env to reach them."""
     c = tools.LocalCluster(tmp_path_factory.mktemp("cluster"))
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"  # for the job client in this process
     try:
         c.start_head(num_cpus=1)
         c.add_node(1, "a")
@@ -37,6 +39,10 @@ def cluster(s3_server, tools, tmp_path_factory):
         yield c
     finally:
         c.stop()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE")
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +105,11 @@ def job_logs(cluster, job_id: str) -> str:
 
 
 def jobs(cluster):
-    """Ray's job client for the cluster (the token from ~/.ray/auth_token, as the CLI's)."""
+    """Ray's job client for the cluster (the token from ~/.ray/auth_token, as the CLI's: the
+    cluster fixture sets RAY_AUTH_MODE=token in this process while it runs)."""
     from ray.job_submission import JobSubmissionClient
 
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"  # read when the client is made, for its headers
-    try:
-        return JobSubmissionClient(cluster.jobs)
-    finally:
-        os.environ.pop("RAY_AUTH_MODE") if saved is None else \
-            os.environ.update(RAY_AUTH_MODE=saved)
+    return JobSubmissionClient(cluster.jobs)
 
 
 def training_worker_nodes(cluster) -> set[str]:
