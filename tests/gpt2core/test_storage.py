@@ -101,3 +101,15 @@ def test_refused_credentials_are_one_sentence(tmp_path, tools, monkeypatch):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_bytes_are_stored_as_given_whatever_the_name(root):
+    """pyarrow's streams compress by file name unless told not to: a .gz or .zst written
+    through storage must hold exactly its bytes."""
+    import gzip
+
+    data = gzip.compress(b"already compressed text\n")
+    for name in ("a.txt.gz", "b.jsonl.zst"):
+        storage.write_bytes(storage.join(root, name), data)
+        assert storage.read_bytes(storage.join(root, name)) == data
+        assert storage.info(storage.join(root, name)).size == len(data)
