@@ -15,7 +15,8 @@ The job, top to bottom:
   1. Driver: flags, the dataset's manifest and the model's shape are checked together (vocab,
      seq_len, batch against the data, GPUs); a bad one ends here in one sentence, exit 2.
   2. Ray Train: `num_workers` workers each run train_loop_per_worker(config). Each streams its
-     equal share of the train rows (`get_dataset_shard`), shuffled per epoch from --seed;
+     equal share of the train rows (`get_dataset_shard`): row groups in an order --seed
+     shuffles across the split, then a shuffle buffer seeded per epoch;
      AdamW with warm-up + cosine, grad accumulation and clipping, AMP, DDP across workers.
      Every --save_steps all ranks report and rank 0's checkpoint is kept (checkpoint.py);
      rank 0's reports carry its records, which the Train controller logs to MLflow
