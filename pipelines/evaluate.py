@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpt2core import storage
-from pipelines import corpus, dataset, ray_session
+from pipelines import corpus, dataset, placement, ray_session
 from pipelines.flags import option, parse
 
 if TYPE_CHECKING:
@@ -247,7 +247,9 @@ def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     actors = cfg.actors or (gpus or max(1, cpus // CPUS_PER_ACTOR))
-    actor_cpus = 1 if gpus else max(1, (cpus - 1) // actors)  # one CPU left to read the corpus
+    # sized as training workers are: each actor fits a node, one CPU left to read the corpus
+    share = placement.worker_share(placement.alive_nodes(), actors)
+    actor_cpus, threads = (1, 1) if gpus else (share.cpus, share.threads)
     with ray_session.data_context(8 << 20):
         if job.val is not None:
             ds = ray.data.read_parquet([str(f) for f in job.val_files]) \
@@ -260,7 +262,7 @@ def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
         parts = ds.map_batches(
             Scorer, batch_size=cfg.batch_eval, compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=actor_cpus, num_gpus=1 if gpus else 0,
-            fn_constructor_kwargs=dict(weights=[ray.put(job.weights)], threads=actor_cpus,
+            fn_constructor_kwargs=dict(weights=[ray.put(job.weights)], threads=threads,
                                        **ctor)).take_all()
     mode = f"Ray Data, {actors} actor(s)" + (" with a GPU each" if gpus else "")
     return summarize(parts, job, cfg, mode, time.perf_counter() - start)

@@ -279,7 +279,7 @@ def launches_text(launching: int, failed: int) -> str:
 
 def observe() -> Cluster:
     """(Ray) The alive nodes and the autoscaler that can add more, if any."""
-    return Cluster(_alive_nodes(), _autoscaler())
+    return Cluster(alive_nodes(), _autoscaler())
 
 
 def place(workers: int, gpus: int = 0, cpus_per_worker: float = 0.0,
@@ -297,7 +297,7 @@ def place(workers: int, gpus: int = 0, cpus_per_worker: float = 0.0,
               f"{workers} x {bundle}; waiting up to {wait_s:g} s ({GPU_WAIT_ENV})", flush=True)
         _request([bundle] * workers)
         try:
-            wait_for_gpus(needed, lambda: gpus_in(_alive_nodes()), wait_s, activity=_activity,
+            wait_for_gpus(needed, lambda: gpus_in(alive_nodes()), wait_s, activity=_activity,
                           say=lambda line: print(line, flush=True))
         finally:
             _request([])  # the request is a floor that would keep idle GPU nodes forever
@@ -308,7 +308,8 @@ def place(workers: int, gpus: int = 0, cpus_per_worker: float = 0.0,
     return share
 
 
-def _alive_nodes() -> list[dict]:
+def alive_nodes() -> list[dict]:
+    """The resources of each live node of the Ray cluster this process is connected to."""
     from pipelines import ray_session
 
     return [n["Resources"] for n in ray_session.ray().nodes() if n["Alive"]]

@@ -224,7 +224,7 @@ def test_place_requests_the_bundles_waits_then_clears_the_request(monkeypatch, c
         requests.append(bundles)
         nodes.extend([G5] * max(0, len(bundles) - int(placement.gpus_in(nodes))))
 
-    monkeypatch.setattr(placement, "_alive_nodes", lambda: list(nodes))
+    monkeypatch.setattr(placement, "alive_nodes", lambda: list(nodes))
     monkeypatch.setattr(placement, "_autoscaler", launcher)
     monkeypatch.setattr(placement, "_request", request)
     share = placement.place(2, gpus=1, wait_s=60)
