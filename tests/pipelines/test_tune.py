@@ -118,6 +118,8 @@ def test_trial_runs_are_nested_logged_and_ended_on_the_tune_driver(tmp_path):
     ckpt = tmp_path / "train" / "trial_0" / "checkpoint_0000020" / "model"
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"w")  # complete: only such a one is exported
+    (ckpt.parent / "train_state.pt").write_bytes(b"")
     (ckpt / "loss_curve.png").write_bytes(b"png")
     for trial in (done, stopped):
         runs.on_trial_start(0, [], trial)
