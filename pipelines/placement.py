@@ -92,12 +92,15 @@ def _slots(nodes: Sequence[dict], c: float, keep: float) -> int:
     return sum(each) + max(kept) if kept else 0
 
 
-def _cpu_reservation(nodes: Sequence[dict], n: int, keep: float) -> float:
-    """The largest multiple of 0.05 CPU of which n bundles fit beside `keep` (0: none)."""
+def _cpu_reservation(nodes: Sequence[dict], n: int, keep: float,
+                     budget: float = math.inf) -> float:
+    """The largest multiple of 0.05 CPU of which n bundles fit beside `keep` on one node and
+    take at most `budget` CPUs in all (0: none)."""
     lo, hi = 0, math.floor(20 * max((x.get("CPU", 0) for x in nodes), default=0) + 1e-9)
     while lo < hi:  # _slots falls as c grows: bisect on c = m / 20
         m = (lo + hi + 1) // 2
-        lo, hi = (m, hi) if _slots(nodes, m / 20, keep) >= n else (lo, m - 1)
+        fits = _slots(nodes, m / 20, keep) >= n and n * m / 20 <= budget + 1e-9
+        lo, hi = (m, hi) if fits else (lo, m - 1)
     return lo / 20
 
 
@@ -116,7 +119,9 @@ def worker_share(nodes: Sequence[dict], workers: int, gpus: int = 0,
         return _gpu_share(nodes, n, cpus_per_worker, node_types)
     total = sum(x.get("CPU", 0) for x in nodes)
     largest = max((x.get("CPU", 0) for x in nodes), default=0)
-    cpus = cpus_per_worker or _cpu_reservation(nodes, n, DATA_CPUS + trials * trial_cpus)
+    # Ray Data's CPU on one node; the trials' own small actors anywhere in what is left
+    cpus = cpus_per_worker or _cpu_reservation(nodes, n, DATA_CPUS,
+                                               total - DATA_CPUS - trials * trial_cpus)
     if cpus <= 0:
         if trials == 1:
             raise ValueError(f"the cluster has {total:g} CPUs: too few for {workers} training "

@@ -236,3 +236,13 @@ def test_place_requests_the_bundles_waits_then_clears_the_request(monkeypatch, c
     monkeypatch.setattr(placement, "_autoscaler", lambda: None)
     with pytest.raises(ValueError, match="--gpus 4 asks for more GPUs than the cluster has"):
         placement.place(4, gpus=1)
+
+
+def test_tune_on_one_cpu_nodes_fits_the_trials_actors_beside_the_workers():
+    """Seen on the cluster test's 3 x 1-CPU nodes: Ray Data's CPU and the trials' 0.01-CPU
+    actors were asked to fit on one node, which no 1-CPU node can hold."""
+    nodes = [{"CPU": 1.0}] * 3
+    one = placement.worker_share(nodes, 1, trials=1, trial_cpus=0.01)
+    two = placement.worker_share(nodes, 1, trials=2, trial_cpus=0.01)
+    assert (one.cpus, two.cpus) == (1.0, 0.95)
+    assert 2 * two.cpus + 2 * 0.01 + placement.DATA_CPUS <= 3.0
