@@ -26,7 +26,8 @@ def test_logits_shape_and_loss(model):
     logits2, loss = model(x, targets=x)
     torch.testing.assert_close(logits, logits2)
     # float64 reference, float32 tolerance: a float32 log-sum-exp and mean sum in a different
-    # order on AVX2 and AVX-512 (4.5e-6 apart on a Xeon), so rel=1e-6 held on one CPU only
+    # order on AVX2 and AVX-512 (4.5e-6 apart on a Xeon): a one-in-a-million bound held on one
+    # CPU kind only
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 97).double(), x.reshape(-1))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # an untrained model is close to uniform over the vocabulary (random targets: with

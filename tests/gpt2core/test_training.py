@@ -98,7 +98,7 @@ def test_state_round_trips_through_weights_only_load():
     assert other.step_count == 3 and other.lr == pytest.approx(state.lr)
     a, _ = state.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
     b, _ = other.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
-    assert a == pytest.approx(b, rel=1e-6)
+    assert a == pytest.approx(b, rel=1e-5)  # float32 loss: the dtype's bound, not one CPU's
     for p, q in zip(state.raw.parameters(), other.raw.parameters()):
         torch.testing.assert_close(p, q)
 
