@@ -19,12 +19,10 @@ line is never cut), so one big .txt file is read by many tasks in parallel and s
 validation split. The rule depends only on the document itself, so chunks -- and therefore the
 split -- never change when other files are added.
 
-Split: a document goes to validation when the first 8 bytes of its BLAKE2b hash, read as a
-fraction of 2**64, fall below a threshold (--val_fraction, or just above the smallest hash when
-no document falls below it); identical documents always land in the same split.
-
-UTF-8: bytes are decoded with replacement (U+FFFD per invalid sequence) and the replaced bytes
-are counted per file; the caller warns, or refuses a file where they are too many.
+Split: a document goes to validation when the first 8 bytes of its BLAKE2b hash, as a fraction
+of 2**64, fall below --val_fraction (or just above the smallest hash when none does); identical
+documents always land in the same split. UTF-8: invalid bytes become U+FFFD and are counted per
+file; the caller warns, or refuses a file where they are too many.
 """
 
 from __future__ import annotations

@@ -304,10 +304,8 @@ def plan_job(cfg: TrainConfig) -> Job:
     ray_session.init_ray(cfg.address)
     manifest = train_plan.prepare_data(cfg, model_dir, cfg.address)
     plan = make_plan(cfg, manifest, workers, model_dir)
-    ray = ray_session.ray()
     share = placement.place(workers, 1 if cfg.gpus else 0, cfg.cpus_per_worker)  # waits for GPUs
-    cluster = ray.cluster_resources()  # after any GPU nodes the autoscaler added
-    cpus, threads = share.cpus, share.threads
+    cluster = ray_session.ray().cluster_resources()  # after any GPU nodes the autoscaler added
     data_dir, where = storage.resolve(cfg.data), storage.resolve(cfg.storage_path)
     # every node reads the data and the model, and writes checkpoints, itself
     ray_session.check_shared(data_dir, "--data", dataset.MANIFEST)
@@ -315,10 +313,10 @@ def plan_job(cfg: TrainConfig) -> Job:
         flag = "--from_checkpoint" if cfg.from_checkpoint else "--from_pretrained"
         ray_session.check_shared(storage.resolve(model_dir), flag, "config.json")
     ray_session.check_shared(where, "--storage_path")
-    runtime = {"manifest": manifest, "model_dir": model_dir, "threads": threads,
+    runtime = {"manifest": manifest, "model_dir": model_dir, "threads": share.threads,
                "tracking_uri": tracking_uri(cfg.tracking_uri), "tokenizer":
                train_data.tokenizer_spec(storage.join(data_dir, manifest["tokenizer"]["file"]))}
-    return Job(cfg, manifest, runtime, workers, cpus, where,
+    return Job(cfg, manifest, runtime, workers, share.cpus, where,
                train_plan.train_rows(cfg, manifest, data_dir, cluster),
                train_plan.validation_rows(cfg, manifest, data_dir,
                                           plan.eval_rows_per_batch * workers))
