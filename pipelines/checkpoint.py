@@ -39,22 +39,27 @@ def find(path: str) -> str:
     if not storage.exists(path):
         raise ValueError(f"--from_checkpoint {path} does not exist; pass a checkpoint dir "
                          f"({PREFIX}*) or the run dir that holds them.")
-    if complete(path):
+    present = storage.files(path)  # one listing: the dir itself and every checkpoint in it
+    if _complete(present):
         return path
-    if storage.is_file(storage.join(path, STATE_FILE)):
-        raise ValueError(f"checkpoint {path} has no {MODEL_DIR}/config.json; it is incomplete.")
-    found = [storage.join(path, c) for c in storage.listdir(path) if c.startswith(PREFIX)]
-    done = [c for c in found if complete(c)]
+    if STATE_FILE in present:
+        raise ValueError(f"checkpoint {path} lacks {MODEL_DIR}/{CONFIG_FILE} or "
+                         f"{WEIGHTS_FILE}; it is incomplete.")
+    by_dir: dict[str, set[str]] = {}
+    for f in present:
+        top, _, rest = f.partition("/")
+        if top.startswith(PREFIX) and rest:
+            by_dir.setdefault(top, set()).add(rest)
+    done = sorted(d for d, files in by_dir.items() if _complete(files))
     if not done:
         raise ValueError(f"--from_checkpoint {path} is not a checkpoint (no {STATE_FILE}) "
                          f"and holds no complete {PREFIX}* dirs; pass one of those.")
-    return done[-1]
+    return storage.join(path, done[-1])
 
 
-def complete(path: str) -> bool:
-    """A checkpoint dir with its train state and its model's weights and config."""
-    present = storage.files(path)
-    return {STATE_FILE, f"{MODEL_DIR}/{CONFIG_FILE}", f"{MODEL_DIR}/{WEIGHTS_FILE}"} <= present
+def _complete(files: set[str]) -> bool:
+    """A checkpoint dir's files: its train state and its model's weights and config."""
+    return {STATE_FILE, f"{MODEL_DIR}/{CONFIG_FILE}", f"{MODEL_DIR}/{WEIGHTS_FILE}"} <= files
 
 
 def save(path: Path, model, tokenizer, train_state: dict, history_writer) -> None:

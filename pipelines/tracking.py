@@ -257,9 +257,9 @@ def _resumed_run_id(run_dir: str, from_checkpoint: str | None) -> str | None:
     reused --name), else `from_checkpoint`; None when it starts afresh."""
     import io
 
-    import pyarrow.fs
     import torch
 
+    from gpt2core import storage
     from pipelines import checkpoint
 
     try:
@@ -268,13 +268,12 @@ def _resumed_run_id(run_dir: str, from_checkpoint: str | None) -> str | None:
         path = from_checkpoint
     if path is None:
         return None
-    state = f"{path}/{checkpoint.STATE_FILE}"
-    if "://" not in state:  # memory-mapped: only the run id's bytes are read
+    state = storage.join(path, checkpoint.STATE_FILE)
+    if not storage.is_uri(state):  # memory-mapped: only the run id's bytes are read
         saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True)
     else:
-        fs, where = pyarrow.fs.FileSystem.from_uri(state)
-        with fs.open_input_file(where) as f:
-            saved = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        saved = torch.load(io.BytesIO(storage.read_bytes(state)), map_location="cpu",
+                           weights_only=True)
     return saved.get("run_id")
 
 
