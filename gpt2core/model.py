@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,18 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt2core.config import GPT2Config
+
+
+class DecodeCache(Protocol):
+    """What the model asks of a decode cache: the positions already cached (`length`, which
+    the model advances after a forward pass) and `update`, which stores one layer's new keys
+    and values and returns all of them. KVCache is the plain one; serve's continuous batching
+    brings its own (serve/batching.py)."""
+
+    length: int
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class KVCache:
@@ -64,7 +77,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                kv_cache: DecodeCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -108,7 +121,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                kv_cache: DecodeCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, kv_cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -146,7 +159,7 @@ class GPT2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None):
+                kv_cache: DecodeCache | None = None):
         """Logits (B, T, V) for input_ids (B, T); with targets (B, T), also the mean cross-entropy.
 
         Targets equal to -100 are ignored in the loss. For attention_mask and kv_cache see
@@ -161,7 +174,7 @@ class GPT2(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, *,
                       attention_mask: torch.Tensor | None = None,
-                      kv_cache: KVCache | None = None) -> torch.Tensor:
+                      kv_cache: DecodeCache | None = None) -> torch.Tensor:
         """The final LayerNorm's output (B, T, C): everything but the LM head.
 
         Decoding needs the head for the last position only, so it applies it itself.
