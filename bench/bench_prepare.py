@@ -115,7 +115,7 @@ BASELINE = r"""
 import sys, time
 import numpy as np
 from gpt2core.tokenizer import Tokenizer
-from pipelines.encoding import to_tiktoken
+from pipelines.text.encoding import to_tiktoken
 tok = Tokenizer.from_pretrained(sys.argv[1])
 enc = to_tiktoken(tok.backend.to_str())
 files = sys.argv[2:]

@@ -4,7 +4,7 @@
    dropout 0) on the same dataset dir (tinyshakespeare, seq_len 64, a BPE of --vocab_size):
    `python pipelines/train.py --data DIR ...` (Ray Train, 1 worker, all CPUs; its own Ray
    cluster per run) against gpt2core's loop in this process (TrainState.create, rows_to_batch,
-   state.step over pipelines.dataset.read_split's rows, torch.set_num_threads(all CPUs)).
+   state.step over pipelines.common.dataset.read_split's rows, torch.set_num_threads(all CPUs)).
    Ray Train's number is its own metric train/tokens_per_sec (rank 0, per window of
    --window steps, eval excluded) read from the run's model/metrics.jsonl; ours is timed the
    same way. The first --skip windows of each run are warm-up and dropped. Runs alternate
@@ -139,9 +139,9 @@ def local_windows(data: Path, steps: int, window: int, seed: int) -> tuple[list[
     import torch
 
     from gpt2core import GPT2, training
-    from pipelines import dataset
+    from pipelines.common import dataset
     from pipelines.train import TrainConfig
-    from pipelines.train_plan import make_plan
+    from pipelines.training.plan import make_plan
 
     torch.set_num_threads(os.cpu_count())
     cfg = TrainConfig(data=str(data), **SHAPE, total_steps=steps)

@@ -8,7 +8,7 @@
     python pipelines/evaluate.py --smoke-test   # a tiny model, Ray and in-process, compared
 
 --eval_corpus is text (files, directories, globs; .txt, .jsonl, .parquet; local or s3://, as
-`gpt2 prepare` reads them, see pipelines/corpus.py) or a dataset dir made by `gpt2 prepare`,
+`gpt2 prepare` reads them, see pipelines/text/corpus.py) or a dataset dir made by `gpt2 prepare`,
 whose val split is read. Each text document is scored as <eos> document <eos>: the leading eos
 is context only, so a document's first token is predicted as at the start of a training
 document, and the trailing eos is a target, as in the dataset's token counts.
@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpt2core import storage
-from pipelines import corpus, dataset, placement, ray_session
-from pipelines.flags import option, parse
+from pipelines.common import dataset, placement, ray_session
+from pipelines.common.flags import option, parse
+from pipelines.text import corpus
 
 if TYPE_CHECKING:
     from gpt2core import GPT2Config, Tokenizer
@@ -148,7 +149,7 @@ def text_sequences(batch: dict[str, np.ndarray], *, encoder: dict, text_field: s
                    max_doc_bytes: int) -> dict[str, np.ndarray]:
     """One text work item -> a row per document: <eos> ids <eos> as int32 bytes, its UTF-8
     bytes. The item's read error and invalid-UTF-8 counts ride on its first row."""
-    from pipelines.encoding import get_encoder
+    from pipelines.text.encoding import get_encoder
 
     texts, sizes, invalid, error = [], [], {}, ""
     try:
@@ -202,7 +203,7 @@ def plan(cfg: EvaluateConfig) -> Job:
     """Check everything that can be checked before Ray starts."""
     from gpt2core import TokenizerError
     from gpt2core.modelfile import read_weights
-    from pipelines.modeldir import context_length, dir_tokenizer, open_model, same_vocabulary
+    from pipelines.common.modeldir import context_length, dir_tokenizer, open_model, same_vocabulary
 
     config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
     weights = read_weights(cfg.model_path, config)  # corrupt weights end here, not in an actor
@@ -270,8 +271,8 @@ def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
 
 def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> tuple[list[str], dict]:
     """Work items (their segments as JSON) and text_sequences' keyword arguments."""
-    from pipelines.encoding import encoder_spec
     from pipelines.prepare import ITEM_BYTES, ITEMS_PER_CPU  # work items sized as prepare's
+    from pipelines.text.encoding import encoder_spec
 
     total = sum(s.size for s in job.sources)
     target = min(ITEM_BYTES[1], max(ITEM_BYTES[0], total // (ITEMS_PER_CPU * cpus)))
@@ -339,7 +340,7 @@ def report(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from gpt2core import ModelFileError, TokenizerError
-    from pipelines.tracking import RunError, log_evaluation, open_run
+    from pipelines.common.tracking import RunError, log_evaluation, open_run
 
     cfg = parse(EvaluateConfig, argv, prog="gpt2 evaluate", description=__doc__.split("\n")[0])
     try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from pipelines.flags import option, parse
+from pipelines.common.flags import option, parse
 
 if TYPE_CHECKING:
     from gpt2core import GPT2, Tokenizer
@@ -69,7 +69,7 @@ def load(cfg: GenerateConfig) -> tuple[GPT2, Tokenizer, int]:
     import torch
 
     from gpt2core import GPT2
-    from pipelines.modeldir import context_length, open_model
+    from pipelines.common.modeldir import context_length, open_model
 
     config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
     limit = context_length(config, cfg.seq_len)

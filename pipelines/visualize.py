@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2core import storage
-from pipelines.flags import option, parse
-from pipelines.tracking import METRICS_FILE, RunError, open_run
+from pipelines.common.flags import option, parse
+from pipelines.common.tracking import METRICS_FILE, RunError, open_run
 
 DEFAULT_OUTPUT = "figure.png"  # the original project's default
 
@@ -66,7 +66,7 @@ def metrics_file(model_path: str) -> str:
 def run_dir_metrics(run_dir: str) -> str:
     """The latest checkpoint's metrics.jsonl in a run dir (local or a URI), else its exported
     model's."""
-    from pipelines.checkpoint import MODEL_DIR, PREFIX
+    from pipelines.training.checkpoint import MODEL_DIR, PREFIX
 
     if not storage.is_dir(run_dir):
         raise RunError(f"run dir {run_dir} does not exist; pass <storage_path>/<name> of a "

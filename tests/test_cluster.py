@@ -129,7 +129,7 @@ def test_prepare_train_through_a_node_failure_evaluate_serve_all_on_s3(
     from mlflow import MlflowClient
 
     from gpt2core import storage
-    from pipelines import dataset
+    from pipelines.common import dataset
 
     manifest = dataset.load_manifest(s3_data)
     assert manifest.splits["train"].rows > 0 and manifest.splits["val"].rows > 0

@@ -54,7 +54,7 @@ def runtime_imports(tree: ast.AST) -> list[tuple[str, int]]:
 
 
 def third_party_imports() -> dict[str, list[str]]:
-    """Top-level module -> the places ("pipelines/encoding.py:83") that import it."""
+    """Top-level module -> the places ("pipelines/text/encoding.py:83") that import it."""
     where: dict[str, list[str]] = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):

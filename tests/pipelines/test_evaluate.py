@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from gpt2core import GPT2, GPT2Config, Tokenizer
 from gpt2core.training import evaluate as train_evaluate
 from gpt2core.training import rows_to_batch
-from pipelines import dataset
 from pipelines import evaluate as ev
+from pipelines.common import dataset
 
 DOCS = ["ROMEO: What light through yonder window breaks?",
         "JULIET: O Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy "
@@ -137,7 +137,7 @@ def test_ray_data_path_equals_in_process_path(ray_local, files):
 def test_json_output_and_mlflow_logging(files, tmp_path, capsys, refused):
     from mlflow import MlflowClient
 
-    from pipelines.tracking import RunLog
+    from pipelines.common.tracking import RunLog
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = RunLog(uri, "evaluate-test", "run", {"a": 1})

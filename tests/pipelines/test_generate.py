@@ -11,7 +11,7 @@ import torch
 
 from gpt2core import GPT2, GPT2Config, Tokenizer, generate
 from pipelines import generate as gen
-from pipelines.encoding import byte_decoder
+from pipelines.text.encoding import byte_decoder
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["ROMEO: What light through yonder window breaks?",

@@ -16,9 +16,13 @@ import pytest
 
 from gpt2core import storage
 from gpt2core.tokenizer import EOS_TOKEN, Tokenizer
-from pipelines import corpus, dataset, prepare, prepare_tasks, ray_session, sample
-from pipelines.encoding import encoder_spec
-from pipelines.flags import build_parser, parse
+from pipelines import prepare
+from pipelines.common import dataset, ray_session
+from pipelines.common.flags import build_parser, parse
+from pipelines.preparing import tasks as prepare_tasks
+from pipelines.text import corpus
+from pipelines.text import sample_corpus as sample
+from pipelines.text.encoding import encoder_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 GPT2_FILES = ROOT / "tests" / "assets" / "gpt2"  # OpenAI's encoder.json + vocab.bpe
@@ -183,7 +187,7 @@ def test_bad_paths_exit_2_before_ray_and_write_nothing(no_ray, s3_server, tmp_pa
 def test_workers_import_neither_torch_nor_ray():
     """Ray workers import this module to run the UDFs: a second of torch each would show.
     (gpt2core.storage may load: gpt2core's names load lazily, so it brings no torch.)"""
-    code = ("import sys, pipelines.prepare, pipelines.prepare_tasks\n"
+    code = ("import sys, pipelines.prepare, pipelines.preparing.tasks\n"
             "print([m for m in ('torch', 'ray', 'gpt2core.model') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr

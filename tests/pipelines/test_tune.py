@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import tune, tune_report, tune_space
+from pipelines import tune
 from pipelines.train import TrainConfig
+from pipelines.tuning import report as tune_report
+from pipelines.tuning import space as tune_space
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--layers", "1", "--heads", "2", "--dims", "32", "--batch_train", "8",
@@ -106,7 +108,7 @@ def test_trial_runs_are_nested_logged_and_ended_on_the_tune_driver(tmp_path):
 
     import mlflow
 
-    from pipelines.tracking import RECORDS
+    from pipelines.common.tracking import RECORDS
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = tune_report.start_parent_run(uri, "sweeps", "sweep", {"num_samples": 2})

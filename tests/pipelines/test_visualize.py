@@ -33,7 +33,7 @@ def write_history(model_dir: Path, records: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def mlflow_run(tmp_path_factory):
     """An MLflow run in a sqlite store of its own, logged as training logs (RunLog)."""
-    from pipelines.tracking import RunLog
+    from pipelines.common.tracking import RunLog
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     log = RunLog(uri, "visualize-test", "run", {"layers": 2})

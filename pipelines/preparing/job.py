@@ -7,7 +7,7 @@
 
 Work items are planned from a fresh, streamed listing each pass (`items`), so the driver holds
 no list of files or items; `run` keeps at most `window` tasks in flight and hands back their
-small results as they finish. What the tasks do is pipelines/prepare_tasks.py.
+small results as they finish. What the tasks do is pipelines/preparing/tasks.py.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpt2core import storage
-from pipelines import corpus, dataset, ray_session
-from pipelines.encoding import encoder_spec
-from pipelines.prepare_tasks import RECORDS, ItemRecord, TaskSpec, sample_item, tokenize_item
+from pipelines.common import dataset, ray_session
+from pipelines.preparing.tasks import RECORDS, ItemRecord, TaskSpec, sample_item, tokenize_item
+from pipelines.text import corpus
+from pipelines.text.encoding import encoder_spec
 
 if TYPE_CHECKING:
     from gpt2core.tokenizer import Tokenizer

@@ -42,7 +42,7 @@ def path(name: str) -> Path:
 
 
 def _fetch(texts: Path) -> None:
-    from pipelines.corpus import CorpusError
+    from pipelines.text.corpus import CorpusError
 
     texts.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=texts.parent) as tmp:

@@ -22,7 +22,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from pipelines.train import Job, TrainConfig
-from pipelines.train_plan import make_plan
+from pipelines.training.plan import make_plan
 
 # Fields a trial may not vary: where data, runs and workers are, and how results are measured.
 FIXED = ("data", "corpus", "eval_corpus", "vocab_path", "vocab_size", "from_pretrained", "name",

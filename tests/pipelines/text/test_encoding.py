@@ -1,4 +1,4 @@
-"""pipelines/encoding.py: tiktoken gives exactly gpt2core.Tokenizer's ids, or is not used."""
+"""pipelines/text/encoding.py: tiktoken gives exactly gpt2core.Tokenizer's ids, or is not used."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2core.tokenizer import Tokenizer, TokenizerError
-from pipelines.encoding import PROBE, convertible, encoder_spec, get_encoder
+from pipelines.text.encoding import PROBE, convertible, encoder_spec, get_encoder
 
 GPT2_FILES = Path(__file__).resolve().parents[1] / "assets" / "gpt2"
 TRICKY = [PROBE, "", " ", "\n\n\n", "a<|endoftext|>b", "  leading and trailing  ", "x" * 3000,

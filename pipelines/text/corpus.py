@@ -37,8 +37,9 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from pipelines import listing, sample
-from pipelines.compressed import CODECS, DecompressError, decompressed, head, line_pieces
+from pipelines.text import listing
+from pipelines.text import sample_corpus as sample
+from pipelines.text.compressed import CODECS, DecompressError, decompressed, head, line_pieces
 
 FORMATS = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 REFUSED = (".zip", ".json", ".tar", ".tgz", ".7z", ".rar")

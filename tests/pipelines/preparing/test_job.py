@@ -1,4 +1,4 @@
-"""pipelines/prepare_job.py: a prepare killed midway resumes, reusing the items that finished,
+"""pipelines/preparing/job.py: a prepare killed midway resumes, reusing the items that finished,
 and ends with what an uninterrupted run makes; locally and on object storage."""
 
 import os
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from gpt2core import storage
-from pipelines import dataset, prepare
-from pipelines.flags import parse
+from pipelines import prepare
+from pipelines.common import dataset
+from pipelines.common.flags import parse
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_ITEMS = (16 << 10, 16 << 10)  # work items of 16 KiB: many of them, even in a test

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2core import storage
-from pipelines import dataset, ray_session
+from pipelines.common import dataset, ray_session
 
 READ_TASK_CPUS = 0.25  # a Parquet read task's share: several fit in placement.DATA_CPUS
 READ_TASK_BYTES = 8 << 20  # row groups a read task takes: blocks of about this much

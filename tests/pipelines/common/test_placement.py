@@ -1,4 +1,4 @@
-"""pipelines/placement.py: every reservation it makes can be placed, on the repo's cluster.yaml
+"""pipelines/common/placement.py: every reservation it makes can be placed, on cluster.yaml
 shapes, on 8-GPU nodes and on CPU-only machines; GPUs the cluster lacks are waited for only
 where an autoscaler can add them. No Ray starts here."""
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import placement
-from pipelines.placement import DATA_CPUS, check_gpus, concurrent_trials, worker_share
+from pipelines.common import placement
+from pipelines.common.placement import DATA_CPUS, check_gpus, concurrent_trials, worker_share
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = {"CPU": 8.0}  # cluster.yaml: m5.2xlarge head, no GPU

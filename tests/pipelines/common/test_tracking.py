@@ -1,6 +1,7 @@
-"""pipelines/tracking.py without a Ray cluster: where a new experiment keeps its artifacts, the
-refusal of one that keeps them in Ray's temp dir, what RunWriter logs from rank 0's reports,
-which run a resumed fit continues, and that a worker's modules import no MLflow."""
+"""pipelines/common/tracking.py without a Ray cluster: where a new experiment keeps its
+artifacts, the refusal of one that keeps them in Ray's temp dir, what RunWriter logs from
+rank 0's reports, which run a resumed fit continues, and that a worker's modules import no
+MLflow."""
 
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import tracking
+from pipelines.common import tracking
 from pipelines.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,8 +179,9 @@ def test_history_writes_everything_and_reports_what_is_new(tmp_path):
 def test_a_workers_modules_import_no_mlflow():
     """What train_loop_per_worker imports (pipelines.train and what it calls) leaves MLflow out:
     a worker may run on a node without the store."""
-    code = ("import sys, ray.train, ray.train.torch, pipelines.train, pipelines.checkpoint, "
-            "pipelines.train_data, gpt2core.training, gpt2core.plots; "
+    code = ("import sys, ray.train, ray.train.torch, pipelines.train, "
+            "pipelines.training.checkpoint, pipelines.training.data, gpt2core.training, "
+            "gpt2core.plots; "
             "print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)

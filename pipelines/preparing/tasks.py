@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gpt2core import storage
-from pipelines import corpus, dataset
-from pipelines.encoding import get_encoder
-from pipelines.packing import PackWriter
+from pipelines.common import dataset
+from pipelines.common.packing import PackWriter
+from pipelines.text import corpus
+from pipelines.text.encoding import get_encoder
 
 ENCODE_BYTES = 1 << 20  # a task encodes documents in runs of about this much text
 RECORDS = ".prepare"  # beside the shards: a record per finished work item

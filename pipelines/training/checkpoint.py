@@ -20,7 +20,7 @@ import torch
 
 from gpt2core import storage
 from gpt2core.modelfile import CONFIG_FILE, WEIGHTS_FILE
-from pipelines import dataset
+from pipelines.common import dataset
 
 MODEL_DIR = "model"
 STATE_FILE = "train_state.pt"
@@ -106,7 +106,7 @@ def load_model(cfg, plan):
     import ray.train
 
     from gpt2core import GPT2
-    from pipelines.tracking import read_history
+    from pipelines.common.tracking import read_history
 
     resume = ray.train.get_checkpoint()  # set after a worker failure or for a reused --name
     if resume is None and cfg.from_checkpoint:

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from pipelines import checkpoint
+from pipelines.training import checkpoint
 
 
 def summarise(grid, space: dict, metric: str, mode: str, total_steps: int):
@@ -108,7 +108,7 @@ def latest_checkpoint(run_dir: str):
 
 def start_parent_run(tracking_uri: str, experiment: str, name: str, params: dict) -> str:
     """The sweep's MLflow run; each trial's run is tagged mlflow.parentRunId with its id."""
-    from pipelines.tracking import RunLog
+    from pipelines.common.tracking import RunLog
 
     return RunLog(tracking_uri, experiment, name, params, tags={"sweep": name}).run_id
 
@@ -131,7 +131,7 @@ def trial_runs(tracking_uri: str, experiment: str, sweep: dict, base, name_of):
     """
     from ray import tune
 
-    from pipelines.tracking import RECORDS, RESTORED, RunLog, RunWriter
+    from pipelines.common.tracking import RECORDS, RESTORED, RunLog, RunWriter
 
     parent = sweep["parent_run_id"]
 

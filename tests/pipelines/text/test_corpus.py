@@ -1,4 +1,4 @@
-"""pipelines/corpus.py (and listing.py, compressed.py): inputs resolve as documented, segments
+"""pipelines/text/corpus.py (and listing.py, compressed.py): inputs resolve as documented, segments
 read every line exactly once, big documents chunk the same way in a file and in memory,
 compressed files give the same documents as plain ones and name the byte where they are
 damaged, UTF-8 damage is counted. No Ray."""
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import compressed, corpus
-from pipelines.corpus import CorpusError
+from pipelines.text import compressed, corpus
+from pipelines.text.corpus import CorpusError
 
 LINES = st.lists(st.text(alphabet="ab é\r\t你🙂", max_size=30), max_size=40)
 

@@ -248,9 +248,9 @@ def read_shard(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 def __getattr__(name: str):
     """The writing side (RowPacker, ShardWriter, PackWriter, DatasetWriter) lives in
-    pipelines/packing.py; its names are importable from here too."""
+    pipelines/common/packing.py; its names are importable from here too."""
     if name in ("RowPacker", "ShardWriter", "PackWriter", "DatasetWriter"):
-        from pipelines import packing
+        from pipelines.common import packing
 
         return getattr(packing, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

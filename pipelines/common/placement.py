@@ -315,7 +315,7 @@ def place(workers: int, gpus: int = 0, cpus_per_worker: float = 0.0,
 
 def alive_nodes() -> list[dict]:
     """The resources of each live node of the Ray cluster this process is connected to."""
-    from pipelines import ray_session
+    from pipelines.common import ray_session
 
     return [n["Resources"] for n in ray_session.ray().nodes() if n["Alive"]]
 

@@ -1,12 +1,14 @@
-"""pipelines/train_plan.py and checkpoint.find: what the driver works out before training."""
+"""pipelines/training/plan.py and checkpoint.find: what the driver works out before training."""
 
 import pytest
 
 from gpt2core import GPT2, GPT2Config
-from pipelines import checkpoint, ray_session, train_plan
-from pipelines.placement import check_gpus, worker_share
+from pipelines.common import ray_session
+from pipelines.common.placement import check_gpus, worker_share
 from pipelines.train import TrainConfig
-from pipelines.train_plan import make_plan, train_rows, validation_rows
+from pipelines.training import checkpoint
+from pipelines.training import plan as train_plan
+from pipelines.training.plan import make_plan, train_rows, validation_rows
 
 
 def manifest(seq_len=64, vocab=512, train_rows=100, val_rows=4):
@@ -113,7 +115,7 @@ def test_checkpoint_find_takes_a_checkpoint_or_the_latest_complete_one(request, 
 
 
 def test_the_original_projects_train_command_parses():
-    from pipelines.flags import parse
+    from pipelines.common.flags import parse
 
     argv = ("--train_corpus a.txt --eval_corpus b.txt --vocab_path vocab.txt "
             "--save_checkpoint_path ckpts --save_model_path model --batch_train 32 "
@@ -134,7 +136,7 @@ def test_validation_rows_are_the_first_rows_of_val_that_evaluation_reads(train_d
 
     import numpy as np
 
-    from pipelines import dataset
+    from pipelines.common import dataset
 
     manifest = json.loads((train_data / dataset.MANIFEST).read_text())
     tokens, _ = dataset.read_split(train_data, "val")
@@ -153,7 +155,7 @@ def test_a_small_train_split_is_cached_with_the_streams_rows_and_order(train_dat
     import numpy as np
     from ray.data.dataset import MaterializedDataset
 
-    from pipelines import dataset, ray_session
+    from pipelines.common import dataset, ray_session
 
     manifest = json.loads((train_data / dataset.MANIFEST).read_text())
     cluster = ray_local.cluster_resources()
@@ -188,7 +190,10 @@ def test_two_sources_mix_from_the_first_batches_of_an_epoch(ray_local, tmp_path,
 
     from gpt2core import Tokenizer
     from gpt2core.tokenizer import EOS_TOKEN
-    from pipelines import dataset, prepare, prepare_job, train_data
+    from pipelines import prepare
+    from pipelines.common import dataset
+    from pipelines.preparing import job as prepare_job
+    from pipelines.training import data as train_data
 
     rng = random.Random(0)
     for source, letters in (("a", "abcdefghijklm"), ("b", "nopqrstuvwxyz")):

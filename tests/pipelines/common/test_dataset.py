@@ -1,4 +1,4 @@
-"""pipelines/dataset.py and packing.py: packing loses nothing, shards read back (whole or by
+"""pipelines/common/dataset.py and packing.py: packing loses nothing, shards read back (whole or by
 row group, in any order), manifests are checked, an --out is judged before it is touched."""
 
 import hashlib
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines import dataset
-from pipelines.dataset import DatasetError
-from pipelines.packing import DatasetWriter, RowPacker, ShardWriter
+from pipelines.common import dataset
+from pipelines.common.dataset import DatasetError
+from pipelines.common.packing import DatasetWriter, RowPacker, ShardWriter
 
 EOS = 7
 

@@ -1,6 +1,6 @@
 """Writing a dataset dir's rows: token streams packed into rows, rows into Parquet shards.
 
-The format is pipelines/dataset.py's. A prepare task (pipelines/prepare_tasks.py) holds one
+The format is pipelines/common/dataset.py's. A prepare task (pipelines/preparing/tasks.py) holds one
 PackWriter for its work item: per split, a RowPacker cuts the item's stream into rows and a
 ShardWriter writes them, straight to the dataset dir (local or object storage).
 """
@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from gpt2core import storage
-from pipelines.dataset import SPLITS, Shard, Split
+from pipelines.common.dataset import SPLITS, Shard, Split
 
 
 class RowPacker:

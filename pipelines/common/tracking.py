@@ -260,7 +260,7 @@ def _resumed_run_id(run_dir: str, from_checkpoint: str | None) -> str | None:
     import torch
 
     from gpt2core import storage
-    from pipelines import checkpoint
+    from pipelines.training import checkpoint
 
     try:
         path = checkpoint.find(run_dir)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
-from pipelines import dataset
-from pipelines.train_plan import Plan
+from pipelines.common import dataset
+from pipelines.training.plan import Plan
 
 
 def batches(shard, plan: Plan, cfg, epoch: int, rank: int, skip: int):
