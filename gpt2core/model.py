@@ -207,6 +207,16 @@ class GPT2(nn.Module):
 
     # --- Sizes and speed --------------------------------------------------------------------
 
+    def set_dropout(self, p: float) -> None:
+        """Use dropout rate p everywhere (embeddings, attention weights, residuals): a model
+        loaded for fine-tuning otherwise keeps the rate it was saved with."""
+        self.config.dropout = p
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, CausalSelfAttention):
+                m.dropout = p
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (the tied wte/lm_head counted once); optionally without embeddings."""
         n = sum(p.numel() for p in self.parameters())

@@ -90,10 +90,12 @@ class TrainState:
 
     @classmethod
     def create(cls, model: GPT2, *, lr: float, weight_decay: float, warmup_steps: int,
-               total_steps: int, min_lr: float, device: torch.device | str,
+               total_steps: int, min_lr: float | None, device: torch.device | str,
                use_amp: bool, wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
-        """Move the model to `device`, wrap it (DDP, compile) and build the optimizer around it."""
+        """Move the model to `device`, wrap it (DDP, compile) and build the optimizer around it.
+        The LR warms up to `lr`, then decays along a cosine to `min_lr` (None: lr / 10)."""
         device = torch.device(device)
+        min_lr = lr / 10 if min_lr is None else min_lr
         raw = model.to(device)
         dtype = amp_dtype(device, use_amp)
         optimizer = raw.configure_optimizer(lr, weight_decay)

@@ -176,3 +176,16 @@ def test_cross_entropy_matches_torch_value_and_gradient():
     assert g_ours[3].abs().sum() == 0  # ignored rows get no gradient
     small = logits[:4].detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda x: cross_entropy(x, targets[:4]), (small,))
+
+
+def test_set_dropout_reaches_every_dropout_including_attention():
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8))
+    model.set_dropout(0.3)
+    assert model.config.dropout == 0.3
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert model.transformer.h[0].attn.dropout == 0.3
+    ids = torch.randint(0, 16, (2, 8))
+    model.train()
+    assert not torch.equal(model(ids), model(ids))  # masks drawn each call
+    model.set_dropout(0.0)
+    assert torch.equal(model(ids), model(ids))
