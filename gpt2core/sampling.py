@@ -31,8 +31,9 @@ def nucleus_prefix(sorted_probs: torch.Tensor, top_p: torch.Tensor,
     Nucleus = the smallest set of tokens whose probability sums to >= top_p: keep a token while
     the mass *before* it is still below top_p. E.g. probs [0.5, 0.3, 0.15, 0.05] with top_p 0.8
     keeps [0.5, 0.3] (0.5 < 0.8, then 0.8 is reached); with top_p 0.81 it also keeps 0.15. The
-    top token has mass 0 before it, so it is always kept. top_k (0 = off) first cuts the row to
-    k tokens, and the nucleus is taken of that renormalised distribution (as in transformers).
+    top token is always kept (even for a top_p that underflows to 0). top_k (0 = off) first
+    cuts the row to k tokens, and the nucleus is taken of that renormalised distribution (as
+    in transformers).
     """
     B, V = sorted_probs.shape
     cum = sorted_probs.cumsum(dim=-1)
@@ -40,7 +41,10 @@ def nucleus_prefix(sorted_probs: torch.Tensor, top_p: torch.Tensor,
     k = torch.full((B,), V, device=sorted_probs.device) if top_k is None else \
         torch.where(top_k > 0, top_k.clamp(max=V), V)
     top_k_mass = cum.gather(-1, (k - 1).unsqueeze(-1))  # (B, 1)
-    return (rank < k.unsqueeze(-1)) & (cum - sorted_probs < top_p.unsqueeze(-1) * top_k_mass)
+    # The top token is kept outright rather than by `0 < top_p * mass`: a top_p that is
+    # positive in float64 (5e-324) can be 0 in float32, and an empty nucleus has no threshold.
+    below = (cum - sorted_probs < top_p.unsqueeze(-1) * top_k_mass) | (rank == 0)
+    return (rank < k.unsqueeze(-1)) & below
 
 
 def sorted_descending(probs: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,19 @@ def test_nucleus_mask_is_the_smallest_set_reaching_top_p():
     assert nucleus_mask(shuffled, torch.tensor([0.8])).tolist() == [[False, True, True, False]]
 
 
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-45, 0.0])
+def test_a_top_p_that_underflows_keeps_the_top_token(top_p):
+    """5e-324 is positive in float64 but 0 in float32: the nucleus is still the top token
+    (it was empty, and sampling indexed column -1 of the vocabulary)."""
+    assert torch.tensor(top_p, dtype=torch.float32) == 0 or top_p == 1e-45
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.6, 0.1]])
+    assert nucleus_mask(p, torch.tensor([top_p, top_p])).tolist() == [
+        [True, False, False, False], [False, False, True, False]]
+    logits = torch.randn(8, 50_257, generator=torch.Generator().manual_seed(0))
+    out = sample(logits, top_p=top_p, generator=torch.Generator().manual_seed(1))
+    assert out.tolist() == logits.argmax(dim=-1).tolist()
+
 CHI2_P001 = {1: 10.83, 2: 13.82, 5: 20.52}  # chi-square critical values, p = 0.001, by dof
 
 
