@@ -57,7 +57,7 @@ import pipelines.prepare
 from pipelines.prepare import PrepareConfig, prepare
 
 if args.get("item_bytes"):  # the driver's cost per work item, measured with many small ones
-    pipelines.prepare.ITEM_BYTES = (args["item_bytes"], args["item_bytes"])
+    pipelines.text.corpus.ITEM_BYTES = (args["item_bytes"], args["item_bytes"])
 
 me = psutil.Process()
 

@@ -140,7 +140,7 @@ def local_windows(data: Path, steps: int, window: int, seed: int) -> tuple[list[
 
     from gpt2core import GPT2, training
     from pipelines.common import dataset
-    from pipelines.train import TrainConfig
+    from pipelines.training.config import TrainConfig
     from pipelines.training.plan import make_plan
 
     torch.set_num_threads(os.cpu_count())

@@ -5,9 +5,8 @@
 
 A stage plugs in by being a module `pipelines/<stage>.py` with `main(argv=None) -> int | None`
 and a line in STAGES below; `gpt2 <stage> ARGS` imports it only then and calls `main(ARGS)`,
-so `gpt2 --help` imports neither torch nor Ray. A stage whose module does not exist yet says so
-and exits 2. `gpt2 serve` (pipelines/serve.py) starts the Serve app by its import path
-(`serve.app:app`), so pipelines never import serve.
+so `gpt2 --help` imports neither torch nor Ray. `gpt2 serve` (pipelines/serve.py) starts the
+Serve app by its import path (`serve.app:app`), so pipelines never import serve.
 """
 
 from __future__ import annotations
@@ -27,10 +26,6 @@ STAGES: dict[str, tuple[str, str]] = {
     "visualize": ("pipelines.visualize", "plot a run's metrics from a model or run dir"),
     "serve": ("pipelines.serve", "serve a model dir over HTTP: /v1/completions (Ray Serve)"),
 }
-
-# Where the work on each unbuilt command is tracked, for the "not built yet" message.
-_ISSUE: dict[str, str] = {}
-
 
 class _HelpFormatter(argparse.HelpFormatter):
     """argparse measures command names without their indent and wraps the longest; pad it."""
@@ -54,20 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def not_built(name: str) -> int:
-    where = _ISSUE.get(name) or STAGES[name][0].replace(".", "/") + ".py"
-    print(f"gpt2 {name} is not built yet (tracked in the {where} issue).", file=sys.stderr)
-    return 2
-
-
 def run_stage(name: str, argv: list[str]) -> int:
     """Import the stage's module now, not before, and hand it the rest of the command line."""
     module_name = STAGES[name][0]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name == module_name:
-            return not_built(name)
         print(f"gpt2 {name}: cannot import {e.name!r}, which it needs; install the project "
               "with its dependencies (pip install -e .).", file=sys.stderr)
         return 1

@@ -46,8 +46,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 from gpt2core import storage
 from pipelines.common import dataset, placement, ray_session
+from pipelines.common.entry import stage_main
 from pipelines.common.flags import option, parse
 from pipelines.text import corpus
 
@@ -271,15 +275,11 @@ def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
 
 def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> tuple[list[str], dict]:
     """Work items (their segments as JSON) and text_sequences' keyword arguments."""
-    from pipelines.prepare import ITEM_BYTES, ITEMS_PER_CPU  # work items sized as prepare's
     from pipelines.text.encoding import encoder_spec
 
-    total = sum(s.size for s in job.sources)
-    target = min(ITEM_BYTES[1], max(ITEM_BYTES[0], total // (ITEMS_PER_CPU * cpus)))
+    target = corpus.item_bytes(sum(s.size for s in job.sources), cpus)  # sized as prepare's
     items = corpus.group(corpus.plan(job.sources, cfg.max_doc_bytes), target)
-    spec = encoder_spec(job.tokenizer, pretokenized=False, probe=[],
-                        prefer_tiktoken=True)
-    spec["eos_id"] = job.tokenizer.eos_id
+    spec = encoder_spec(job.tokenizer, pretokenized=False, probe=[], prefer_tiktoken=True)
     return [json.dumps(segs) for segs in items], dict(
         encoder=spec, text_field=cfg.text_field, max_doc_bytes=cfg.max_doc_bytes)
 
@@ -338,21 +338,15 @@ def report(r: dict) -> str:
         f"tokens/s; {r['mode']})"])
 
 
+@stage_main("gpt2 evaluate")
 def main(argv: list[str] | None = None) -> int:
-    from gpt2core import ModelFileError, TokenizerError
-    from pipelines.common.tracking import RunError, log_evaluation, open_run
+    from pipelines.common.tracking import log_evaluation, open_run
 
     cfg = parse(EvaluateConfig, argv, prog="gpt2 evaluate", description=__doc__.split("\n")[0])
-    try:
-        if cfg.smoke_test:
-            return _smoke_test(cfg)
-        client = open_run(cfg.mlflow_run_id, cfg.tracking_uri) if cfg.mlflow_run_id else None
-        result = evaluate(cfg, plan(cfg))
-    except (ValueError, ModelFileError, TokenizerError, RunError) as e:
-        if type(e).__module__.startswith("ray"):
-            raise
-        print(f"gpt2 evaluate: error: {e}", file=sys.stderr)
-        return 2
+    if cfg.smoke_test:
+        return _smoke_test(cfg)
+    client = open_run(cfg.mlflow_run_id, cfg.tracking_uri) if cfg.mlflow_run_id else None
+    result = evaluate(cfg, plan(cfg))
     if client is not None:
         log_evaluation(client, cfg.mlflow_run_id, result)
     print(json.dumps(result) if cfg.json else report(result))
@@ -379,9 +373,6 @@ def _smoke_test(cfg: EvaluateConfig) -> int:
 
 
 if __name__ == "__main__":
-    # As a file (python pipelines/evaluate.py, ray job submit): import this module by its
-    # package name, so Ray pickles the UDFs by reference and workers import them the same way.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipelines.evaluate import main as _main
+    from pipelines.evaluate import main  # this file as a module: Ray pickles its UDFs by reference
 
-    sys.exit(_main())
+    sys.exit(main())

@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from pipelines.common.entry import stage_main
 from pipelines.common.flags import option, parse
 
 if TYPE_CHECKING:
@@ -142,23 +146,15 @@ def interactive(model: GPT2, tokenizer: Tokenizer, cfg: GenerateConfig, limit: i
         turn += 1
 
 
+@stage_main("gpt2 generate")
 def main(argv: list[str] | None = None) -> int:
-    from gpt2core import ModelFileError, TokenizerError
-
     cfg = parse(GenerateConfig, argv, prog="gpt2 generate", description=__doc__.split("\n")[0])
-    try:
-        model, tokenizer, limit = load(cfg)
-    except (ValueError, ModelFileError, TokenizerError) as e:
-        print(f"gpt2 generate: error: {e}", file=sys.stderr)
-        return 2
+    model, tokenizer, limit = load(cfg)
     seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
     if cfg.prompt is None:
         return interactive(model, tokenizer, cfg, limit, seed)
-    try:
+    try:  # a prompt too long for the model: stage_main's one line
         generate_text(model, tokenizer, cfg.prompt, cfg, limit, seed, sys.stdout)
-    except PromptTooLong as e:
-        print(f"gpt2 generate: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     print()
@@ -166,7 +162,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipelines.generate import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

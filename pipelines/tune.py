@@ -35,25 +35,25 @@ import json
 import math
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-if __name__ == "__main__":  # as a file (python/ray job submit): import pipelines by package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from gpt2core import storage
 from pipelines.common import placement
+from pipelines.common.entry import stage_main
 from pipelines.common.flags import option, parse
 from pipelines.common.tracking import check_experiment, tracking_uri
-from pipelines.train import Job, TrainConfig, make_trainer, plan_job
 from pipelines.training import checkpoint
+from pipelines.training.config import TrainConfig
+from pipelines.training.job import Job, make_trainer, plan_job, run_name
 from pipelines.training.plan import make_plan
 from pipelines.tuning import report as tune_report
 from pipelines.tuning import space as tune_space
 
 METRICS = ("eval/loss", "eval/bpb", "eval/ppl")  # what every evaluation reports; lower is better
-MODE = "min"
 TRIAL_CPUS = 0.01  # the trial function only drives its TorchTrainer; a whole CPU would idle
 RECORD = "sweep.json"  # in the sweep dir: the flags and space, for --resume
 
@@ -75,7 +75,6 @@ class SweepConfig(TrainConfig):
     resume: bool = option(False, "finish the interrupted sweep --name (with its saved flags)")
 
     def __post_init__(self) -> None:
-        self.min_lr_given = self.min_lr is not None  # else a trial's is its base_lr / 10
         super().__post_init__()
         if self.num_samples < 1 or self.max_concurrent < 0 or self.grace_period < 0:
             raise ValueError("--num_samples must be at least 1, --max_concurrent and "
@@ -102,16 +101,16 @@ def run_trial(config: dict, job: Job, sweep: dict) -> None:
     import ray.tune
     from ray.util.queue import Queue
 
-    cfg = tune_report.trial_config(job.cfg, sweep["derived"], config)
-    make_plan(cfg, job.manifest, job.workers, job.runtime["model_dir"])  # bad mix: ends here
+    cfg = replace(job.cfg, **config)
+    make_plan(cfg, job.context.manifest, job.workers, job.context.model_dir)  # bad mix: ends
     name = ray.tune.get_context().get_trial_name()
     controller = Queue(1, actor_options={"num_cpus": 0})  # the Train controller's handle
     stop = _abort_on_stop(controller)
     # no MLflow here: this runs on any node; the Tune driver logs the trial's run
     # (tune_report.trial_runs) from the results EvalReport sends it
-    trainer = make_trainer(replace(job, cfg=cfg), name, cfg=cfg,
-                           callbacks=[_eval_report(sweep["metric"], sweep["mode"], controller)],
-                           storage=sweep["train_storage"])
+    trainer = make_trainer(replace(job, cfg=cfg), name,
+                           callbacks=[_eval_report(sweep["metric"], controller)],
+                           storage_path=sweep["train_storage"])
     try:
         result = trainer.fit()
     except Exception:
@@ -120,17 +119,16 @@ def run_trial(config: dict, job: Job, sweep: dict) -> None:
         return
     if controller.empty() and sweep["metric"] in (result.metrics or {}):
         # nothing reported: the run had ended before Ctrl-C, and Tune missed its last report
-        ray.tune.report(_for_tune(result.metrics, sweep["metric"], sweep["mode"]))
+        ray.tune.report(_for_tune(result.metrics, sweep["metric"]))
 
 
-def _for_tune(metrics: dict, metric: str, mode: str) -> dict:
-    """A diverged trial's NaN as the worst value: ASHA then stops it (NaN passes every cutoff)."""
-    if math.isfinite(metrics[metric]):
-        return metrics
-    return {**metrics, metric: math.inf if mode == "min" else -math.inf}
+def _for_tune(metrics: dict, metric: str) -> dict:
+    """A diverged trial's NaN as the worst value: ASHA then stops it (NaN passes every cutoff).
+    Every metric is a loss: lower is better."""
+    return metrics if math.isfinite(metrics[metric]) else {**metrics, metric: math.inf}
 
 
-def _eval_report(metric: str, mode: str, controller):
+def _eval_report(metric: str, controller):
     """TuneReportCallback for evaluations only (Tune wants --metric in every result; a
     save-only report has none, so its records for MLflow wait for the next result). It runs in
     the Train controller, and hands the trial that controller's handle, for _abort_on_stop."""
@@ -154,7 +152,7 @@ def _eval_report(metric: str, mode: str, controller):
             for key, held in self.held.items():
                 held += metrics[0].get(key) or []
             if metric in metrics[0]:
-                first = {**_for_tune(metrics[0], metric, mode), **self.held}
+                first = {**_for_tune(metrics[0], metric), **self.held}
                 self.held = {RECORDS: [], RESTORED: []}
                 super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
@@ -228,7 +226,8 @@ def size_trials(job: Job, cfg: SweepConfig, trials: int) -> tuple[int, Job]:
                                    TRIAL_CPUS, seen.node_types)
     if share.note:
         print(f"placement: {share.note}.")
-    return k, replace(job, cpus=share.cpus, runtime={**job.runtime, "threads": share.threads})
+    return k, replace(job, cpus=share.cpus,
+                      context=replace(job.context, threads=share.threads))
 
 
 def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
@@ -243,36 +242,34 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
         cfg = SweepConfig(**{**{k: v for k, v in saved["config"].items() if k in known},
                              "resume": True, "address": cfg.address})
     space = saved["space"] if saved else tune_space.load_space(cfg.search_space)
-    derived = () if cfg.min_lr_given or "min_lr" in space else ("min_lr",)
-    space = tune_space.check_space(space, cfg.train_config(), derived)
-    name = cfg.name or time.strftime("tune-%Y%m%d-%H%M%S")
+    space = tune_space.check_space(space, cfg.train_config())
+    name = run_name(cfg.name, "tune")
     if not saved and storage.exists(storage.join(cfg.storage_path, name)):
         raise ValueError(f"{storage.join(cfg.storage_path, name)} exists; finish that sweep with "
                          "--resume, or pass another --name.")
     trials = tune_space.count_trials(space, cfg.num_samples)
     check_experiment(tracking_uri(cfg.tracking_uri), cfg.experiment)  # before Ray starts
     job = plan_job(cfg.train_config())  # starts Ray
-    tune_space.check_against_data(space, job, derived)
+    tune_space.check_against_data(space, job)
     k, job = size_trials(job, cfg, trials)
-    where = f"{job.storage}/{name}"
+    where = job.run_dir(name)
     parent = saved["parent_run_id"] if saved else tune_report.start_parent_run(
-        job.runtime["tracking_uri"], cfg.experiment, name,
+        job.tracking_uri, cfg.experiment, name,
         {**asdict(cfg), "name": name, "search_space": space})
     if not saved:
         storage.write_text(f"{where}/{RECORD}", json.dumps(
-            {"config": {**asdict(cfg), "name": name, "resume": False,
-                        "min_lr": cfg.min_lr if cfg.min_lr_given else None}, "space": space,
+            {"config": {**asdict(cfg), "name": name, "resume": False}, "space": space,
              "parent_run_id": parent}, indent=1))
     verb = f"resuming {name} with the flags in {RECORD}" if saved else f"sweeping {name}"
     print(f"{verb}: {trials} trial(s) over {space}; {k} at a time, each {job.workers} "
-          f"worker(s) x {job.cpus:g} CPU ({job.runtime['threads']} torch thread(s)); "
+          f"worker(s) x {job.cpus:g} CPU ({job.context.threads} torch thread(s)); "
           f"{cfg.scheduler} on {cfg.metric} -> {where}")
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    info = {"name": name, "parent_run_id": parent, "metric": cfg.metric, "mode": MODE,
-            "train_storage": f"{where}/train", "derived": derived}
+    info = {"name": name, "parent_run_id": parent, "metric": cfg.metric,
+            "train_storage": f"{where}/train"}
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, sweep=info),
                                     {"cpu": TRIAL_CPUS})
     if saved:
@@ -288,12 +285,12 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
             if cfg.scheduler == "asha" else FIFOScheduler()
         keep = [_keep_rungs(scheduler)] if cfg.scheduler == "asha" else []
         # first: it takes MLflow's records out of each result before Tune's loggers see it
-        runs = tune_report.trial_runs(job.runtime["tracking_uri"], cfg.experiment, info,
+        runs = tune_report.trial_runs(job.tracking_uri, cfg.experiment, info,
                                       job.cfg, trial_name)
         tuner = tune.Tuner(
             trainable, param_space=tune_space.param_space(space),
             tune_config=tune.TuneConfig(
-                metric=cfg.metric, mode=MODE, scheduler=scheduler,
+                metric=cfg.metric, mode="min", scheduler=scheduler,
                 num_samples=cfg.num_samples, max_concurrent_trials=k,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=name, storage_path=job.storage,
@@ -306,10 +303,10 @@ def _report(grid, cfg: SweepConfig, space: dict, job: Job, name: str, parent: st
             trials: int) -> dict:
     """Table (printed, CSV), curves PNG, MLflow parent run and, once every trial is over,
     the best trial's model dir."""
-    rows, curves = tune_report.summarise(grid, space, cfg.metric, MODE, cfg.total_steps)
-    best = tune_report.best_row(rows, cfg.metric, MODE)
+    rows, curves = tune_report.summarise(grid, space, cfg.metric, cfg.total_steps)
+    best = tune_report.best_row(rows, cfg.metric)
     complete = len(rows) == trials and all(r["status"] != "unfinished" for r in rows)
-    where = storage.join(job.storage, name)
+    where = job.run_dir(name)
     # the table and curves are drawn here, then land in the sweep's dir (uploaded to a URI)
     tmp = tempfile.TemporaryDirectory(prefix="gpt2ray-sweep-")
     out_dir = Path(tmp.name if storage.is_uri(where) else where)
@@ -327,13 +324,13 @@ def _report(grid, cfg: SweepConfig, space: dict, job: Job, name: str, parent: st
         model_dir = storage.resolve(cfg.save_model_path or storage.join(where, "best_model"))
         run_dir = storage.join(where, "train", best["trial"])
         checkpoint.export_model(tune_report.latest_checkpoint(run_dir), model_dir)
-    tune_report.finish_parent_run(job.runtime["tracking_uri"], parent, best, cfg.metric,
+    tune_report.finish_parent_run(job.tracking_uri, parent, best, cfg.metric,
                                   complete, [table, plot])
     tmp.cleanup()
     return {"name": name, "rows": rows, "best": best, "complete": complete,
             "csv": storage.join(where, table.name), "plot": storage.join(where, plot.name),
             "model_dir": model_dir, "sweep_dir": where, "parent_run_id": parent,
-            "tracking_uri": job.runtime["tracking_uri"]}
+            "tracking_uri": job.tracking_uri}
 
 
 def _read_record(cfg: SweepConfig) -> dict:
@@ -344,20 +341,10 @@ def _read_record(cfg: SweepConfig) -> dict:
                          "--name and --storage_path it ran with.") from None
 
 
+@stage_main("gpt2 tune")
 def main(argv: list[str] | None = None) -> int:
-    from gpt2core import ModelFileError, TokenizerError
-    from pipelines.common import dataset
-    from pipelines.text.corpus import CorpusError
-
     cfg = parse(SweepConfig, argv, prog="gpt2 tune", description=__doc__.split("\n")[0])
-    try:
-        out = sweep(cfg)
-    except (ValueError, ModelFileError, TokenizerError, CorpusError,
-            dataset.DatasetError) as e:  # bad input: one sentence, no traceback
-        if type(e).__module__.startswith("ray"):
-            raise
-        print(f"gpt2 tune: error: {e}", file=sys.stderr)
-        return 2
+    out = sweep(cfg)
     print(f"\nresults: {out['csv']}\ncurves:  {out['plot']}\n"
           f"MLflow:  parent run {out['parent_run_id']} in {out['tracking_uri']}")
     if not out["complete"]:
@@ -374,4 +361,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipelines.tune import main  # this file as a module: Ray pickles run_trial by reference
+
     sys.exit(main())

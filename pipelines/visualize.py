@@ -21,7 +21,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 from gpt2core import storage
+from pipelines.common.entry import stage_main
 from pipelines.common.flags import option, parse
 from pipelines.common.tracking import METRICS_FILE, RunError, open_run
 
@@ -121,15 +125,12 @@ def load_records(cfg: VisualizeConfig) -> tuple[list[dict], str]:
 
 # --- main -----------------------------------------------------------------------------------
 
+@stage_main("gpt2 visualize")
 def main(argv: list[str] | None = None) -> int:
     from gpt2core.plots import metrics_figure, save_figure
 
     cfg = parse(VisualizeConfig, argv, prog="gpt2 visualize", description=__doc__.split("\n")[0])
-    try:
-        records, title = load_records(cfg)
-    except RunError as e:
-        print(f"gpt2 visualize: error: {e}", file=sys.stderr)
-        return 2
+    records, title = load_records(cfg)
     steps = max(r["step"] for r in records)
     if cfg.interactive and _show(records, title, cfg):
         if cfg.output:
@@ -162,7 +163,4 @@ def _show(records: list[dict], title: str, cfg: VisualizeConfig) -> bool:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipelines.visualize import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -40,11 +40,18 @@ def open_model(model_path: str, vocab_path: str | None) -> tuple[GPT2Config, Tok
     return config, tokenizer
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether a model or dataset dir (local or a URI) holds tokenizer files."""
+    from gpt2core import storage
+
+    return bool(set(TOKENIZER_FILES) & storage.files(path))
+
+
 def dir_tokenizer(path: str | Path) -> Tokenizer | None:
     """The tokenizer saved in a model or dataset dir; None when it has no tokenizer files."""
-    from gpt2core import Tokenizer, TokenizerError, storage
+    from gpt2core import Tokenizer, TokenizerError
 
-    if not set(TOKENIZER_FILES) & storage.files(path):
+    if not has_tokenizer(path):
         return None
     try:
         return Tokenizer.from_pretrained(path)

@@ -252,31 +252,6 @@ def report_callback(writer: RunWriter):
     return MlflowReport()
 
 
-def _resumed_run_id(run_dir: str, from_checkpoint: str | None) -> str | None:
-    """The MLflow run id in the checkpoint Ray Train resumes from: the latest of `run_dir` (a
-    reused --name), else `from_checkpoint`; None when it starts afresh."""
-    import io
-
-    import torch
-
-    from gpt2core import storage
-    from pipelines.training import checkpoint
-
-    try:
-        path = checkpoint.find(run_dir)
-    except ValueError:  # no run dir, or no complete checkpoint in it: Ray starts afresh
-        path = from_checkpoint
-    if path is None:
-        return None
-    state = storage.join(path, checkpoint.STATE_FILE)
-    if not storage.is_uri(state):  # memory-mapped: only the run id's bytes are read
-        saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True)
-    else:
-        saved = torch.load(io.BytesIO(storage.read_bytes(state)), map_location="cpu",
-                           weights_only=True)
-    return saved.get("run_id")
-
-
 @dataclass
 class TrainRun:
     run_id: str
@@ -284,13 +259,13 @@ class TrainRun:
 
 
 @contextmanager
-def train_run(uri: str, cfg, name: str, run_dir: str) -> Iterator[TrainRun]:
-    """The MLflow run of `gpt2 train`'s config `cfg` (new, or the one the checkpoint that Ray
-    Train resumes from belongs to) and the Train callback that logs to it. A fit that raises
-    marks the run FAILED (KILLED on Ctrl-C); the callback marks it FINISHED at the last step."""
+def train_run(uri: str, cfg, name: str, run_id: str | None) -> Iterator[TrainRun]:
+    """The MLflow run of `gpt2 train`'s config `cfg` (new, or `run_id`: the one the checkpoint
+    that Ray Train resumes from belongs to) and the Train callback that logs to it. A fit that
+    raises marks the run FAILED (KILLED on Ctrl-C); the callback marks it FINISHED at the last
+    step."""
 
-    run = RunLog(uri, cfg.experiment, name, asdict(cfg),
-                 run_id=_resumed_run_id(run_dir, cfg.from_checkpoint))
+    run = RunLog(uri, cfg.experiment, name, asdict(cfg), run_id=run_id)
     print(f"MLflow run {run.run_id} in {uri}")
     writer = RunWriter(uri, run.run_id, cfg.total_steps)
     try:

@@ -1,4 +1,4 @@
-"""The Ray side of pipelines/prepare.py: the passes over the work items, on the driver.
+"""The Ray side of the prepare job (pipelines/prepare.py): passes over the work items.
 
     job = Job(cfg, out, target, window, listing(cfg), fingerprint, NOT_FINGERPRINTED)
     tokenizer, sample_s = job.tokenizer(given, config, resume=False)   # sample pass (+ BPE)
@@ -28,13 +28,13 @@ import numpy as np
 
 from gpt2core import storage
 from pipelines.common import dataset, ray_session
+from pipelines.preparing.config import PrepareConfig
 from pipelines.preparing.tasks import RECORDS, ItemRecord, TaskSpec, sample_item, tokenize_item
 from pipelines.text import corpus
 from pipelines.text.encoding import encoder_spec
 
 if TYPE_CHECKING:
     from gpt2core.tokenizer import Tokenizer
-    from pipelines.prepare import PrepareConfig
 
 PROBE_BYTES = 64 << 10  # text compared between tiktoken and tokenizers before trusting tiktoken
 GROUP_BYTES = 1 << 20  # Parquet row groups of about this much: training's unit of shuffling
@@ -85,7 +85,7 @@ def _digested(sources: Iterator[corpus.Source], into: Listing) -> Iterator[corpu
 class Job:
     """The Ray part of one prepare: the passes over the work items, as tasks."""
 
-    cfg: PrepareConfig  # pipelines/prepare.py's
+    cfg: PrepareConfig
     out: str
     target: int  # bytes per work item
     window: int  # tasks in flight
@@ -158,7 +158,7 @@ class Job:
         row = (cfg.seq_len + 1) * dtype.itemsize
         self.spec = TaskSpec(
             self.out, self.fingerprint[:12], corpus.threshold(cfg.val_fraction),
-            tokenizer.sha256(), {**spec, "eos_id": tokenizer.eos_id}, dtype.str, cfg.seq_len,
+            tokenizer.sha256(), spec, dtype.str, cfg.seq_len,
             (cfg.shard_mb << 20) // row, max(1, GROUP_BYTES // row), cfg.text_field,
             cfg.max_doc_bytes, cfg.max_invalid_utf8)
         return tokenizer, sample_s

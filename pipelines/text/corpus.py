@@ -47,6 +47,7 @@ REFUSED = (".zip", ".json", ".tar", ".tgz", ".7z", ".rar")
 SUFFIXES = tuple(FORMATS) + tuple(f + c for f in (".txt", ".jsonl", ".ndjson") for c in CODECS)
 SEGMENT_BYTES = 4 << 20  # line formats and Parquet are read in pieces of this size
 PIECE_BYTES = 1 << 20  # a compressed line file is decoded and split this much at a time
+ITEMS_PER_CPU, ITEM_BYTES = 4, (256 << 10, 8 << 20)  # work items: see item_bytes
 SAMPLE = "sample"
 SAMPLE_SCHEME = "sample://"  # a sample file, found (or fetched) in each node's own cache
 REMOTE = listing.REMOTE
@@ -172,6 +173,13 @@ def plan(sources: Iterable[Source], max_doc_bytes: int) -> Iterator[dict]:
             yield dict(uri=src.uri, fmt=src.fmt, role=src.role, size=src.size, start=s,
                        end=min(s + step, src.size), bytes=min(step, src.size - s),
                        codec=src.codec)
+
+
+def item_bytes(total: int, cpus: int) -> int:
+    """Work-item size for `total` bytes on `cpus` CPUs: ITEMS_PER_CPU items each, to even out
+    the tail, within ITEM_BYTES: big enough that task overhead (and the one short row each
+    item ends with) stays small, small enough that a rerun loses little."""
+    return min(ITEM_BYTES[1], max(ITEM_BYTES[0], total // (ITEMS_PER_CPU * cpus)))
 
 
 def iter_groups(segments: Iterable[dict], target_bytes: int) -> Iterator[list[dict]]:

@@ -92,9 +92,10 @@ def to_tiktoken(tokenizer_json: str):
 
 def encoder_spec(tokenizer: Tokenizer, *, pretokenized: bool, probe: list[str],
                  prefer_tiktoken: bool = True) -> dict:
-    """How workers should encode: {"kind", "tokenizer", "eos_token"}; small and picklable."""
+    """How workers should encode: {"kind", "tokenizer", "eos_token", "eos_id"}; small and
+    picklable."""
     spec = {"tokenizer": tokenizer.backend.to_str(), "eos_token": tokenizer.eos_token,
-            "key": tokenizer.sha256()}
+            "eos_id": tokenizer.eos_id, "key": tokenizer.sha256()}
     if pretokenized:
         from gpt2core.tokenizer import TokenizerError
 

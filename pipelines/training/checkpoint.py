@@ -13,8 +13,11 @@ and strings only and is read with torch.load(weights_only=True): never an arbitr
 
 from __future__ import annotations
 
+import io
 import tempfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,9 +25,29 @@ from gpt2core import storage
 from gpt2core.modelfile import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.common import dataset
 
+if TYPE_CHECKING:
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.plan import Plan
+
 MODEL_DIR = "model"
 STATE_FILE = "train_state.pt"
 PREFIX = "checkpoint_"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run is: optimizer steps done, tokens trained on, and its place in the data (the
+    epoch, and the micro-batches of it this worker has consumed)."""
+
+    step: int = 0
+    tokens: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+    @classmethod
+    def of(cls, train_state: dict) -> Position:
+        """The position saved in a checkpoint's train state."""
+        return cls(**{f.name: train_state[f.name] for f in fields(cls)})
 
 
 def dir_name(step: int) -> str:
@@ -62,18 +85,39 @@ def _complete(files: set[str]) -> bool:
     return {STATE_FILE, f"{MODEL_DIR}/{CONFIG_FILE}", f"{MODEL_DIR}/{WEIGHTS_FILE}"} <= files
 
 
-def save(path: Path, model, tokenizer, train_state: dict, history_writer) -> None:
-    """Write a checkpoint into `path` (a fresh dir that Ray Train then persists)."""
+def save(path: Path, model, tokenizer, state, position: Position, run_id: str | None,
+         history_writer) -> None:
+    """Write a checkpoint into `path` (a fresh dir that Ray Train then persists): the model
+    dir, then the optimizer state (`state`: gpt2core.training.TrainState) with the position and
+    the MLflow run id (None: a Tune trial's)."""
     model.save_pretrained(path / MODEL_DIR, tokenizer)
     history_writer(path / MODEL_DIR)
     tmp = path / (STATE_FILE + ".tmp")
-    torch.save(train_state, tmp)
+    torch.save({**state.state_dict(), **asdict(position), "run_id": run_id}, tmp)
     tmp.rename(path / STATE_FILE)
 
 
 def load_state(path: str | Path) -> dict:
     """train_state.pt of a checkpoint dir, loaded without unpickling code."""
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def run_id(run_dir: str, from_checkpoint: str | None) -> str | None:
+    """The MLflow run id in the checkpoint Ray Train resumes from: the latest of `run_dir` (a
+    reused --name), else `from_checkpoint`; None when it starts afresh."""
+    try:
+        path = find(run_dir)
+    except ValueError:  # no run dir, or no complete checkpoint in it: Ray starts afresh
+        path = from_checkpoint
+    if path is None:
+        return None
+    state = storage.join(path, STATE_FILE)
+    if not storage.is_uri(state):  # memory-mapped: only the run id's bytes are read
+        saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True)
+    else:
+        saved = torch.load(io.BytesIO(storage.read_bytes(state)), map_location="cpu",
+                           weights_only=True)
+    return saved.get("run_id")
 
 
 def export_model(ckpt, out: str) -> None:
@@ -98,7 +142,7 @@ def export_model(ckpt, out: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(cfg, plan):
+def load_model(cfg: TrainConfig, plan: Plan):
     """The model a worker trains, (model, saved train state or None, history): from the
     checkpoint Ray Train hands back after a failure (or cfg.from_checkpoint), else
     plan.from_pretrained, else a fresh init of plan.model_config; with cfg's dropout and
@@ -121,9 +165,6 @@ def load_model(cfg, plan):
         model, saved, history = GPT2.from_pretrained(plan.from_pretrained), None, []
     else:
         model, saved, history = GPT2(plan.model_config), None, []
-    model.config.dropout = cfg.dropout  # a loaded model keeps its own rate otherwise
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = cfg.dropout
+    model.set_dropout(cfg.dropout)
     model.grad_checkpointing = cfg.use_grad_ckpt
     return model, saved, history

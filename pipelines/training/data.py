@@ -1,4 +1,4 @@
-"""A training worker's view of the dataset dir: its micro-batches, evaluation, tokenizer.
+"""A training worker's view of the dataset dir: its steps' micro-batches, evaluation, tokenizer.
 
 Rows come from Ray Data (`ray.train.get_dataset_shard`) as numpy batches; these turn them into
 model inputs with gpt2core.training, and sum validation loss over every worker.
@@ -7,12 +7,61 @@ model inputs with gpt2core.training, and sum validation loss over every worker.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 from pipelines.common import dataset
+from pipelines.common.dataset import Manifest
+from pipelines.training.checkpoint import Position
+from pipelines.training.config import TrainConfig
 from pipelines.training.plan import Plan
 
 
-def batches(shard, plan: Plan, cfg, epoch: int, rank: int, skip: int):
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A dataset's tokenizer as data (its tokenizer.json and end-of-text token), read once by
+    the driver: a worker then needs no access to the dataset dir's files for it."""
+
+    json: str
+    eos_token: str
+
+    @classmethod
+    def read(cls, path: str) -> TokenizerSpec:
+        """tokenizer.json at `path` (local or a URI)."""
+        from gpt2core import Tokenizer, storage
+
+        with storage.local_copy(path) as local:
+            return cls(local.read_text(encoding="utf-8"),
+                       Tokenizer.from_pretrained(local).eos_token)
+
+    def load(self):
+        """The gpt2core.Tokenizer."""
+        import tokenizers
+
+        from gpt2core import Tokenizer
+
+        return Tokenizer(tokenizers.Tokenizer.from_str(self.json), self.eos_token)
+
+
+def step_batches(shard, plan: Plan, cfg: TrainConfig, start: Position, world: int,
+                 rank: int) -> Iterator[tuple[list, Position]]:
+    """Each optimizer step's --grad_accum micro-batches with the position after the step, from
+    `start` to --total_steps. Epochs follow one another; an epoch's last micro-batches that do
+    not fill a step are dropped (every rank has the same number, so all ranks agree)."""
+    tokens_per_step = cfg.batch_train * plan.seq_len * cfg.grad_accum * world
+    pos = start
+    while pos.step < cfg.total_steps:
+        micro = batches(shard, plan, cfg, pos.epoch, rank, skip=pos.batch)
+        for group in zip(*[micro] * cfg.grad_accum):  # whole steps only
+            pos = Position(pos.step + 1, pos.tokens + tokens_per_step, pos.epoch,
+                           pos.batch + cfg.grad_accum)
+            yield list(group), pos
+            if pos.step == cfg.total_steps:
+                return
+        pos = replace(pos, epoch=pos.epoch + 1, batch=0)
+
+
+def batches(shard, plan: Plan, cfg: TrainConfig, epoch: int, rank: int, skip: int):
     """This worker's micro-batches of an epoch as (inputs, targets), the first `skip` dropped.
 
     The order is fixed by the seed: the split's row groups come in an order shuffled across the
@@ -41,7 +90,7 @@ def collate(batch: dict):
     return torch.from_numpy(rows), torch.from_numpy(np.asarray(batch["length"], np.int64))
 
 
-def evaluate(state, shard, plan: Plan, cfg, manifest: dict) -> dict:
+def evaluate(state, shard, plan: Plan, cfg: TrainConfig, manifest: Manifest) -> dict:
     """Validation loss, perplexity and bits per byte, summed over every worker's share."""
     import itertools
 
@@ -59,24 +108,7 @@ def evaluate(state, shard, plan: Plan, cfg, manifest: dict) -> dict:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     mean = (totals[0] / totals[1].clamp(min=1)).item()
-    val = manifest["splits"]["val"]
+    val = manifest.splits["val"]
     return {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0)),
-            "eval/bpb": bits_per_byte(mean, val["tokens"], val["bytes"])}
+            "eval/bpb": bits_per_byte(mean, val.tokens, val.bytes)}
 
-
-def tokenizer_from_spec(spec: dict):
-    """The tokenizer the driver sent (tokenizer_spec): no file access on the worker's node."""
-    import tokenizers
-
-    from gpt2core import Tokenizer
-
-    return Tokenizer(tokenizers.Tokenizer.from_str(spec["json"]), spec["eos_token"])
-
-
-def tokenizer_spec(path: str) -> dict:
-    """A dataset's tokenizer.json (local or a URI) as data for the workers: one read, here."""
-    from gpt2core import Tokenizer, storage
-
-    with storage.local_copy(path) as local:
-        return {"json": local.read_text(encoding="utf-8"),
-                "eos_token": Tokenizer.from_pretrained(local).eos_token}

@@ -10,12 +10,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from pipelines.training import checkpoint
+from pipelines.training.config import TrainConfig
 
 
-def summarise(grid, space: dict, metric: str, mode: str, total_steps: int):
-    """(rows, curves) of a Tune ResultGrid: a row per trial, with its parameters, best metric,
-    steps run and status; a curve per trial: [(step, metric), ...]."""
-    sign = 1 if mode == "min" else -1
+def summarise(grid, space: dict, metric: str, total_steps: int):
+    """(rows, curves) of a Tune ResultGrid: a row per trial, with its parameters, best (lowest)
+    metric, steps run and status; a curve per trial: [(step, metric), ...]."""
     rows, curves = [], {}
     for r in sorted(grid, key=lambda r: Path(r.path).name):
         trial, df, config = Path(r.path).name, r.metrics_dataframe, (r.config or {})
@@ -30,8 +30,7 @@ def summarise(grid, space: dict, metric: str, mode: str, total_steps: int):
         status = ("error" if r.error else "stopped early" if stopped
                   else "finished" if done else "unfinished")
         rows.append({"trial": trial, **{k: config.get(k) for k in space},
-                     f"best {metric}": sign * min((sign * v for v in curve.values()),
-                                                  default=math.nan),
+                     f"best {metric}": min(curve.values(), default=math.nan),
                      "steps": steps, "stopped early": status == "stopped early",
                      "status": status,
                      "mlflow_run_id": (r.metrics or {}).get("mlflow_run_id", ""),
@@ -39,10 +38,9 @@ def summarise(grid, space: dict, metric: str, mode: str, total_steps: int):
     return rows, curves
 
 
-def best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
-    key, sign = f"best {metric}", 1 if mode == "min" else -1
-    ranked = [r for r in rows if not math.isnan(r[key])]
-    return min(ranked, key=lambda r: sign * r[key], default=None)
+def best_row(rows: list[dict], metric: str) -> dict | None:
+    key = f"best {metric}"
+    return min((r for r in rows if not math.isnan(r[key])), key=lambda r: r[key], default=None)
 
 
 def cell(v) -> str:
@@ -113,13 +111,7 @@ def start_parent_run(tracking_uri: str, experiment: str, name: str, params: dict
     return RunLog(tracking_uri, experiment, name, params, tags={"sweep": name}).run_id
 
 
-def trial_config(base, derived: tuple[str, ...], config: dict):
-    """A trial's TrainConfig: `base` with the trial's fields; the `derived` ones (min_lr, when
-    not given) left for __post_init__ to work out again from them."""
-    return replace(base, **dict.fromkeys(derived), **config)
-
-
-def trial_runs(tracking_uri: str, experiment: str, sweep: dict, base, name_of):
+def trial_runs(tracking_uri: str, experiment: str, sweep: dict, base: TrainConfig, name_of):
     """A ray.tune.Callback that keeps each trial's MLflow run, nested under the sweep's
     (`sweep`: tune.py's info; `base`: the trials' base TrainConfig; `name_of(trial)`: its name).
 
@@ -141,7 +133,7 @@ def trial_runs(tracking_uri: str, experiment: str, sweep: dict, base, name_of):
 
         def _writer(self, trial) -> RunWriter:
             if trial.trial_id not in self.writers:
-                cfg, name = trial_config(base, sweep["derived"], trial.config), name_of(trial)
+                cfg, name = replace(base, **trial.config), name_of(trial)
                 run = RunLog(tracking_uri, experiment, name, asdict(cfg),
                              run_id=self._find(name),
                              tags={"mlflow.parentRunId": parent, "sweep": sweep["name"]})

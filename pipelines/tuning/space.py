@@ -21,7 +21,8 @@ import typing
 from dataclasses import fields, replace
 from pathlib import Path
 
-from pipelines.train import Job, TrainConfig
+from pipelines.training.config import TrainConfig
+from pipelines.training.job import Job
 from pipelines.training.plan import make_plan
 
 # Fields a trial may not vary: where data, runs and workers are, and how results are measured.
@@ -64,11 +65,10 @@ def load_space(path: str | None) -> dict:
     return space
 
 
-def check_space(space: dict, base: TrainConfig, derived: tuple = ()) -> dict:
+def check_space(space: dict, base: TrainConfig) -> dict:
     """The space with each value typed like its field; ValueError names a bad name or value.
 
-    Each value (a range's ends, every choice) must make a valid TrainConfig on its own, with
-    the `derived` fields reset to None (their defaults then follow the value: min_lr).
+    Each value (a range's ends, every choice) must make a valid TrainConfig on its own.
     """
     hints, typed = typing.get_type_hints(TrainConfig), {}
     for name, spec in space.items():
@@ -84,7 +84,7 @@ def check_space(space: dict, base: TrainConfig, derived: tuple = ()) -> dict:
                              f"loguniform), got {values}.")
         for v in values:
             try:
-                replace(base, **dict.fromkeys(derived), **{name: v})
+                replace(base, **{name: v})
             except ValueError as e:
                 raise ValueError(f"search space: {name}={v}: {e}") from None
         typed[name] = values[0] if how == "fixed" else {how: values}
@@ -130,13 +130,13 @@ def values_of(spec) -> list:
     return next(iter(spec.values())) if isinstance(spec, dict) else [spec]
 
 
-def check_against_data(space: dict, job: Job, derived: tuple = ()) -> None:
+def check_against_data(space: dict, job: Job) -> None:
     """Each value with the dataset and the model: batch vs rows, heads vs dims, seq_len, ..."""
     for name, spec in space.items():
         for v in values_of(spec):
             try:
-                cfg = replace(job.cfg, **dict.fromkeys(derived), **{name: v})
-                make_plan(cfg, job.manifest, job.workers, job.runtime["model_dir"])
+                make_plan(replace(job.cfg, **{name: v}), job.context.manifest, job.workers,
+                          job.context.model_dir)
             except ValueError as e:
                 raise ValueError(f"search space: {name}={v}: {e}") from None
 

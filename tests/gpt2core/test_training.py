@@ -127,3 +127,13 @@ def test_bits_per_byte():
     # ln 2 nats per token, one token per byte -> exactly 1 bit per byte
     assert bits_per_byte(math.log(2), tokens=100, nbytes=100) == pytest.approx(1.0)
     assert bits_per_byte(math.log(2), tokens=100, nbytes=400) == pytest.approx(0.25)
+
+
+def test_min_lr_defaults_to_a_tenth_of_the_peak_at_the_schedule():
+    lrs = {}
+    for min_lr in (None, 1e-3):
+        state = state_for(tiny(), min_lr=min_lr, warmup_steps=0, total_steps=4)
+        for _ in range(4):
+            state.scheduler.step()
+        lrs[min_lr] = state.lr
+    assert lrs[None] == pytest.approx(1e-3) == lrs[1e-3]  # lr 1e-2 / 10

@@ -396,7 +396,7 @@ def test_compressed_inputs_from_object_storage(ray_local, tmp_path, bucket, monk
         # compression=None: pyarrow would otherwise compress again, by the name's suffix
         with fs.open_output_stream(f"{root}/corpus/{name}", compression=None) as f:
             f.write(data)
-    monkeypatch.setattr(prepare, "ITEM_BYTES", SMALL_ITEMS)
+    monkeypatch.setattr(corpus, "ITEM_BYTES", SMALL_ITEMS)
     flags = ["--vocab_size", "300", "--seq_len", "32", "--max_doc_bytes", "2048"]
     assert run("--corpus", tmp_path / "plain", "--out", tmp_path / "local", *flags) == 0
     assert run("--corpus", f"{bucket}/corpus/", "--out", f"{bucket}/ds", *flags) == 0
@@ -431,7 +431,7 @@ def test_many_small_files_are_lossless_in_many_items(ray_local, tmp_path, monkey
     for i in range(400):
         (d / f"{i // 100:02d}").mkdir(parents=True, exist_ok=True)
         (d / f"{i // 100:02d}" / f"{i:04d}.txt").write_text(f"file {i} " * (i % 9 + 1) + "\n")
-    monkeypatch.setattr(prepare, "ITEM_BYTES", (4 << 10, 4 << 10))
+    monkeypatch.setattr(corpus, "ITEM_BYTES", (4 << 10, 4 << 10))
     result = prepare.prepare(prepare.PrepareConfig(corpus=[str(d)], out=str(tmp_path / "out"),
                                                    vocab_size=300, seq_len=16,
                                                    val_fraction=0.1))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.train import TrainConfig, main, train
+from pipelines.train import main, train
+from pipelines.training.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import tune
-from pipelines.train import TrainConfig
+from pipelines.training.config import TrainConfig
 from pipelines.tuning import report as tune_report
 from pipelines.tuning import space as tune_space
 
@@ -50,12 +50,11 @@ def test_space_values_take_their_fields_types(tmp_path):
 
 
 def test_min_lr_follows_each_trials_base_lr_unless_given():
-    space = {"base_lr": {"loguniform": [1e-5, 1e-3]}}  # 1e-5 is below the base's min_lr 1e-4
+    space = {"base_lr": {"loguniform": [1e-5, 1e-3]}}  # 1e-5 is below 1e-3's min_lr 1e-4
     cfg = tune.parse(tune.SweepConfig, [], prog="gpt2 tune")
-    assert not cfg.min_lr_given and cfg.train_config().min_lr == pytest.approx(1e-4)
-    tune_space.check_space(space, cfg.train_config(), derived=("min_lr",))
+    assert cfg.train_config().min_lr is None  # base_lr / 10, worked out at the schedule
+    tune_space.check_space(space, cfg.train_config())
     given = tune.parse(tune.SweepConfig, ["--min_lr", "1e-4"], prog="gpt2 tune")
-    assert given.min_lr_given
     with pytest.raises(ValueError, match="base_lr=1e-05: --base_lr must be positive"):
         tune_space.check_space(space, given.train_config())
 
@@ -112,8 +111,7 @@ def test_trial_runs_are_nested_logged_and_ended_on_the_tune_driver(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = tune_report.start_parent_run(uri, "sweeps", "sweep", {"num_samples": 2})
-    info = {"name": "sweep", "parent_run_id": parent, "train_storage": str(tmp_path / "train"),
-            "derived": ("min_lr",)}
+    info = {"name": "sweep", "parent_run_id": parent, "train_storage": str(tmp_path / "train")}
     runs = tune_report.trial_runs(uri, "sweeps", info, TrainConfig(total_steps=20),
                                   lambda t: f"trial_{t.trial_id}")
     done, stopped = (SimpleNamespace(trial_id=i, config={"base_lr": 2e-3}) for i in ("0", "1"))
@@ -141,7 +139,7 @@ def test_trial_runs_are_nested_logged_and_ended_on_the_tune_driver(tmp_path):
     assert children["trial_0"].info.status == "FINISHED"
     assert children["trial_1"].info.status == "KILLED"
     trial = children["trial_0"].data
-    assert trial.params["base_lr"] == "0.002" and trial.params["min_lr"] == "0.0002"
+    assert trial.params["base_lr"] == "0.002" and trial.params["min_lr"] == "None"
     assert trial.params["num_params"] == "99" and trial.tags["sweep"] == "sweep"
     history = client.get_metric_history(last["mlflow_run_id"], "eval/loss")
     assert [(m.step, m.value) for m in history] == [(20, 4.0)]

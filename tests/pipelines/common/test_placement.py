@@ -10,7 +10,7 @@ import yaml
 from pipelines.common import placement
 from pipelines.common.placement import DATA_CPUS, check_gpus, concurrent_trials, worker_share
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HEAD = {"CPU": 8.0}  # cluster.yaml: m5.2xlarge head, no GPU
 G5 = {"CPU": 4.0, "GPU": 1.0}  # cluster.yaml: g5.xlarge worker
 P5 = {"CPU": 96.0, "GPU": 8.0}  # an 8-GPU node

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from pipelines.common import tracking
-from pipelines.train import TrainConfig
+from pipelines.training import checkpoint
+from pipelines.training.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def store(tmp: Path) -> str:
@@ -137,17 +138,18 @@ def test_checking_a_store_that_does_not_exist_creates_none(tmp_path):
 def test_a_resumed_fit_continues_the_run_its_checkpoint_belongs_to(tmp_path):
     run_dir = tmp_path / "runs" / "run"
     elsewhere = fake_checkpoint(tmp_path / "copied" / "checkpoint_0000020", run_id="aaa")
-    assert tracking._resumed_run_id(str(run_dir), None) is None  # a new run
-    assert tracking._resumed_run_id(str(run_dir), str(elsewhere)) == "aaa"  # --from_checkpoint
+    assert checkpoint.run_id(str(run_dir), None) is None  # a new run
+    assert checkpoint.run_id(str(run_dir), str(elsewhere)) == "aaa"  # --from_checkpoint
     fake_checkpoint(run_dir / "checkpoint_0000020", run_id="bbb")  # a reused --name
-    assert tracking._resumed_run_id(str(run_dir), str(elsewhere)) == "bbb"
+    assert checkpoint.run_id(str(run_dir), str(elsewhere)) == "bbb"
 
     uri = store(tmp_path)
     first = tracking.RunLog(uri, "exp", "run", {"a": 1})
     fake_checkpoint(tmp_path / "second" / "checkpoint_0000020", run_id=first.run_id)
     cfg = TrainConfig(experiment="exp",  # as plan_job resolved it
                       from_checkpoint=str(tmp_path / "second" / "checkpoint_0000020"))
-    with tracking.train_run(uri, cfg, "again", str(tmp_path / "runs" / "again")) as run:
+    resumed = checkpoint.run_id(str(tmp_path / "runs" / "again"), cfg.from_checkpoint)
+    with tracking.train_run(uri, cfg, "again", resumed) as run:
         assert run.run_id == first.run_id
 
 
@@ -156,7 +158,7 @@ def test_train_run_records_the_config_and_a_failed_fit(tmp_path):
 
     uri, cfg = store(tmp_path), TrainConfig(experiment="exp", total_steps=7)
     with pytest.raises(RuntimeError):
-        with tracking.train_run(uri, cfg, "run", str(tmp_path / "runs" / "run")) as run:
+        with tracking.train_run(uri, cfg, "run", None) as run:
             raise RuntimeError("a worker died too often")
     got = mlflow.MlflowClient(uri).get_run(run.run_id)
     assert got.info.status == "FAILED" and got.info.run_name == "run"
@@ -177,11 +179,10 @@ def test_history_writes_everything_and_reports_what_is_new(tmp_path):
 
 
 def test_a_workers_modules_import_no_mlflow():
-    """What train_loop_per_worker imports (pipelines.train and what it calls) leaves MLflow out:
-    a worker may run on a node without the store."""
-    code = ("import sys, ray.train, ray.train.torch, pipelines.train, "
-            "pipelines.training.checkpoint, pipelines.training.data, gpt2core.training, "
-            "gpt2core.plots; "
+    """What train_loop_per_worker imports (pipelines.training.loop and what it calls) leaves
+    MLflow out: a worker may run on a node without the store."""
+    code = ("import sys, ray.train, ray.train.torch, pipelines.training.loop, "
+            "pipelines.training.job, gpt2core.training, gpt2core.plots; "
             "print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)

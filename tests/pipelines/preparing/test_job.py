@@ -16,8 +16,9 @@ from gpt2core import storage
 from pipelines import prepare
 from pipelines.common import dataset
 from pipelines.common.flags import parse
+from pipelines.text import corpus
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SMALL_ITEMS = (16 << 10, 16 << 10)  # work items of 16 KiB: many of them, even in a test
 
 
@@ -28,7 +29,8 @@ def run(*args: str) -> int:
 KILLABLE = f"""
 import sys
 from pipelines import prepare
-prepare.ITEM_BYTES = {SMALL_ITEMS}
+from pipelines.text import corpus
+corpus.ITEM_BYTES = {SMALL_ITEMS}
 sys.exit(prepare.main(sys.argv[1:]))
 """
 
@@ -78,7 +80,7 @@ def test_a_killed_prepare_resumes_with_the_same_rows(ray_local, tmp_path, monkey
     assert "holds an unfinished prepare of other inputs or flags (changed: seq_len)" in \
         capsys.readouterr().err and len(records(out)) == finished
 
-    monkeypatch.setattr(prepare, "ITEM_BYTES", SMALL_ITEMS)
+    monkeypatch.setattr(corpus, "ITEM_BYTES", SMALL_ITEMS)
     cfg = parse(prepare.PrepareConfig, [str(f) for f in flags], "p")
     resumed = prepare.prepare(cfg)
     assert finished <= resumed["reused"] < resumed["items"]

@@ -8,7 +8,7 @@ import pytest
 from gpt2core.tokenizer import Tokenizer, TokenizerError
 from pipelines.text.encoding import PROBE, convertible, encoder_spec, get_encoder
 
-GPT2_FILES = Path(__file__).resolve().parents[1] / "assets" / "gpt2"
+GPT2_FILES = Path(__file__).resolve().parents[2] / "assets" / "gpt2"
 TRICKY = [PROBE, "", " ", "\n\n\n", "a<|endoftext|>b", "  leading and trailing  ", "x" * 3000,
           "tabs\tand\r\nwindows\r\n", "numbers 12345678 and 1.5e-3", "emoji 🙂🙂 and 日本語"]
 

@@ -4,17 +4,18 @@ import pytest
 
 from gpt2core import GPT2, GPT2Config
 from pipelines.common import ray_session
+from pipelines.common.dataset import Manifest, Split
 from pipelines.common.placement import check_gpus, worker_share
-from pipelines.train import TrainConfig
 from pipelines.training import checkpoint
 from pipelines.training import plan as train_plan
+from pipelines.training.config import TrainConfig
 from pipelines.training.plan import make_plan, train_rows, validation_rows
 
 
 def manifest(seq_len=64, vocab=512, train_rows=100, val_rows=4):
-    split = lambda rows: {"rows": rows, "tokens": rows * seq_len, "bytes": rows * seq_len * 3}  # noqa: E731
-    return {"seq_len": seq_len, "vocab_size": vocab,
-            "splits": {"train": split(train_rows), "val": split(val_rows)}}
+    split = lambda rows: Split(rows=rows, tokens=rows * seq_len, bytes=rows * seq_len * 3)  # noqa: E731
+    return Manifest(tokenizer={}, vocab_size=vocab, eos_id=0, seq_len=seq_len, dtype="uint16",
+                    splits={"train": split(train_rows), "val": split(val_rows)})
 
 
 def test_from_scratch_follows_the_dataset_vocab_and_preset_shape():
@@ -128,17 +129,16 @@ def test_the_original_projects_train_command_parses():
     assert cfg.storage_path == "ckpts" and cfg.save_model_path == "model"
     assert (cfg.layers, cfg.heads, cfg.dims, cfg.rate, cfg.seq_len) == (6, 8, 256, 4, 128)
     assert cfg.use_amp and cfg.use_grad_ckpt and cfg.gpus == 2 and cfg.base_lr == 1e-4
-    assert cfg.min_lr == pytest.approx(1e-5)  # base_lr / 10 unless given
+    assert cfg.min_lr is None  # not given: base_lr / 10, worked out at the schedule
 
 
 def test_validation_rows_are_the_first_rows_of_val_that_evaluation_reads(train_data):
-    import json
 
     import numpy as np
 
     from pipelines.common import dataset
 
-    manifest = json.loads((train_data / dataset.MANIFEST).read_text())
+    manifest = dataset.load_manifest(train_data)
     tokens, _ = dataset.read_split(train_data, "val")
     # --eval_batches 2 of 3 rows over all workers: the first 6 rows, in order, read once
     some = validation_rows(TrainConfig(eval_batches=2), manifest, train_data, 3)
@@ -150,14 +150,13 @@ def test_validation_rows_are_the_first_rows_of_val_that_evaluation_reads(train_d
 
 
 def test_a_small_train_split_is_cached_with_the_streams_rows_and_order(train_data, ray_local):
-    import json
 
     import numpy as np
     from ray.data.dataset import MaterializedDataset
 
     from pipelines.common import dataset, ray_session
 
-    manifest = json.loads((train_data / dataset.MANIFEST).read_text())
+    manifest = dataset.load_manifest(train_data)
     cluster = ray_local.cluster_resources()
     cached = train_rows(TrainConfig(), manifest, train_data, cluster)
     streamed = train_rows(TrainConfig(cache_train_mb=0), manifest, train_data, cluster)
@@ -186,13 +185,13 @@ def test_two_sources_mix_from_the_first_batches_of_an_epoch(ray_local, tmp_path,
     the seed shuffles across the split; the shuffle buffer only mixes neighbouring blocks):
     read in shard order they would all come from a/. The order is the same for the same seed."""
     import random
-    from dataclasses import asdict
 
     from gpt2core import Tokenizer
     from gpt2core.tokenizer import EOS_TOKEN
     from pipelines import prepare
     from pipelines.common import dataset
     from pipelines.preparing import job as prepare_job
+    from pipelines.text import corpus
     from pipelines.training import data as train_data
 
     rng = random.Random(0)
@@ -201,7 +200,7 @@ def test_two_sources_mix_from_the_first_batches_of_an_epoch(ray_local, tmp_path,
         for i in range(40):
             words = ("".join(rng.choices(letters, k=rng.randint(2, 7))) for _ in range(700))
             (tmp_path / source / f"{i:02d}.txt").write_text(" ".join(words) + "\n")
-    monkeypatch.setattr(prepare, "ITEM_BYTES", (8 << 10, 8 << 10))  # 40 work items
+    monkeypatch.setattr(corpus, "ITEM_BYTES", (8 << 10, 8 << 10))  # 40 work items
     monkeypatch.setattr(prepare_job, "GROUP_BYTES", 32 * 17 * 2)  # row groups of 32 rows
     # a block per row group: Ray's shuffle buffer mixes whole blocks, and at real sizes a
     # block (8 MiB) is a sliver of the split; here one would hold all of it
@@ -209,13 +208,13 @@ def test_two_sources_mix_from_the_first_batches_of_an_epoch(ray_local, tmp_path,
     out = tmp_path / "ds"
     prepare.prepare(prepare.PrepareConfig(corpus=[str(tmp_path / "a"), str(tmp_path / "b")],
                                           out=str(out), vocab_size=300, seq_len=16))
-    manifest = asdict(dataset.load_manifest(out))
+    manifest = dataset.load_manifest(out)
     tok = Tokenizer.from_pretrained(out)
 
     def first_batches(seed: int | None) -> list[set[str]]:
         cfg = TrainConfig(seed=seed or 0, shuffle_buffer=64, batch_train=16, cache_train_mb=0)
         plan = make_plan(cfg, manifest, world=1)
-        n = manifest["splits"]["train"]["rows"] // plan.rows_per_batch
+        n = manifest.splits["train"].rows // plan.rows_per_batch
         seen = []
         with ray_session.ordered():  # as Ray Train reads (DataConfig preserve_order)
             rows = train_rows(cfg, manifest, out, {}) if seed is not None else \
@@ -227,7 +226,7 @@ def test_two_sources_mix_from_the_first_batches_of_an_epoch(ray_local, tmp_path,
                 seen.append({"ab"[any(c in "nopqrstuvwxyz" for c in t)] for t in texts})
         return seen
 
-    assert len(manifest["splits"]["train"]["shards"]) > 20
+    assert len(manifest.splits["train"].shards) > 20
     mixed = first_batches(seed=0)
     assert set().union(*mixed) == {"a", "b"} and len(mixed) >= 5
     assert first_batches(seed=0) == mixed  # fixed by the seed: what exact resume needs

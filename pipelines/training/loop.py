@@ -1,0 +1,173 @@
+"""The Ray Train worker: one rank's training, as small steps read top to bottom.
+
+    train_loop_per_worker(config)     config = {"cfg": TrainConfig, "context": RunContext}
+        model, optimizer and position: fresh, --from_pretrained, or a checkpoint's
+        for each optimizer step's micro-batches (data.step_batches, with the position after it):
+            optimizer_step
+            after_step: log (--log_steps), evaluate (--eval_steps), save (--save_steps)
+
+No MLflow here: a worker may run on any node, and the store is the driver's. Rank 0's reports
+carry its records, which the Train controller logs (pipelines/common/tracking.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipelines.common.tracking import History
+from pipelines.training import checkpoint, data
+from pipelines.training.checkpoint import Position
+from pipelines.training.plan import Plan, make_plan
+
+if TYPE_CHECKING:
+    from gpt2core.training import TrainState
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.job import RunContext
+
+SHOWN = ("train/loss", "train/lr", "train/tokens_per_sec", "eval/loss", "eval/bpb")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One worker's training: model, data shard, steps, evaluation, records and checkpoints."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from gpt2core import training
+
+    cfg: TrainConfig = config["cfg"]
+    run: RunContext = config["context"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(run.threads)  # Ray's OMP_NUM_THREADS=1 would waste CPUs
+    device = ray.train.torch.get_device()
+    plan = make_plan(cfg, run.manifest, world, run.model_dir)
+
+    # --- Model, optimizer and where to start ---
+    model, saved, history = checkpoint.load_model(cfg, plan)
+
+    def wrap(m):
+        m = torch.compile(m) if cfg.compile else m
+        return ray.train.torch.prepare_model(m, move_to_device=False)
+
+    state = training.TrainState.create(
+        model, lr=cfg.base_lr, weight_decay=cfg.wd_rate, warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.total_steps, min_lr=cfg.min_lr, device=device, use_amp=cfg.use_amp,
+        wrap=wrap)
+    start = Position()
+    if saved is not None:
+        state.load_state_dict(saved)
+        start = Position.of(saved)
+    log = None  # rank 0's records: metrics.jsonl, and MLflow through its reports
+    if rank == 0:
+        log = History(history, num_params=model.num_params(), world_size=world)
+        say(f"[rank 0] {model.num_params() / 1e6:.2f}M parameters, seq_len {plan.seq_len}, "
+            f"{world} worker(s), {plan.steps_per_epoch} steps per epoch, start step "
+            f"{start.step}")
+    worker = Worker(cfg, run, plan, state, run.tokenizer.load(), log, world,
+                    ray.train.get_dataset_shard("val"),
+                    Meter(peak=training.peak_flops(device, state.dtype)))
+
+    # --- Training loop ---
+    train_shard = ray.train.get_dataset_shard("train")
+    for micro_batches, pos in data.step_batches(train_shard, plan, cfg, start, world, rank):
+        torch.manual_seed(cfg.seed * 1_000_003 + pos.step * world + rank)  # dropout: resumable
+        worker.meter.add(*state.step(micro_batches, cfg.grad_clip))
+        worker.after_step(pos)
+
+
+@dataclass
+class Meter:
+    """Train loss, gradient norm and time summed since the last log line; evaluation and
+    checkpoints are not timed (reset() comes after them)."""
+
+    peak: float  # the device's peak FLOP/s, for MFU
+    loss: float = 0.0
+    norm: float = 0.0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, norm: float) -> None:
+        self.loss, self.norm, self.steps = self.loss + loss, self.norm + norm, self.steps + 1
+
+    def reset(self) -> None:
+        self.loss, self.norm, self.steps, self.start = 0.0, 0.0, 0, time.perf_counter()
+
+
+@dataclass
+class Worker:
+    """What a rank keeps between steps, and what it does after each."""
+
+    cfg: TrainConfig
+    run: RunContext
+    plan: Plan
+    state: TrainState
+    tokenizer: object  # gpt2core.Tokenizer, saved into checkpoints
+    log: History | None  # rank 0's
+    world: int
+    val: object  # this rank's val shard (ray.train.get_dataset_shard)
+    meter: Meter
+
+    def after_step(self, pos: Position) -> None:
+        """Log every --log_steps, evaluate every --eval_steps, checkpoint every --save_steps,
+        and all three after the last step."""
+        cfg, last = self.cfg, pos.step == self.cfg.total_steps
+        logged = pos.step % cfg.log_steps == 0 or last
+        evaluated = pos.step % cfg.eval_steps == 0 or last
+        saved = pos.step % cfg.save_steps == 0 or last
+        metrics = self.train_metrics(pos) if logged else {}
+        if evaluated:
+            metrics.update(data.evaluate(self.state, self.val, self.plan, cfg, self.run.manifest))
+        if self.log is not None and metrics:
+            self.log.add(pos.step, metrics)
+            say(f"step {pos.step}/{cfg.total_steps} " + " ".join(
+                f"{k} {v:.4g}" for k, v in metrics.items() if k in SHOWN))
+        if evaluated or saved:
+            self.report(pos, metrics, save=saved, final=last)
+        if logged:
+            self.meter.reset()
+
+    def train_metrics(self, pos: Position) -> dict:
+        """The log line's numbers: means over the steps since the last one, throughput, MFU."""
+        m, seq_len = self.meter, self.plan.seq_len
+        tokens_per_step = self.cfg.batch_train * seq_len * self.cfg.grad_accum * self.world
+        tps = m.steps * tokens_per_step / (time.perf_counter() - m.start)
+        return {"train/loss": m.loss / m.steps, "train/lr": self.state.lr,
+                "train/grad_norm": m.norm / m.steps, "train/tokens_per_sec": tps,
+                "train/mfu": self.state.raw.estimate_mfu(tps / self.world, m.peak, seq_len),
+                "train/tokens": pos.tokens, "train/epoch": pos.epoch}
+
+    def report(self, pos: Position, metrics: dict, save: bool, final: bool) -> None:
+        """ray.train.report on every rank (it is a barrier); rank 0 attaches its records since
+        its last report (for MLflow: tracking.RunWriter) and the checkpoint."""
+        import ray.train
+
+        from gpt2core.plots import loss_curve
+
+        run_id = self.run.mlflow_run_id
+        metrics = {**metrics, "step": pos.step, "mlflow_run_id": run_id or ""}
+        if self.log is not None:
+            metrics.update(self.log.report())
+        if self.log is None or not save:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path, model = Path(tmp), self.state.raw
+            checkpoint.save(path, model, self.tokenizer, self.state, pos, run_id, self.log.write)
+            if final:  # in the model dir: exported with it, and MLflow's artifact too
+                loss_curve(self.log.records, path / checkpoint.MODEL_DIR / "loss_curve.png",
+                           title=f"{run_id or 'Tune trial'}: "
+                                 f"{model.num_params() / 1e6:.1f}M params")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint.dir_name(pos.step))
+
+
+def say(message: str) -> None:
+    """A line on the worker's console, once: Train's patched print echoes it twice when
+    another library has wrapped sys.stdout."""
+    print(message, file=sys.__stdout__, flush=True)
