@@ -16,27 +16,36 @@ import signal
 import sys
 import time
 import typing
+from dataclasses import dataclass
+
+from pipelines.common.flags import add_flags, new_parser, option
 
 IMPORT_PATH = "serve.app:app"
+# earlier spellings of the app's fields, still accepted
+ALIASES = {"model_dir": ["--model_path"], "num_gpus": ["--gpus"]}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpt2 serve", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True, help="model dir to serve (HF GPT-2 format)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind; 0.0.0.0 to accept other machines (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--num_replicas", type=int, default=1, help="model replicas (default 1)")
-    p.add_argument("--num_cpus", type=float, default=1,
-                   help="CPUs per replica; torch uses that many threads (default 1)")
-    p.add_argument("--gpus", type=float, default=0, help="GPUs per replica (default 0)")
-    p.add_argument("--max_batch_size", type=int, default=16,
-                   help="requests decoded together per replica; 1 turns batching off")
-    p.add_argument("--max_tokens_cap", type=int, default=256,
-                   help="largest max_tokens a request may ask for")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
+@dataclass
+class ServeFlags:
+    """Where the app runs; the app's own arguments come from its args model (serve/args.py)."""
+
+    host: str = option("127.0.0.1", "address Serve's HTTP proxy binds; 0.0.0.0 to accept other "
+                       "machines (and a load balancer)")
+    port: int = option(8000, "HTTP port of Serve's proxy")
+    address: str | None = option(None, "Ray cluster to join (None: RAY_ADDRESS, else a new "
+                                 "local cluster; 'local': always a new one)")
+    route_prefix: str = option("/", "URL path the app answers under, e.g. /gpt2 beside other "
+                               "apps")
+    name: str = option("gpt2", "Serve application name; Ctrl-C deletes this application only, "
+                       "not others on the cluster")
+
+
+def build_parser(args_cls: type | None = None) -> argparse.ArgumentParser:
+    """`gpt2 serve`'s flags: ServeFlags, then every field of the app's args model (its
+    defaults, units and help live there, in serve/args.py, loaded here by import path)."""
+    p = new_parser("gpt2 serve", __doc__.split("\n")[0])
+    add_flags(p, ServeFlags)
+    add_flags(p, args_cls or load_builder()[1], ALIASES)
     return p
 
 
@@ -48,42 +57,45 @@ def load_builder(import_path: str = IMPORT_PATH):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    builder, args_cls = load_builder()
+    args = vars(build_parser(args_cls).parse_args(argv))
+    flags = ServeFlags(**{k: args.pop(k) for k in list(args) if k in ServeFlags.__annotations__})
     from gpt2core import storage
 
+    model_dir = args["model_dir"]
     try:
-        is_model = storage.is_file(storage.join(args.model_path, "config.json"))
+        is_model = storage.is_file(storage.join(model_dir, "config.json"))
     except storage.StorageError as e:
         print(f"gpt2 serve: {e}", file=sys.stderr)
         return 2
     if not is_model:
-        print(f"gpt2 serve: {args.model_path} is not a model dir (no config.json); pass "
+        print(f"gpt2 serve: {model_dir} is not a model dir (no config.json); pass "
               "--model_path a dir written by `gpt2 train` or save_pretrained.", file=sys.stderr)
         return 2
     import ray
     from ray import serve
 
-    builder, args_cls = load_builder()
-    app_args = args_cls(model_dir=storage.resolve(args.model_path),
-                        num_replicas=args.num_replicas, num_cpus=args.num_cpus,
-                        num_gpus=args.gpus, max_batch_size=args.max_batch_size,
-                        max_tokens_cap=args.max_tokens_cap)
-    ray.init(address=args.address, logging_level="warning")
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(builder(app_args), name="gpt2", route_prefix="/", blocking=False)
+    app_args = args_cls(**{**args, "model_dir": storage.resolve(model_dir)})
+    ray.init(address=flags.address, logging_level="warning")
+    serve.start(http_options={"host": flags.host, "port": flags.port})
+    serve.run(builder(app_args), name=flags.name, route_prefix=flags.route_prefix,
+              blocking=False)
     # Ray's driver installs its own SIGINT handler, which kills the process before the clean
     # shutdown below; Ctrl-C (and SIGTERM) should raise KeyboardInterrupt here instead.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:  # the print too: a Ctrl-C may land while it is still writing the line
-        print(f"gpt2 serve: {args.model_path} at http://{args.host}:{args.port}/ "
-              "(playground at /, API at /v1); Ctrl-C stops", flush=True)
+        url = f"http://{flags.host}:{flags.port}{flags.route_prefix.rstrip('/')}"
+        print(f"gpt2 serve: {model_dir} at {url}/ "
+              "(playground at /, API at /v1, docs at /docs); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("gpt2 serve: stopping", file=sys.stderr)
     finally:
-        serve.shutdown()
+        # only this application: other apps on a shared cluster keep serving (Serve itself
+        # and a local cluster of our own end with ray.shutdown)
+        serve.delete(flags.name)
         ray.shutdown()
     return 0
 

@@ -1,20 +1,21 @@
-"""The Ray Serve application: GPT-2 nucleus sampling over an OpenAI-compatible HTTP API.
+"""The Ray Serve application: GPT-2 over an OpenAI-compatible HTTP API.
 
     serve run serve.app:app model_dir=PATH                 # foreground, http://127.0.0.1:8000
     serve deploy serve/config.yaml                         # onto a running Ray cluster
     gpt2 serve --model_path PATH [--host --port --num_replicas]
 
-Endpoints: POST /v1/completions (OpenAI completions schema, `stream: true` for Server-Sent
-Events), GET /v1/models, POST /generate (plain JSON), GET /healthz, GET / (playground page).
+Endpoints: POST /v1/completions (OpenAI's completions: logprobs, echo, best_of, penalties,
+logit_bias; `stream: true` for Server-Sent Events), GET /v1/models[/{model}], POST /generate
+(plain JSON), GET /healthz, GET / (playground page), GET /docs (Swagger UI, served from the
+swagger-ui-bundle package, so it works offline) and /openapi.json, which declares every body.
 
 One deployment, `GPT2Server`, loads the model dir in its constructor. Requests are validated
-here and become `Job`s (one per prompt x n); a replica decodes its jobs together with continuous
-batching (serve/scheduler.py, serve/batching.py): a job joins the running batch at its next step
-and leaves it when done, streaming included. Over capacity (`max_queued_requests`)
-Serve answers 503 with Retry-After. Errors a client causes get a 4xx with OpenAI's error JSON:
-{"error": {"message", "type", "param", "code"}}.
+by FastAPI against serve/openai.py's models and become `Job`s (one per prompt x best_of); a
+replica decodes its jobs together with continuous batching (serve/scheduler.py,
+serve/batching.py). Over capacity Serve answers 503 with Retry-After. Every error is OpenAI's
+error JSON, {"error": {"message", "type", "param", "code"}}; one after a stream has started is
+an SSE `data: {"error": ...}` event followed by `data: [DONE]`.
 """
-
 
 import asyncio
 import json
@@ -23,76 +24,74 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitResponder
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpt2core import storage
-from serve.batching import Decoder, Delta, Job
+from serve import completions as cmpl
+from serve.args import AppArgs
+from serve.batching import Job
+from serve.metrics import RequestLog, metrics
+from serve.openai import (
+    ERRORS,
+    SEED_MAX,
+    APIError,
+    CompletionRequest,
+    CompletionResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+)
 from serve.scheduler import Scheduler
 
+__all__ = ["AppArgs", "app"]
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_BATCH_SIZE = 16  # rows decoded together at most
-BATCH_WAIT_S = 0.02  # how long a request to an idle replica waits for company: ~1 decode step
+MAX_JOBS = 128  # prompts x best_of in one request: beyond it, a 400 rather than a long queue
+SWAGGER_FILES = {"swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"}
 
 
-# --- Request and response models ---------------------------------------------------------------
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes is a 413, checked while it is read (no
+    Content-Length needed). A replica is one process, so the class attribute is the replica's
+    setting (GPT2Server.__init__ sets it from AppArgs.body_limit)."""
 
-class _Strict(BaseModel):
-    # strict: "5" is not an int, 1 is not a bool; unknown OpenAI fields (user, logprobs...) ignored
-    model_config = ConfigDict(strict=True, extra="ignore")
+    limit = AppArgs.model_fields["body_limit"].default
 
+    def __init__(self, app: ASGIApp):
+        self.app = app
 
-class CompletionRequest(_Strict):
-    """OpenAI's /v1/completions body (the fields this server acts on)."""
-
-    model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-
-
-class GenerateRequest(_Strict):
-    """/generate: one prompt, plain JSON; nucleus_prob is top_p by the original project's name."""
-
-    prompt: str
-    max_tokens: int = Field(64, ge=1)
-    top_p: float = Field(0.9, gt=0, le=1, validation_alias=AliasChoices("nucleus_prob", "top_p"))
-    temperature: float = Field(1.0, ge=0)
-    seed: int | None = None
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > BodyLimit.limit:  # refused before reading
+            response = _error(413, f"request body is {declared} bytes, over this server's "
+                              f"limit of {BodyLimit.limit} bytes; send a shorter prompt",
+                              code="request_too_large")
+            return await response(scope, receive, send)
+        await RequestBodyLimitResponder(self.app, BodyLimit.limit)(scope, receive, send)
 
 
-class GenerateResponse(BaseModel):
-    text: str
-    tokens: int  # completion tokens
-    finish_reason: Literal["stop", "length"]
+app = FastAPI(title="gpt2-ray", description="GPT-2 on Ray Serve, OpenAI-compatible",
+              docs_url=None)  # /docs below: Swagger UI's assets from the package, not a CDN
+app.add_middleware(BodyLimit)
+app.add_middleware(RequestLog)  # added last: outermost, so it sees 413s and 400s too
 
 
-class APIError(Exception):
-    """An error the client caused: becomes OpenAI's error JSON with this status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = (
-            status, message, param, code, type)
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type,
-                                       "param": self.param, "code": self.code}},
-                            status_code=self.status)
-
-
-app = FastAPI(title="gpt2-ray", description="GPT-2 nucleus sampling on Ray Serve")
+def _error(status: int, message: str, param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return APIError(status, message, param, code, kind).response()
 
 
 @app.exception_handler(APIError)
@@ -100,31 +99,46 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
 
-async def read_json(request: Request, model: type[BaseModel], limit: int) -> BaseModel:
-    """The body as `model`: 413 over `limit` bytes, 400 for bad JSON or wrong fields."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body is {declared} bytes, over this server's limit of "
-                       f"{limit} bytes; send a shorter prompt", code="request_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"request body is over this server's limit of {limit} bytes; "
-                           "send a shorter prompt", code="request_too_large")
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON ({e}); send a JSON object",
-                       code="invalid_json") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = str(err["loc"][0]) if err["loc"] else ""  # the top-level field
-        got = "" if not param or isinstance(err["input"], dict) else f" (got {err['input']!r:.60})"
-        message = f"{param or 'body'}: {err['msg']}{got}"
-        raise APIError(400, message, param=param or None, code="invalid_value") from None
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 as OpenAI's 400, naming the top-level field and what was wrong."""
+    err = exc.errors()[0]
+    loc = [str(x) for x in err.get("loc", ())]
+    if err["type"] == "json_invalid" or (loc == ["body"] and err["type"] == "missing"):
+        return _error(400, "the body is not valid JSON; send a JSON object", code="invalid_json")
+    param = loc[1] if len(loc) > 1 and loc[0] == "body" else None
+    value = err.get("input")
+    got = "" if param is None or isinstance(value, dict) else f" (got {value!r:.60})"
+    return _error(400, f"{param or 'body'}: {err['msg']}{got}", param, "invalid_value")
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if exc.status_code == 413:
+        return _error(413, f"request body is over this server's limit of {BodyLimit.limit} "
+                      "bytes; send a shorter prompt", code="request_too_large")
+    if exc.status_code == 400:  # FastAPI could not parse the body (not UTF-8, say)
+        return _error(400, "the body is not valid JSON; send a JSON object", code="invalid_json")
+    return _error(exc.status_code, str(exc.detail))
+
+
+@app.get("/docs", include_in_schema=False)
+async def docs(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}/openapi.json", title="gpt2-ray API",
+        swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+        swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png")
+
+
+@app.get("/docs/assets/{name}", include_in_schema=False)
+async def docs_asset(name: str) -> FileResponse:
+    import swagger_ui_bundle  # here: the replica's own install, wherever it runs
+
+    if name not in SWAGGER_FILES:
+        raise APIError(404, f"no docs asset {name!r:.40}", code="not_found")
+    return FileResponse(Path(swagger_ui_bundle.swagger_ui_path) / name)
 
 
 def sse(data: dict | str) -> bytes:
@@ -135,22 +149,18 @@ def sse(data: dict | str) -> bytes:
 # --- Deployment ----------------------------------------------------------------------------------
 
 @serve.deployment(
-    max_ongoing_requests=32,  # > max_batch_size: the next requests wait in the replica's queue
-    max_queued_requests=64,  # beyond that Serve answers 503 at once instead of queueing forever
     backpressure_config={"status_code": 503, "retry_after_s": 1},
-    ray_actor_options={"num_cpus": 1},
 )
 @serve.ingress(app)
 class GPT2Server:
     """One replica: the model, its tokenizer, and the batched decoder."""
 
-    def __init__(self, model_dir: str, model_name: str, max_tokens_cap: int = 256,
-                 max_batch_size: int = MAX_BATCH_SIZE, batch_wait_timeout_s: float = BATCH_WAIT_S,
-                 body_limit: int = 64 * 1024):
+    def __init__(self, args: AppArgs, model_dir: str, model_name: str):
         import ray
         import torch
 
         from gpt2core import GPT2, Tokenizer
+        from serve.batching import Decoder
 
         # Ray sets OMP_NUM_THREADS to the replica's num_cpus (1 when fractional); torch's own
         # pool is set to the same share on purpose, so replicas on one node do not oversubscribe.
@@ -160,44 +170,60 @@ class GPT2Server:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = GPT2.from_pretrained(model_dir, device=device).eval()
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        self.model_name = model_name
+        self.args, self.model_name = args, model_name
         self.n_positions = self.model.config.n_positions
-        self.max_tokens_cap = min(max_tokens_cap, self.n_positions - 1)
-        self.body_limit = body_limit
-        self.scheduler = Scheduler(Decoder(self.model, self.tokenizer, max_batch_size),
-                                   batch_wait_timeout_s)
+        self.max_tokens_cap = min(args.max_tokens_cap, self.n_positions - 1)
+        BodyLimit.limit = args.body_limit
+        self.metrics = metrics()
+        self.scheduler = Scheduler(Decoder(self.model, self.tokenizer, args.max_batch_size),
+                                   args.batch_wait_timeout_s, self.metrics.on_step)
         self.created = int(time.time())
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy (replaced)."""
+        self.scheduler.check(self.args.stuck_after_s)
 
     # --- decoding ---
 
-    def _jobs(self, prompts: list[str], max_tokens: int, temperature: float, top_p: float,
-              seed: int | None, n: int = 1, stop: tuple[str, ...] = ()) -> list[Job]:
-        """One Job per prompt x n, checked against the context and the cap. Choice i gets seed+i."""
+    def _jobs(self, prompts: list[list[int]], max_tokens: int, n: int = 1,
+              seed: int | None = None, **sampling) -> list[Job]:
+        """n Jobs per prompt, checked against the context and the cap. Job i gets seed + i."""
         if max_tokens > self.max_tokens_cap:
             raise APIError(400, f"max_tokens is {max_tokens}, over this server's cap of "
                            f"{self.max_tokens_cap}; ask for fewer", param="max_tokens")
+        if len(prompts) * n > MAX_JOBS:
+            raise APIError(400, f"{len(prompts)} prompts x {n} choices is over this server's "
+                           f"limit of {MAX_JOBS} per request; split the request", param="prompt")
         base = secrets.randbits(62) if seed is None else seed
         jobs = []
-        for i, prompt in enumerate(prompts):
-            # an empty prompt starts from <|endoftext|>, as GPT-2 was trained to
-            ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
+        for i, ids in enumerate(prompts):
             if len(ids) + max_tokens > self.n_positions:
                 where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
                 raise APIError(400, f"{where} is {len(ids)} tokens and max_tokens is "
                                f"{max_tokens}: {len(ids) + max_tokens} in all, over the model's "
                                f"context of {self.n_positions} tokens; shorten the prompt or "
                                "lower max_tokens", param="prompt", code="context_length_exceeded")
-            jobs += [Job(ids, max_tokens, temperature, top_p, base + len(jobs) + j, stop)
+            jobs += [Job(ids, max_tokens, seed=(base + len(jobs) + j) & SEED_MAX, **sampling)
                      for j in range(n)]
         return jobs
 
-    async def _run(self, job: Job) -> tuple[str, Delta]:
-        """All of one job's text and its last delta."""
+    async def _run(self, job: Job, arrived: float) -> cmpl.Finished:
+        """All of one job."""
+        out = cmpl.Finished()
         text = []
-        last = None
-        async for last in self.scheduler.run(job):
-            text.append(last.text)
-        return "".join(text), last
+        async for out.last in self.scheduler.run(job):
+            if out.first_s is None:
+                out.first_s = time.monotonic() - arrived
+            text.append(out.last.text)
+            out.logprobs += out.last.logprobs
+        out.text = "".join(text)
+        return out
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model {model!r:.60} is not served here; this server has "
+                           f"{self.model_name!r} (GET /v1/models)", param="model",
+                           code="model_not_found")
 
     # --- endpoints ---
 
@@ -208,6 +234,7 @@ class GPT2Server:
     @app.get("/healthz")
     async def healthz(self) -> dict:
         """Liveness; rows decoding and jobs waiting; rows per recent decode step."""
+        self.check_health()
         sizes = list(self.scheduler.batch_sizes)
         return {"status": "ok", "model": self.model_name, "n_positions": self.n_positions,
                 "max_tokens_cap": self.max_tokens_cap, "torch_threads": self.threads,
@@ -216,48 +243,103 @@ class GPT2Server:
                 "batches": {"count": self.scheduler.steps, "max_size": max(sizes, default=0),
                             "recent": sizes[-32:]}}
 
-    @app.get("/v1/models")
-    async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                            "created": self.created, "owned_by": "gpt2-ray"}]}
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
 
-    @app.post("/generate", response_model=GenerateResponse)
-    async def generate(self, request: Request) -> GenerateResponse:
-        req = await read_json(request, GenerateRequest, self.body_limit)
-        (job,) = self._jobs([req.prompt], req.max_tokens, req.temperature, req.top_p, req.seed)
-        text, last = await self._run(job)
-        return GenerateResponse(text=text, tokens=last.tokens, finish_reason=last.finish_reason)
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses=ERRORS)
+    async def model(self, model: str) -> ModelCard:
+        self._check_model(model)
+        return ModelCard(id=self.model_name, created=self.created)
 
-    @app.post("/v1/completions")
-    async def completions(self, request: Request):
-        req = await read_json(request, CompletionRequest, self.body_limit)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts:
-            raise APIError(400, "prompt is an empty list; give a string or a list of strings",
-                           param="prompt")
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        if len(stop) > 4:
-            raise APIError(400, f"stop has {len(stop)} strings; give at most 4", param="stop")
-        jobs = self._jobs(prompts, req.max_tokens, req.temperature, req.top_p, req.seed,
-                          req.n, stop)
+    @app.post("/generate", response_model=GenerateResponse, responses=ERRORS)
+    async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
+        arrived = time.monotonic()
+        ids = self.tokenizer.encode(body.prompt) or [self.tokenizer.eos_id]
+        (job,) = self._jobs([ids], body.max_tokens, seed=body.seed,
+                            temperature=body.temperature, top_p=body.top_p)
+        done = await self._run(job, arrived)
+        self._finished(request, uuid.uuid4().hex, arrived, len(ids), [done])
+        return GenerateResponse(text=done.text, tokens=done.last.tokens,
+                                finish_reason=done.last.finish_reason)
+
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses={**ERRORS, 200: {"content": {"text/event-stream": {}},
+                                         "description": "JSON, or SSE chunks when streaming"}})
+    async def completions(self, body: CompletionRequest, request: Request):
+        arrived = time.monotonic()
+        self._check_model(body.model)
+        if body.suffix is not None:
+            raise APIError(400, "suffix is not supported: GPT-2 has no fill-in-the-middle; "
+                           "leave suffix out", param="suffix")
+        best_of = body.best_of or body.n
+        if best_of < body.n:
+            raise APIError(400, f"best_of ({best_of}) must be at least n ({body.n})",
+                           param="best_of")
+        if body.stream and best_of > body.n:
+            raise APIError(400, "best_of > n cannot stream (the best are known only at the "
+                           "end); leave out stream or best_of", param="best_of")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens is 0; ask for at least 1 token, or set echo to "
+                           "score the prompt alone", param="max_tokens")
+        prompts = cmpl.prompts(self.tokenizer, body.prompt)
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        logprobs = body.logprobs if body.logprobs is not None else (
+            0 if best_of > body.n else None)  # best_of ranks by the tokens' logprobs
+        jobs = self._jobs(
+            [p.ids for p in prompts], body.max_tokens, best_of, body.seed,
+            temperature=body.temperature, top_p=body.top_p, stop=stop, logprobs=logprobs,
+            prompt_logprobs=body.echo and body.logprobs is not None,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            logit_bias=cmpl.logit_bias(body.logit_bias, self.tokenizer.vocab_size))
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": self.model_name}
-        prompt_tokens = sum(len(j.prompt_ids) for j in jobs[::req.n])
-        if req.stream:
-            return StreamingResponse(self._sse(jobs, head, prompt_tokens),
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        if body.stream:
+            return StreamingResponse(self._sse(body, jobs, prompts, head, request, arrived),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        results = await asyncio.gather(*(self._run(j) for j in jobs))
-        completion_tokens = sum(last.tokens for _, last in results)
-        return {**head, "choices": [
-            {"text": text, "index": i, "logprobs": None, "finish_reason": last.finish_reason}
-            for i, (text, last) in enumerate(results)],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+        results = await asyncio.gather(*(self._run(j, arrived) for j in jobs))
+        choices = []
+        for p, prompt in enumerate(prompts):
+            group = results[p * best_of:(p + 1) * best_of]
+            skip = len(prompt.ids) if jobs[0].prompt_logprobs else 0
+            if best_of > body.n:  # the n likeliest, in the order they were sampled
+                best = sorted(range(best_of), key=lambda i: -group[i].cumulative(skip))
+                group = [group[i] for i in sorted(best[:body.n])]
+            for done in group:
+                choices.append(self._choice(len(choices), done, prompt, body))
+        usage = self._finished(request, head["id"], arrived, prompt_tokens, results)
+        return {**head, "choices": choices, "usage": usage}
 
-    async def _sse(self, jobs: list[Job], head: dict, prompt_tokens: int) -> AsyncIterator[bytes]:
-        """Chunks of every choice as they come, interleaved, then a usage chunk and [DONE]."""
+    def _choice(self, index: int, done: cmpl.Finished, prompt: cmpl.PromptIds,
+                body: CompletionRequest) -> dict:
+        text = prompt.text + done.text if body.echo else done.text
+        lp = None
+        if body.logprobs is not None:
+            offset = 0 if body.echo else len(prompt.text)
+            lp = cmpl.LogprobsText(self.tokenizer, offset).render(done.logprobs)
+        return {"text": text, "index": index, "logprobs": lp,
+                "finish_reason": done.last.finish_reason}
+
+    def _finished(self, request: Request, request_id: str, arrived: float, prompt_tokens: int,
+                  results: list[cmpl.Finished]) -> dict:
+        """Metrics and the log line's fields for a finished request; its usage."""
+        generated = sum(r.last.tokens for r in results if r.last)
+        first = min((r.first_s for r in results if r.first_s is not None), default=None)
+        self.metrics.tokens(first, time.monotonic() - arrived, prompt_tokens, generated)
+        request.state.request_id, request.state.tokens = request_id, (prompt_tokens, generated)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                "total_tokens": prompt_tokens + generated}
+
+    async def _sse(self, body: CompletionRequest, jobs: list[Job], prompts: list,
+                   head: dict, request: Request, arrived: float) -> AsyncIterator[bytes]:
+        """Chunks of every choice as they come, interleaved; a usage chunk if asked; [DONE].
+        An error once the stream has started is an `error` event, then [DONE]."""
         queue: asyncio.Queue = asyncio.Queue()
+        per_prompt = len(jobs) // len(prompts)
+        results = [cmpl.Finished() for _ in jobs]
+        texts = [None] * len(jobs)  # each choice's LogprobsText, made on its first delta
 
         async def pump(index: int, job: Job) -> None:
             try:
@@ -267,60 +349,50 @@ class GPT2Server:
                 await queue.put((index, None))
 
         tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
-        completion_tokens, open_jobs = 0, len(jobs)
+        open_jobs = len(jobs)
         try:
             while open_jobs:
                 index, delta = await queue.get()
                 if delta is None:
                     open_jobs -= 1
                     continue
-                if delta.text or delta.finish_reason:
-                    yield sse({**head, "choices": [{"text": delta.text, "index": index,
-                                                    "logprobs": None,
+                done, prompt = results[index], prompts[index // per_prompt]
+                text = delta.text
+                if done.last is None:  # the first delta of this choice
+                    done.first_s = time.monotonic() - arrived
+                    text = prompt.text + text if body.echo else text
+                    texts[index] = cmpl.LogprobsText(
+                        self.tokenizer, 0 if body.echo else len(prompt.text))
+                done.last = delta
+                if text or delta.finish_reason or (delta.logprobs and body.logprobs is not None):
+                    lp = texts[index].render(delta.logprobs) if body.logprobs is not None \
+                        else None
+                    yield sse({**head, "choices": [{"text": text, "index": index, "logprobs": lp,
                                                     "finish_reason": delta.finish_reason}]})
-                if delta.finish_reason:
-                    completion_tokens += delta.tokens
             for t in tasks:
                 t.result()  # a decoding error surfaces here rather than passing silently
-            yield sse({**head, "choices": [], "usage": {
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}})
-            yield sse("[DONE]")
+            usage = self._finished(request, head["id"], arrived,
+                                   sum(len(p.ids) for p in prompts), results)
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse({**head, "choices": [], "usage": usage})
+        except Exception as e:  # the status line is gone: say it in the stream and end it
+            error = e if isinstance(e, APIError) else APIError(
+                500, f"decoding failed: {e}", type="server_error", code="internal_error")
+            yield sse(error.body())
         finally:
             for t in tasks:
                 t.cancel()
+        yield sse("[DONE]")
 
 
 # --- Application builder -------------------------------------------------------------------------
 
-class AppArgs(BaseModel):
-    """Arguments of `serve run serve.app:app key=value ...` and of config.yaml's `args:`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model_dir: str
-    """A model dir (Hugging Face GPT-2 format): a URI (s3://, gs://), which each replica
-    downloads itself, or a local path readable on every node that runs a replica."""
-    model_name: str | None = None
-    """The id /v1/models reports; the model dir's name by default."""
-    num_replicas: int | None = None
-    """Replicas; None keeps the deployment's setting (1, or config.yaml's)."""
-    max_tokens_cap: int = 256
-    """Largest max_tokens a request may ask for (also bounded by the model's context)."""
-    max_batch_size: int = MAX_BATCH_SIZE
-    """Rows decoded together at most; 1 turns batching off (the benchmark's baseline)."""
-    batch_wait_timeout_s: float = BATCH_WAIT_S
-    """How long a request to an idle replica waits for others (later ones join at any step)."""
-    body_limit: int = 64 * 1024
-    """Largest request body in bytes; bigger ones get 413."""
-    num_cpus: float = 1
-    """CPUs per replica; torch uses that many threads (1 when fractional)."""
-    num_gpus: float = 0
-    """GPUs per replica; 1 on GPU nodes (the replica then decodes on CUDA)."""
-    max_ongoing_requests: int | None = None
-    """Requests a replica holds at once; default max(32, 2 x max_batch_size)."""
-    max_queued_requests: int | None = None
-    """Requests waiting for a replica before Serve answers 503; None keeps 64."""
+def served_name(model_dir: str) -> str:
+    """The model's id: the dir's name, or its run's for a run's generic `model` dir."""
+    parts = model_dir.rstrip("/").rsplit("/", 2)
+    if parts[-1] in ("model", "best_model") and len(parts) > 1 and parts[-2]:
+        return parts[-2]
+    return parts[-1]
 
 
 def app(args: AppArgs) -> Application:
@@ -329,14 +401,10 @@ def app(args: AppArgs) -> Application:
     if not storage.is_file(storage.join(model_dir, "config.json")):
         raise ValueError(f"model_dir {args.model_dir!r} has no config.json; point model_dir at a "
                          "model dir written by `gpt2 train` or save_pretrained")
-    options: dict = {"max_ongoing_requests": args.max_ongoing_requests
-                     or max(32, 2 * args.max_batch_size)}
+    options: dict = {"max_ongoing_requests": args.ongoing_requests,
+                     "max_queued_requests": args.max_queued_requests,
+                     "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}}
     if args.num_replicas is not None:
         options["num_replicas"] = args.num_replicas
-    if args.max_queued_requests is not None:
-        options["max_queued_requests"] = args.max_queued_requests
-    options["ray_actor_options"] = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
-    name = args.model_name or model_dir.rstrip("/").rsplit("/", 1)[-1]
-    return GPT2Server.options(**options).bind(
-        model_dir, name, args.max_tokens_cap, args.max_batch_size,
-        args.batch_wait_timeout_s, args.body_limit)
+    return GPT2Server.options(**options).bind(args, model_dir,
+                                              args.model_name or served_name(model_dir))

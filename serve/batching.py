@@ -26,6 +26,8 @@ from gpt2core.config import GPT2Config
 from gpt2core.model import KVCache
 from gpt2core.sampling import decode_head, sample
 
+TOP_LOGPROBS = 5  # most alternatives a token's logprobs list (OpenAI's limit)
+
 
 @dataclass(frozen=True)
 class Job:
@@ -37,6 +39,21 @@ class Job:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest
+    prompt_logprobs: bool = False  # the prompt's tokens too (echo), in the first Delta
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it was generated
+    frequency_penalty: float = 0.0  # ... times the number of times it was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its log-probability under the model (raw logits, before temperature,
+    penalties and bias) and the `k` likeliest tokens at its position; None for a first token."""
+
+    id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,7 @@ class Delta:
     text: str
     tokens: int  # completion tokens so far
     finish_reason: str | None = None  # "stop" (eos or a stop string) or "length"
+    logprobs: tuple[TokenLogprob, ...] = ()  # tokens of this delta (prompt ones first, echo)
 
 
 class TextStream:
@@ -98,23 +116,34 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 
 
-class SlotCache(KVCache):
-    """The KV cache of a batch whose rows come and go.
+class SlotCache:
+    """The KV cache of a batch whose rows come and go (a `gpt2core.model.DecodeCache`).
 
-    Rows [0, rows) are the requests decoding now. Every row ends at column `length`, where its
-    next token's keys and values go; its prompt and tokens so far sit right-aligned before that,
-    and `mask` marks them. A row that joined late is thus left-padded like a short prompt in a
-    static batch, and the model (which reads `length` and calls `update`, as with KVCache)
-    needs nothing new. Columns no row uses any more are dropped when room runs out, so a row
-    never needs more than its own length: at most n_positions.
+    k, v are (n_layer, max_rows, nh, max_len, hs). Rows [0, rows) are the requests decoding
+    now. Every row ends at column `length` (which the model advances after each forward pass),
+    where its next token's keys and values go; its prompt and tokens so far sit right-aligned
+    before that, and `mask` marks them. A row that joined late is thus left-padded like a short
+    prompt in a static batch, and the model (which reads `length` and calls `update`) needs
+    nothing new. Columns no row uses any more are dropped when room runs out, so a row never
+    needs more than its own length: at most n_positions. Capacity starts at `capacity` columns
+    and doubles as needed.
     """
 
     def __init__(self, config: GPT2Config, max_rows: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, capacity: int = 128):
-        super().__init__(config, max_rows, min(capacity, config.n_positions), device, dtype)
         self.n_positions = config.n_positions
+        shape = (config.n_layer, max_rows, config.n_head, min(capacity, config.n_positions),
+                 config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.mask = torch.zeros(max_rows, shape[3], dtype=torch.bool, device=device)
+        self.length = 0
         self.rows = 0
-        self.mask = torch.zeros(max_rows, self.max_len, dtype=torch.bool, device=device)
+
+    @property
+    def max_len(self) -> int:
+        """Columns allocated now."""
+        return self.k.size(3)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write the active rows' (rows, nh, T, hs) keys/values at `length`; return all so far."""
@@ -190,24 +219,61 @@ class SlotCache(KVCache):
 class _Row:
     """One job being decoded: its text so far, its generator, and the token to feed next."""
 
-    def __init__(self, key: Hashable, job: Job, tokenizer: Tokenizer, device):
+    def __init__(self, key: Hashable, job: Job, tokenizer: Tokenizer, device,
+                 prompt_logprobs: tuple[TokenLogprob, ...] = ()):
         self.key, self.job = key, job
         self.text = TextStream(tokenizer, job.stop)
         self.generator = torch.Generator(device).manual_seed(job.seed)
-        self.count = 0  # completion tokens so far
+        self.generated: list[int] = []  # completion tokens so far (for the penalties)
         self.token = -1  # the last sampled token: the next step's input
+        self.pending = prompt_logprobs  # echo: the prompt's logprobs go out with the first delta
 
-    def advance(self, token: int, eos_id: int) -> Delta:
+    def advance(self, token: int, eos_id: int, logprob: TokenLogprob | None) -> Delta:
         """Take one sampled token; the Delta has a finish_reason when this row is done."""
+        lps, self.pending = self.pending, ()
+        if self.job.max_tokens == 0:  # echo only: the prompt was all that was asked for
+            return Delta("", 0, "length", lps)
         if token == eos_id:
-            return Delta(self.text.finish(), self.count, "stop")
-        self.count += 1
+            return Delta(self.text.finish(), len(self.generated), "stop", lps)
+        self.generated.append(token)
         self.token = token
+        lps += (logprob,) if logprob else ()
         piece = self.text.push(token)
-        if self.text.stopped or self.count >= self.job.max_tokens:
+        count = len(self.generated)
+        if self.text.stopped or count >= self.job.max_tokens:
             reason = "stop" if self.text.stopped else "length"
-            return Delta(piece + self.text.finish(), self.count, reason)
-        return Delta(piece, self.count)
+            return Delta(piece + self.text.finish(), count, reason, lps)
+        return Delta(piece, count, None, lps)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int
+                   ) -> list[TokenLogprob]:
+    """TokenLogprobs of `ids` (N,) under `logits` (N, V), each with the k likeliest tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
+    top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], ids[:, None][:, :0])
+    return [TokenLogprob(t, lp, tuple(zip(ti, tv)))
+            for t, lp, ti, tv in zip(ids.tolist(), chosen, top_i.tolist(), top_v.tolist())]
+
+
+def adjust_logits(logits: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
+    """OpenAI's logit_bias and presence/frequency penalties, per row: logits (n, V) for
+    sampling. Penalties count the row's own completion tokens so far."""
+    if not any(r.job.logit_bias or r.job.presence_penalty or r.job.frequency_penalty
+               for r in rows):
+        return logits
+    logits = logits.clone()
+    V = logits.size(-1)
+    for i, row in enumerate(rows):
+        job = row.job
+        if job.logit_bias:
+            ids, bias = zip(*job.logit_bias)
+            logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+        if (job.presence_penalty or job.frequency_penalty) and row.generated:
+            counts = torch.bincount(torch.tensor(row.generated, device=logits.device),
+                                    minlength=V)[:V].to(logits.dtype)
+            logits[i] -= job.frequency_penalty * counts + job.presence_penalty * (counts > 0)
+    return logits
 
 
 class Decoder:
@@ -264,19 +330,38 @@ class Decoder:
         h = self.model.hidden_states(ids, attention_mask=mask, kv_cache=prefill)
         self.cache.add(prefill.k, prefill.v, mask)
         first = len(self.rows)
-        self.rows += [_Row(key, job, self.tokenizer, self.device) for key, job in new]
+        self.rows += [_Row(key, job, self.tokenizer, self.device,
+                           self._prompt_logprobs(h[i], job) if job.prompt_logprobs else ())
+                      for i, (key, job) in enumerate(new)]
         return self._sample(h[:, -1], first)
+
+    def _prompt_logprobs(self, h: torch.Tensor, job: Job) -> tuple[TokenLogprob, ...]:
+        """The prompt's tokens scored by the prefill's hidden states h (T, C), left-padded."""
+        ids, T = job.prompt_ids, h.size(0)
+        first = TokenLogprob(ids[0], None)  # nothing before it to condition on
+        if len(ids) == 1:
+            return (first,)
+        logits = h[T - len(ids):T - 1] @ decode_head(self.model)  # (p - 1, V): next-token
+        rest = token_logprobs(logits, torch.tensor(ids[1:], device=h.device), job.logprobs or 0)
+        return (first, *rest)
 
     def _sample(self, h: torch.Tensor, first: int) -> list[tuple[Hashable, Delta]]:
         """Sample rows[first:] from their last hidden states (n, C); retire finished rows."""
         rows = self.rows[first:]
-        tokens = sample(h @ decode_head(self.model),
+        logits = h @ decode_head(self.model)  # (n, V)
+        tokens = sample(adjust_logits(logits, rows),
                         temperature=[r.job.temperature for r in rows],
                         top_p=[r.job.top_p for r in rows],
-                        generator=[r.generator for r in rows]).tolist()
+                        generator=[r.generator for r in rows])
+        want = [i for i, r in enumerate(rows) if r.job.logprobs is not None]
+        lps: list[TokenLogprob | None] = [None] * len(rows)
+        if want:
+            k = max(rows[i].job.logprobs for i in want)
+            for i, lp in zip(want, token_logprobs(logits[want], tokens[want], k)):
+                lps[i] = TokenLogprob(lp.id, lp.logprob, lp.top[:rows[i].job.logprobs])
         out, done = [], []
-        for i, (row, token) in enumerate(zip(rows, tokens)):
-            delta = row.advance(token, self.tokenizer.eos_id)
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            delta = row.advance(token, self.tokenizer.eos_id, lps[i])
             out.append((row.key, delta))
             if delta.finish_reason:
                 done.append(first + i)

@@ -11,8 +11,9 @@ leaves the batch before the next step. asyncio only; no Ray (serve/app.py owns t
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from serve.batching import Decoder, Delta, Job
@@ -25,8 +26,11 @@ class Scheduler:
     to arrive, so a burst is prefilled in one pass; a running batch admits without waiting.
     """
 
-    def __init__(self, decoder: Decoder, batch_wait_timeout_s: float = 0.0):
+    def __init__(self, decoder: Decoder, batch_wait_timeout_s: float = 0.0,
+                 on_step: Callable[[int, int], None] | None = None):
         self.decoder = decoder
+        self.on_step = on_step  # called with (rows decoding, jobs waiting) after every step
+        self.step_started: float | None = None  # monotonic time of the step running now
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.waiting: deque[tuple[object, Job]] = deque()
         self.queues: dict[object, asyncio.Queue] = {}
@@ -72,6 +76,7 @@ class Scheduler:
             if not self.decoder.rows and not new:
                 continue
             keys = [row.key for row in self.decoder.rows] + [key for key, _ in new]
+            self.step_started = time.monotonic()
             try:
                 deltas = await asyncio.get_running_loop().run_in_executor(
                     self._thread, self.decoder.step, new)
@@ -81,11 +86,26 @@ class Scheduler:
                     if key in self.queues:
                         self.queues[key].put_nowait(e)
                 continue
+            finally:
+                self.step_started = None
+            if self.on_step is not None:
+                self.on_step(len(self.decoder.rows), len(self.waiting))
             self.steps += 1
             self.batch_sizes.append(len(deltas))
             for key, delta in deltas:
                 if key in self.queues:
                     self.queues[key].put_nowait(delta)
+
+    def check(self, stuck_after_s: float) -> None:
+        """Raise RuntimeError when the decode loop died or one step has run `stuck_after_s`
+        seconds (a hung kernel, a deadlock): Serve's health check then replaces the replica."""
+        if self._task is not None and self._task.done() and not self._task.cancelled() \
+                and self._task.exception() is not None:
+            raise RuntimeError(f"the decode loop died: {self._task.exception()!r}")
+        started = self.step_started
+        if started is not None and time.monotonic() - started > stuck_after_s:
+            raise RuntimeError(f"a decode step has run {time.monotonic() - started:.0f} s, "
+                               f"over {stuck_after_s} s: the decode thread is stuck")
 
     def _admit(self) -> list[tuple[object, Job]]:
         """Drop cancelled rows and jobs, then take waiting jobs into the free rows."""

@@ -64,9 +64,11 @@ def test_stream_equals_non_stream_under_the_same_seed(client):
     ask = {"prompt": ["ROMEO:", "The quick"], "n": 2, "max_tokens": 20, "seed": 3,
            "temperature": 0.9}
     whole = client.post("/v1/completions", json=ask).json()
-    streamed = client.post("/v1/completions", json={**ask, "stream": True})
+    streamed = client.post("/v1/completions", json={**ask, "stream": True,
+                                                    "stream_options": {"include_usage": True}})
     assert streamed.headers["content-type"].startswith("text/event-stream")
     chunks = sse_chunks(streamed)
+    assert chunks[-1]["choices"] == [] and all(c["choices"] for c in chunks[:-1])
     texts, finish = [""] * 4, [None] * 4
     for chunk in chunks[:-1]:
         for c in chunk["choices"]:
@@ -76,6 +78,9 @@ def test_stream_equals_non_stream_under_the_same_seed(client):
     assert finish == [c["finish_reason"] for c in whole["choices"]]
     assert chunks[-1]["usage"] == whole["usage"]
     assert len(set(texts)) > 1  # choices differ: each has its own seed
+    # without include_usage, OpenAI sends no usage chunk: every chunk has a choice
+    plain = sse_chunks(client.post("/v1/completions", json={**ask, "stream": True}))
+    assert all(c["choices"] for c in plain) and not any(c.get("usage") for c in plain)
 
 
 def test_stop_string_cuts_the_text(client):

@@ -17,7 +17,8 @@ def test_config_yaml_is_a_valid_deploy_config():
     assert config.http_options.host == "127.0.0.1"
     (deployment,) = application.deployments
     assert deployment.name == "GPT2Server"
-    assert deployment.max_ongoing_requests >= application.args["max_batch_size"]
+    # derived from max_batch_size by the builder; a value here would override it
+    assert "max_ongoing_requests" not in deployment.model_fields_set
 
 
 def test_config_args_are_the_builder_args():
@@ -25,6 +26,15 @@ def test_config_args_are_the_builder_args():
 
     args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
     AppArgs.model_validate(args)  # extra="forbid": a typo in config.yaml fails here
+
+
+def test_max_ongoing_requests_follows_max_batch_size(model_dir):
+    from serve.app import AppArgs, app
+
+    for batch, given, expected in [(16, None, 32), (4, None, 8), (4, 3, 3)]:
+        built = app(AppArgs(model_dir=str(model_dir), max_batch_size=batch,
+                            max_ongoing_requests=given))
+        assert built._bound_deployment._deployment_config.max_ongoing_requests == expected
 
 
 def test_builder_names_a_missing_model_dir(tmp_path):
