@@ -65,6 +65,33 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[in
     return tuple(out)
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet back to bytes (the inverse of its bytes_to_unicode)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)  # 188 printable bytes map to themselves
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+BYTES = _byte_decoder()
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token as OpenAI shows it: its text, or `bytes:\\xe2\\x80` for a piece of a UTF-8
+    character (so two such tokens never share a key in top_logprobs)."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    raw = tokenizer.backend.id_to_token(token_id) or ""
+    if not raw or any(c not in BYTES for c in raw):
+        return text
+    return "bytes:" + "".join(f"\\x{BYTES[c]:02x}" for c in raw)
+
+
 class LogprobsText:
     """OpenAI's `logprobs` object of one choice, built piece by piece (a stream sends one per
     chunk). text_offset counts characters of the prompt + completion text: from 0 with echo,
@@ -79,10 +106,10 @@ class LogprobsText:
         for e in entries:
             out["text_offset"].append(self.offset + len(tok.decode(self.ids)))
             self.ids.append(e.id)
-            out["tokens"].append(tok.decode([e.id]))
+            out["tokens"].append(token_text(tok, e.id))
             out["token_logprobs"].append(e.logprob)
             out["top_logprobs"].append(
-                None if e.logprob is None else {tok.decode([i]): lp for i, lp in e.top})
+                None if e.logprob is None else {token_text(tok, i): lp for i, lp in e.top})
         return out
 
 
