@@ -256,14 +256,30 @@ class GPT2(nn.Module):
     # --- Model dirs (Hugging Face GPT-2 format; see modelfile.py) ------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> GPT2:
-        """Load a HF GPT-2 model dir (ours, transformers', or OpenAI's converted weights)."""
+    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
+                        dtype: str = "float32") -> GPT2:
+        """Load a HF GPT-2 model dir (ours, transformers', or OpenAI's converted weights).
+
+        dtype "float32" (the weights as trained), or for inference "bfloat16", "int8" (CPU)
+        or "auto" (the fastest on this device): see `to_inference_dtype`.
+        """
         from gpt2core import modelfile
 
         config = modelfile.read_config(path)
         model = cls(config)
         model.load_state_dict(modelfile.read_weights(path, config), strict=True)
-        return model.to(device)
+        return model.to(device).to_inference_dtype(dtype)
+
+    def to_inference_dtype(self, dtype: str) -> GPT2:
+        """Convert this float32 model in place for inference and return it.
+
+        "float32" changes nothing (training is unchanged); "bfloat16" casts every parameter;
+        "int8" quantizes the blocks' linear layers and the LM head (CPU); "auto" picks by the
+        rule in gpt2core/quant.py. The KV cache follows (float32 for int8). Not for training.
+        """
+        from gpt2core.quant import to_inference_dtype
+
+        return to_inference_dtype(self, dtype)
 
     def save_pretrained(self, path: str | Path, tokenizer=None) -> None:
         """Write a HF GPT-2 model dir: config.json, model.safetensors and the tokenizer files."""

@@ -78,6 +78,9 @@ def write_model_dir(path: str | Path, config: GPT2Config, state_dict: dict[str, 
     Files are written into a temporary dir beside `path` and moved in only when all are
     complete, so an interrupted save never leaves a dir that looks loadable but is not.
     """
+    if any(name.endswith(".qweight") for name in state_dict):
+        raise ModelFileError(f"cannot write {path}: the model is int8 (converted for inference); "
+                             "model dirs hold float weights, so save it before converting")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
