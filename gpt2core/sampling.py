@@ -91,7 +91,10 @@ def sample(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: int | Sequ
     greedy = temperature == 0
     if bool(greedy.all()):
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature).unsqueeze(-1), dim=-1)
+    # the row's max subtracted first: a tiny temperature (1e-40) then sends every other logit
+    # to -inf and the max to 0, where logits / t alone overflow to inf and softmax gives NaN
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(shifted / torch.where(greedy, 1.0, temperature).unsqueeze(-1), dim=-1)
     filtered = (top_p < 1) | (top_k > 0)
     if bool(filtered.any()):
         keep = (probs >= keep_threshold(probs, top_p, top_k)) | ~filtered.unsqueeze(-1)

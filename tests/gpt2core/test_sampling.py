@@ -39,6 +39,15 @@ def test_a_top_p_that_underflows_keeps_the_top_token(top_p):
     out = sample(logits, top_p=top_p, generator=torch.Generator().manual_seed(1))
     assert out.tolist() == logits.argmax(dim=-1).tolist()
 
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    """1e-40 is a positive float32: logits / t overflowed to inf, softmax gave NaN, and the
+    sampled id was V, outside the vocabulary."""
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    for t in (1e-40, 1e-30):
+        out = sample(logits, temperature=t, generator=torch.Generator().manual_seed(1))
+        assert out.tolist() == logits.argmax(dim=-1).tolist()
+
 CHI2_P001 = {1: 10.83, 2: 13.82, 5: 20.52}  # chi-square critical values, p = 0.001, by dof
 
 
