@@ -78,3 +78,47 @@ def test_a_failing_step_fails_its_requests_and_the_next_ones_work(tok, model):
         return await collect(s, Job(tok.encode("ROMEO:"), 5, seed=1))
 
     assert asyncio.run(main())[1:] == ("length", 5)
+
+
+class _Blocking(Decoder):
+    """A real Decoder whose step waits for `release` first: a stuck decode thread."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        import threading
+
+        self.release = threading.Event()
+
+    def step(self, new=()):
+        self.release.wait(30)
+        return super().step(new)
+
+
+def test_check_fails_while_a_step_is_stuck_and_recovers(tok, model):
+    async def main():
+        decoder = _Blocking(model, tok, 2)
+        s = Scheduler(decoder)
+        s.check(stuck_after_s=0.05)  # idle: healthy
+        task = asyncio.create_task(collect(s, Job(tok.encode("ROMEO:"), 3, seed=1)))
+        await asyncio.sleep(0.3)
+        with pytest.raises(RuntimeError, match="stuck"):
+            s.check(stuck_after_s=0.05)
+        decoder.release.set()
+        await task
+        s.check(stuck_after_s=0.05)
+
+    asyncio.run(main())
+
+
+def test_check_fails_when_the_decode_loop_died(tok, model):
+    async def main():
+        s = Scheduler(Decoder(model, tok, 2))
+        s.cancelled = None  # the loop's next admission fails outside its error handling
+        s._task = asyncio.create_task(s._loop())
+        await asyncio.sleep(0.01)
+        s._wake.set()
+        await asyncio.sleep(0.1)
+        with pytest.raises(RuntimeError, match="decode loop died"):
+            s.check(stuck_after_s=60)
+
+    asyncio.run(main())
