@@ -18,6 +18,7 @@ an SSE `data: {"error": ...}` event followed by `data: [DONE]`.
 """
 
 import asyncio
+import os
 import secrets
 import time
 import uuid
@@ -143,7 +144,8 @@ class GPT2Server:
         """Liveness; rows decoding and jobs waiting; rows per recent decode step."""
         self.check_health()
         sizes = list(self.scheduler.batch_sizes)
-        return {"status": "ok", "model": self.model_name, "n_positions": self.n_positions,
+        return {"status": "ok", "model": self.model_name, "pid": os.getpid(),
+                "n_positions": self.n_positions,
                 "max_tokens_cap": self.max_tokens_cap, "torch_threads": self.threads,
                 "running": len(self.scheduler.decoder.rows),
                 "waiting": len(self.scheduler.waiting),

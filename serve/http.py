@@ -48,7 +48,9 @@ class BodyLimit:
 
 
 app = FastAPI(title="gpt2-ray", description="GPT-2 on Ray Serve, OpenAI-compatible",
-              docs_url=None)  # /docs: Swagger UI's assets from the package, not a CDN
+              # /docs below: Swagger UI's assets from the package, not a CDN; a body without
+              # a content-type is read as JSON too
+              docs_url=None, strict_content_type=False)
 app.add_middleware(BodyLimit)
 app.add_middleware(RequestLog)  # added last: outermost, so it sees 413s and 400s too
 
@@ -71,6 +73,9 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     loc = [str(x) for x in err.get("loc", ())]
     if err["type"] == "json_invalid" or (loc == ["body"] and err["type"] == "missing"):
         return _error(400, "the body is not valid JSON; send a JSON object", code="invalid_json")
+    if loc == ["body"]:  # not an object: JSON of another type, or a body labelled as a form
+        return _error(400, "the body is not a JSON object; send one, with content-type: "
+                      "application/json", code="invalid_json")
     param = loc[1] if len(loc) > 1 and loc[0] == "body" else None
     value = err.get("input")
     got = "" if param is None or isinstance(value, dict) else f" (got {value!r:.60})"
