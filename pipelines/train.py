@@ -38,18 +38,24 @@ if __name__ == "__main__":  # as a file (python, ray job submit): import pipelin
 from gpt2core import storage
 from pipelines.common.entry import stage_main
 from pipelines.common.flags import parse
-from pipelines.common.tracking import check_experiment, tracking_uri, train_run
+from pipelines.common.tracking import check_experiment, run_page, tracking_uri, train_run
 from pipelines.training import checkpoint
 from pipelines.training.config import TrainConfig
-from pipelines.training.job import make_trainer, plan_job, run_name
+from pipelines.training.job import make_trainer, newest_run, plan_job, run_name
 
 
 def train(cfg: TrainConfig) -> dict:
     """Check, prepare if asked, train, export; returns where things went and the last metrics."""
     check_experiment(tracking_uri(cfg.tracking_uri), cfg.experiment)  # before Ray starts
     job = plan_job(cfg)
-    cfg, name = job.cfg, run_name(cfg.name, "gpt2")
+    cfg = job.cfg
+    name = run_name(cfg.name or (newest_run(job.storage, "gpt2") if cfg.resume else None), "gpt2")
     run_dir = job.run_dir(name)
+    if cfg.resume and storage.exists(run_dir):  # Ray Train restores it from its latest checkpoint
+        try:
+            print(f"resuming {name} from {checkpoint.find(run_dir)}")
+        except ValueError:
+            print(f"resuming {name}: no complete checkpoint yet, so from the start")
     print(f"training {name}: {job.workers} worker(s) x {job.cpus:g} CPU"
           f"{' + 1 GPU' if cfg.gpus else ''} ({job.context.threads} torch thread(s) each), "
           f"{cfg.total_steps} steps -> {run_dir}")
@@ -59,7 +65,7 @@ def train(cfg: TrainConfig) -> dict:
         result = make_trainer(job, name, callbacks=[run.callback]).fit()
     out = storage.resolve(cfg.save_model_path or storage.join(run_dir, "model"))
     checkpoint.export_model(result.checkpoint, out)
-    return {"name": name, "model_dir": out, "run_dir": run_dir,
+    return {"name": name, "model_dir": out, "run_dir": run_dir, "data": cfg.data,
             "checkpoint": result.checkpoint.path, "metrics": dict(result.metrics),
             "tracking_uri": job.tracking_uri}
 
@@ -80,10 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfinished {out['name']}: step {m.get('step')}, eval loss "
           f"{m.get('eval/loss', float('nan')):.4f}, {m.get('eval/bpb', float('nan')):.4f} "
           f"bits per byte\n--- sample ---\n{_sample(out['model_dir'])}\n--------------")
-    print(f"model dir:   {out['model_dir']}   (loss curve: loss_curve.png inside)\n"
+    uri, model = out["tracking_uri"], out["model_dir"]
+    local = not uri.startswith(("http://", "https://"))
+    print(f"model dir:   {model}   (loss curve: loss_curve.png inside)\n"
           f"checkpoints: {out['run_dir']}\n"
-          f"MLflow run:  {m.get('mlflow_run_id')} in {out['tracking_uri']}\n"
-          f"             mlflow ui --backend-store-uri {out['tracking_uri']}")
+          f"MLflow run:  {m.get('mlflow_run_id')} in {uri}\n\nnext:\n"
+          f"  gpt2 generate --model_path {model}    # a prompt at a time\n"
+          f"  gpt2 evaluate --model_path {model} --eval_corpus {out['data']}\n"
+          f"  gpt2 serve --model_path {model}        # then http://127.0.0.1:8000/\n"
+          + (f"  mlflow ui --backend-store-uri {uri}\n" if local else "")
+          + f"  the curves: {run_page(uri, m.get('mlflow_run_id'))}")
     return 0
 
 

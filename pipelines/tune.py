@@ -323,7 +323,7 @@ def _report(grid, cfg: SweepConfig, space: dict, job: Job, name: str, parent: st
     if complete and best is not None:
         model_dir = storage.resolve(cfg.save_model_path or storage.join(where, "best_model"))
         run_dir = storage.join(where, "train", best["trial"])
-        checkpoint.export_model(tune_report.latest_checkpoint(run_dir), model_dir)
+        checkpoint.export_model(tune_report.best_checkpoint(run_dir, cfg.metric), model_dir)
     tune_report.finish_parent_run(job.tracking_uri, parent, best, cfg.metric,
                                   complete, [table, plot])
     tmp.cleanup()

@@ -124,6 +124,16 @@ def experiment_id(client, uri: str, experiment: str) -> str:
     return exp.experiment_id
 
 
+def run_page(uri: str, run_id: str) -> str:
+    """The run's metric charts in MLflow's UI: on the tracking server `uri`, or on the
+    `mlflow ui --backend-store-uri URI` that a local store needs (its default address)."""
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}/model-metrics"
+
+
 def mlflow_params(config: dict) -> dict[str, str]:
     """A config as MLflow params: every field, None and lists written out."""
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in config.items()}

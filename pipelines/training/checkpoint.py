@@ -14,8 +14,12 @@ and strings only and is read with torch.load(weights_only=True): never an arbitr
 from __future__ import annotations
 
 import io
+import json
+import math
+import struct
+import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,17 +41,27 @@ PREFIX = "checkpoint_"
 @dataclass(frozen=True)
 class Position:
     """Where a run is: optimizer steps done, tokens trained on, and its place in the data (the
-    epoch, and the micro-batches of it this worker has consumed)."""
+    epoch, and the micro-batches of it each of `world` workers has consumed)."""
 
     step: int = 0
     tokens: int = 0
     epoch: int = 0
     batch: int = 0
+    world: int = 0  # workers then (0: not recorded; checkpoints before elastic training)
 
     @classmethod
     def of(cls, train_state: dict) -> Position:
         """The position saved in a checkpoint's train state."""
-        return cls(**{f.name: train_state[f.name] for f in fields(cls)})
+        return cls(**{f.name: train_state[f.name] for f in fields(cls) if f.name in train_state})
+
+    def on(self, world: int) -> Position:
+        """The same place in the epoch for `world` workers (elastic training changed their
+        number): as many micro-batches (each of --batch_train sequences) as were consumed in
+        all. Ray Data splits the split afresh among the new workers, so the rows after it are
+        not exactly those an unchanged run would have read; with the same number they are."""
+        if self.world in (0, world):
+            return replace(self, world=world)
+        return replace(self, batch=self.batch * self.world // world, world=world)
 
 
 def dir_name(step: int) -> str:
@@ -57,32 +71,80 @@ def dir_name(step: int) -> str:
 
 def find(path: str) -> str:
     """A checkpoint dir, or the latest complete checkpoint in a run dir (local or a URI);
-    ValueError names the problem."""
+    ValueError names the problem. Complete: its train state, and its model's config and
+    weights, the weights as long as their header says (a newer checkpoint whose weights were
+    cut short is passed over, with one warning line)."""
     path = storage.resolve(path)
     if not storage.exists(path):
         raise ValueError(f"--from_checkpoint {path} does not exist; pass a checkpoint dir "
                          f"({PREFIX}*) or the run dir that holds them.")
     present = storage.files(path)  # one listing: the dir itself and every checkpoint in it
-    if _complete(present):
-        return path
     if STATE_FILE in present:
-        raise ValueError(f"checkpoint {path} lacks {MODEL_DIR}/{CONFIG_FILE} or "
-                         f"{WEIGHTS_FILE}; it is incomplete.")
+        if not _complete(present) or truncated(path):
+            raise ValueError(f"checkpoint {path} is incomplete: it lacks {MODEL_DIR}/"
+                             f"{CONFIG_FILE} or its {WEIGHTS_FILE} is cut short.")
+        return path
     by_dir: dict[str, set[str]] = {}
     for f in present:
         top, _, rest = f.partition("/")
         if top.startswith(PREFIX) and rest:
             by_dir.setdefault(top, set()).add(rest)
-    done = sorted(d for d, files in by_dir.items() if _complete(files))
-    if not done:
-        raise ValueError(f"--from_checkpoint {path} is not a checkpoint (no {STATE_FILE}) "
-                         f"and holds no complete {PREFIX}* dirs; pass one of those.")
-    return storage.join(path, done[-1])
+    for name in sorted((d for d, files in by_dir.items() if _complete(files)), reverse=True):
+        if not (short := truncated(storage.join(path, name))):
+            return storage.join(path, name)
+        print(f"warning: {storage.join(path, name)} is incomplete ({short}); trying the one "
+              "before it.", file=sys.stderr)
+    raise ValueError(f"--from_checkpoint {path} is not a checkpoint (no {STATE_FILE}) "
+                     f"and holds no complete {PREFIX}* dirs; pass one of those.")
 
 
 def _complete(files: set[str]) -> bool:
     """A checkpoint dir's files: its train state and its model's weights and config."""
     return {STATE_FILE, f"{MODEL_DIR}/{CONFIG_FILE}", f"{MODEL_DIR}/{WEIGHTS_FILE}"} <= files
+
+
+def truncated(ckpt: str) -> str:
+    """'' when the checkpoint's weights file is as long as its safetensors header says, else
+    what is wrong. Reads the header only: 8 bytes of length, then the JSON that gives every
+    tensor's byte range."""
+    fs, inner = storage.filesystem(storage.join(ckpt, MODEL_DIR, WEIGHTS_FILE))
+    with fs.open_input_file(inner) as f:
+        size, head = f.size(), f.read_at(8, 0)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read_at(n, 8)) if 0 < n <= size - 8 else None
+        except ValueError:
+            header = None
+    if header is None:
+        return f"{WEIGHTS_FILE} has no readable header"
+    need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                       default=0)
+    return "" if size >= need else f"{WEIGHTS_FILE} holds {size} of its {need} bytes"
+
+
+def best(run_dir: str, metric: str) -> str:
+    """The complete checkpoint of a run dir whose evaluation at its own step had the lowest
+    `metric` (from the history in its model dir); the latest when none was evaluated then."""
+    latest = find(run_dir)
+    scored = []
+    for name in storage.listdir(run_dir):
+        ckpt = storage.join(run_dir, name)
+        if not name.startswith(PREFIX) or truncated_or_missing(ckpt):
+            continue
+        step = int(name[len(PREFIX):])
+        history = storage.read_text(storage.join(ckpt, MODEL_DIR, "metrics.jsonl"))
+        values = [r[metric] for r in map(json.loads, history.splitlines())
+                  if r.get("step") == step and metric in r]
+        if values and math.isfinite(values[-1]):
+            scored.append((values[-1], -step, ckpt))
+    return min(scored)[2] if scored else latest
+
+
+def truncated_or_missing(ckpt: str) -> bool:
+    try:
+        return not _complete(storage.files(ckpt)) or bool(truncated(ckpt))
+    except OSError:
+        return True
 
 
 def save(path: Path, model, tokenizer, state, position: Position, run_id: str | None,

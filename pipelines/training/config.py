@@ -8,6 +8,7 @@ sequence length) is worked out where it is used, so MLflow shows what the user g
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pipelines.common.flags import option
@@ -60,6 +61,9 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
     # run
     name: str | None = option(None, "run name (default gpt2-<time>); reusing one resumes it")
+    resume: bool = option(False, "continue the newest gpt2-<time> run in --storage_path (or "
+                          "--name) from its latest complete checkpoint, or start one: after a "
+                          "crash, run the same command again")
     storage_path: str = option("runs", "where runs and checkpoints go (local, s3://, gs://); "
                                "on several nodes, storage they all reach",
                                aliases=["--save_checkpoint_path"])
@@ -67,12 +71,19 @@ class TrainConfig:
                                          "gs://; default <storage_path>/<name>/model)")
     from_checkpoint: str | None = option(None, "resume from a checkpoint dir or a run dir")
     keep_checkpoints: int = option(2, "checkpoints kept per run (the latest ones)")
+    checkpoint_upload_mode: str = option(
+        "async", "async: training goes on while rank 0's checkpoint uploads (Ray Train's "
+        "ASYNC mode); sync: every rank waits for the upload")
     max_failures: int = option(3, "restarts from the last checkpoint after a worker dies")
     experiment: str = option("gpt2", "MLflow experiment")
     tracking_uri: str | None = option(None, "MLflow tracking URI; default MLFLOW_TRACKING_URI, "
                                       "else sqlite:///<working dir>/mlflow.db")
     num_workers: int = option(1, "training workers (DDP); with --gpus, one per GPU")
     gpus: int = option(0, "GPUs to train on: that many workers with one GPU each")
+    min_workers: int = option(0, "elastic training: go on with as few as this many workers "
+                              "when nodes are lost, and grow back to --num_workers (or --gpus) "
+                              "when they return; the global batch stays the same (each "
+                              "worker accumulates more micro-batches). 0: a fixed size")
     cpus_per_worker: float = option(0.0, "CPUs per worker (0: share the CPUs, keeping half a "
                                     "CPU for Ray Data)")
     address: str | None = option(None, "Ray cluster to join; default RAY_ADDRESS, else local")
@@ -89,6 +100,21 @@ class TrainConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}.")
         if self.base_lr <= 0 or not 0 <= (self.min_lr or 0) <= self.base_lr:
             raise ValueError("--base_lr must be positive and --min_lr in [0, base_lr].")
+        if self.checkpoint_upload_mode not in ("async", "sync"):
+            raise ValueError("--checkpoint_upload_mode is async or sync, got "
+                             f"{self.checkpoint_upload_mode}.")
+        top = self.gpus or self.num_workers
+        if self.min_workers:
+            if not 1 <= self.min_workers <= top:
+                raise ValueError(f"--min_workers must be between 1 and {top} (the most "
+                                 f"workers), got {self.min_workers}.")
+            lcm = math.lcm(*range(self.min_workers, top + 1))
+            step = lcm // math.gcd(lcm, top)
+            if self.grad_accum % step:
+                raise ValueError(
+                    f"with {self.min_workers} to {top} workers the global batch stays the "
+                    f"same only if every worker count divides --grad_accum x {top}; pass "
+                    f"--grad_accum {step} (or a multiple of it).")
         if self.gpus < 0 or self.cpus_per_worker < 0 or self.max_failures < -1:
             raise ValueError("--gpus and --cpus_per_worker cannot be negative, "
                              "--max_failures not below -1 (no limit).")

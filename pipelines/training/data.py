@@ -45,16 +45,17 @@ class TokenizerSpec:
 
 def step_batches(shard, plan: Plan, cfg: TrainConfig, start: Position, world: int,
                  rank: int) -> Iterator[tuple[list, Position]]:
-    """Each optimizer step's --grad_accum micro-batches with the position after the step, from
-    `start` to --total_steps. Epochs follow one another; an epoch's last micro-batches that do
-    not fill a step are dropped (every rank has the same number, so all ranks agree)."""
-    tokens_per_step = cfg.batch_train * plan.seq_len * cfg.grad_accum * world
-    pos = start
+    """Each optimizer step's micro-batches (plan.grad_accum of them) with the position after
+    the step, from `start` to --total_steps. Epochs follow one another; an epoch's last
+    micro-batches that do not fill a step are dropped (every rank has the same number, so all
+    ranks agree)."""
+    tokens_per_step = cfg.batch_train * plan.seq_len * plan.grad_accum * world
+    pos = start.on(world)
     while pos.step < cfg.total_steps:
         micro = batches(shard, plan, cfg, pos.epoch, rank, skip=pos.batch)
-        for group in zip(*[micro] * cfg.grad_accum):  # whole steps only
+        for group in zip(*[micro] * plan.grad_accum):  # whole steps only
             pos = Position(pos.step + 1, pos.tokens + tokens_per_step, pos.epoch,
-                           pos.batch + cfg.grad_accum)
+                           pos.batch + plan.grad_accum, world)
             yield list(group), pos
             if pos.step == cfg.total_steps:
                 return
@@ -68,17 +69,17 @@ def batches(shard, plan: Plan, cfg: TrainConfig, epoch: int, rank: int, skip: in
     whole split by --seed (train_plan.train_rows), Ray Data splits them in that order among
     the workers (preserve_order), and each worker's shuffle buffer mixes them further, seeded
     by (seed, epoch, rank); so a resumed run skips exactly what the interrupted one had
-    consumed.
+    consumed. The skipped batches are counted as numpy rows, never collated into tensors.
     """
     from gpt2core.training import rows_to_batch
 
-    it = shard.iter_torch_batches(
-        batch_size=plan.rows_per_batch, drop_last=True, collate_fn=collate,
+    it = shard.iter_batches(
+        batch_size=plan.rows_per_batch, drop_last=True, batch_format="numpy",
         local_shuffle_buffer_size=cfg.shuffle_buffer or None,
         local_shuffle_seed=cfg.seed * 7919 + epoch * 1009 + rank)
-    for i, (rows, lengths) in enumerate(it):
+    for i, batch in enumerate(it):
         if i >= skip:
-            yield rows_to_batch(rows, lengths, plan.seq_len)
+            yield rows_to_batch(*collate(batch), plan.seq_len)
 
 
 def collate(batch: dict):

@@ -10,6 +10,7 @@ finds no key missing on a cluster.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -59,6 +60,13 @@ class Job:
 def run_name(given: str | None, prefix: str) -> str:
     """--name, else <prefix>-<date>-<time>."""
     return given or time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
+
+
+def newest_run(storage_path: str, prefix: str) -> str | None:
+    """The newest run named <prefix>-<date>-<time> in `storage_path`; None when it holds none.
+    (The names sort by time: run_name's format.)"""
+    runs = [n for n in storage.listdir(storage_path) if n.startswith(f"{prefix}-")]
+    return max(runs, default=None)
 
 
 def plan_job(cfg: TrainConfig) -> Job:
@@ -115,7 +123,10 @@ def make_trainer(job: Job, name: str, callbacks: list | None = None,
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "context": job.context},
         scaling_config=ScalingConfig(
-            num_workers=job.workers, use_gpu=cfg.gpus > 0,
+            num_workers=(cfg.min_workers, job.workers) if 0 < cfg.min_workers < job.workers
+            else job.workers,  # elastic: Ray Train restarts the group smaller or larger
+            elastic_resize_monitor_interval_s=float(os.environ.get("GPT2_RESIZE_S", "60")),
+            use_gpu=cfg.gpus > 0,
             resources_per_worker={"CPU": job.cpus, **({"GPU": 1} if cfg.gpus else {})}),
         run_config=RunConfig(
             name=name, storage_path=storage_path or job.storage, callbacks=callbacks,

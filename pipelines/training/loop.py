@@ -83,20 +83,25 @@ def train_loop_per_worker(config: dict) -> None:
 
 @dataclass
 class Meter:
-    """Train loss, gradient norm and time summed since the last log line; evaluation and
-    checkpoints are not timed (reset() comes after them)."""
+    """Train loss, gradient norm and time summed since the last log line. The time of
+    evaluations and checkpoints is kept apart (`paused`): throughput counts steps only."""
 
     peak: float  # the device's peak FLOP/s, for MFU
     loss: float = 0.0
     norm: float = 0.0
     steps: int = 0
+    paused: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
     def add(self, loss: float, norm: float) -> None:
         self.loss, self.norm, self.steps = self.loss + loss, self.norm + norm, self.steps + 1
 
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
     def reset(self) -> None:
-        self.loss, self.norm, self.steps, self.start = 0.0, 0.0, 0, time.perf_counter()
+        self.loss, self.norm, self.steps, self.paused = 0.0, 0.0, 0, 0.0
+        self.start = time.perf_counter()
 
 
 @dataclass
@@ -120,7 +125,12 @@ class Worker:
         logged = pos.step % cfg.log_steps == 0 or last
         evaluated = pos.step % cfg.eval_steps == 0 or last
         saved = pos.step % cfg.save_steps == 0 or last
-        metrics = self.train_metrics(pos) if logged else {}
+        if logged:
+            metrics = self.train_metrics(pos)
+            self.meter.reset()
+        else:
+            metrics = {}
+        began = time.perf_counter()
         if evaluated:
             metrics.update(data.evaluate(self.state, self.val, self.plan, cfg, self.run.manifest))
         if self.log is not None and metrics:
@@ -129,18 +139,19 @@ class Worker:
                 f"{k} {v:.4g}" for k, v in metrics.items() if k in SHOWN))
         if evaluated or saved:
             self.report(pos, metrics, save=saved, final=last)
-        if logged:
-            self.meter.reset()
+        self.meter.pause(time.perf_counter() - began)  # shown at the next log line
 
     def train_metrics(self, pos: Position) -> dict:
         """The log line's numbers: means over the steps since the last one, throughput, MFU."""
         m, seq_len = self.meter, self.plan.seq_len
-        tokens_per_step = self.cfg.batch_train * seq_len * self.cfg.grad_accum * self.world
-        tps = m.steps * tokens_per_step / (time.perf_counter() - m.start)
+        tokens_per_step = self.cfg.batch_train * seq_len * self.plan.grad_accum * self.world
+        tps = m.steps * tokens_per_step / (time.perf_counter() - m.start - m.paused)
         return {"train/loss": m.loss / m.steps, "train/lr": self.state.lr,
                 "train/grad_norm": m.norm / m.steps, "train/tokens_per_sec": tps,
+                "train/pause_s": m.paused,
                 "train/mfu": self.state.raw.estimate_mfu(tps / self.world, m.peak, seq_len),
-                "train/tokens": pos.tokens, "train/epoch": pos.epoch}
+                "train/tokens": pos.tokens, "train/epoch": pos.epoch,
+                "train/workers": self.world}  # elastic training changes it
 
     def report(self, pos: Position, metrics: dict, save: bool, final: bool) -> None:
         """ray.train.report on every rank (it is a barrier); rank 0 attaches its records since
@@ -156,15 +167,17 @@ class Worker:
         if self.log is None or not save:
             ray.train.report(metrics, checkpoint=None)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            path, model = Path(tmp), self.state.raw
-            checkpoint.save(path, model, self.tokenizer, self.state, pos, run_id, self.log.write)
-            if final:  # in the model dir: exported with it, and MLflow's artifact too
-                loss_curve(self.log.records, path / checkpoint.MODEL_DIR / "loss_curve.png",
-                           title=f"{run_id or 'Tune trial'}: "
-                                 f"{model.num_params() / 1e6:.1f}M params")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint.dir_name(pos.step))
+        # written here, uploaded by Ray: in ASYNC mode from a background thread while training
+        # goes on (Ray deletes the dir after), in SYNC mode before report returns
+        path, model = Path(tempfile.mkdtemp(prefix="gpt2ray-ckpt-")), self.state.raw
+        checkpoint.save(path, model, self.tokenizer, self.state, pos, run_id, self.log.write)
+        if final:  # in the model dir: exported with it, and MLflow's artifact too
+            loss_curve(self.log.records, path / checkpoint.MODEL_DIR / "loss_curve.png",
+                       title=f"{run_id or 'Tune trial'}: {model.num_params() / 1e6:.1f}M params")
+        mode = ray.train.CheckpointUploadMode[self.cfg.checkpoint_upload_mode.upper()]
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path),
+                         checkpoint_dir_name=checkpoint.dir_name(pos.step),
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
 
 
 def say(message: str) -> None:

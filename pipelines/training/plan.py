@@ -31,6 +31,7 @@ class Plan:
     from_pretrained: str | None  # weights to start from (None: random init or a checkpoint)
     seq_len: int  # tokens per training sequence
     rows_per_batch: int  # dataset rows per micro-batch (a row holds L / seq_len sequences)
+    grad_accum: int  # micro-batches per optimizer step on each worker, at this world size
     eval_rows_per_batch: int
     steps_per_epoch: int  # optimizer steps per pass over one worker's share
 
@@ -83,17 +84,20 @@ def make_plan(cfg: TrainConfig, manifest: Manifest, world: int,
     rows_per_batch = cfg.batch_train // k
     splits = manifest.splits
     train_rows, val_rows = splits["train"].rows // world, splits["val"].rows // world
-    steps = train_rows // rows_per_batch // cfg.grad_accum
+    top = cfg.gpus or cfg.num_workers  # elastic: fewer workers than that each take more
+    grad_accum = cfg.grad_accum * top // world if cfg.min_workers and world < top \
+        else cfg.grad_accum  # micro-batches, for the same global batch
+    steps = train_rows // rows_per_batch // grad_accum
     if steps == 0:
         raise ValueError(
             f"the batch is larger than the data: each of {world} worker(s) gets {train_rows} "
-            f"train row(s) of {L} tokens, a step needs {rows_per_batch * cfg.grad_accum}; lower "
+            f"train row(s) of {L} tokens, a step needs {rows_per_batch * grad_accum}; lower "
             "--batch_train, --grad_accum or --num_workers, or prepare more text.")
     if val_rows == 0:
         raise ValueError(f"the val split has {splits['val'].rows} row(s), fewer than the "
                          f"{world} workers; use fewer workers or a larger --eval_corpus.")
     return Plan(config, model_dir if model_dir and not cfg.from_checkpoint else None, seq_len,
-                rows_per_batch, max(1, math.ceil(cfg.batch_eval / k)), steps)
+                rows_per_batch, grad_accum, max(1, math.ceil(cfg.batch_eval / k)), steps)
 
 
 def prepare_data(cfg: TrainConfig, model_dir: str | None, address: str | None) -> Manifest:

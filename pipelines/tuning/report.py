@@ -96,12 +96,12 @@ def plot_curves(curves: dict[str, list], metric: str, out: Path, stopped=(), lab
     return out
 
 
-def latest_checkpoint(run_dir: str):
-    """The newest complete checkpoint (train state, weights, config) of a trial's Train run
-    (local path or URI): a checkpoint cut off mid-upload is never exported."""
+def best_checkpoint(run_dir: str, metric: str):
+    """The trial's checkpoint to export: of its Train run's complete checkpoints (local path or
+    URI), the one with the lowest `metric` at its step; one cut off mid-upload never is."""
     import ray.train
 
-    return ray.train.Checkpoint(checkpoint.find(run_dir))
+    return ray.train.Checkpoint(checkpoint.best(run_dir, metric))
 
 
 def start_parent_run(tracking_uri: str, experiment: str, name: str, params: dict) -> str:
@@ -121,6 +121,7 @@ def trial_runs(tracking_uri: str, experiment: str, sweep: dict, base: TrainConfi
     the results its EvalReport sends Tune (rank 0's records ride in them), marked FINISHED
     with the model at the last step, KILLED when the trial is stopped early, FAILED on an error.
     """
+    import ray.train
     from ray import tune
 
     from pipelines.common.tracking import RECORDS, RESTORED, RunLog, RunWriter
@@ -161,7 +162,8 @@ def trial_runs(tracking_uri: str, experiment: str, sweep: dict, base: TrainConfi
             if result.get("step") == writer.total_steps:
                 # the model: from the trial's run dir, since the last result may be run_trial's
                 # own (after --resume), which names no checkpoint
-                final = latest_checkpoint(f"{sweep['train_storage']}/{name_of(trial)}")
+                final = ray.train.Checkpoint(checkpoint.find(
+                    f"{sweep['train_storage']}/{name_of(trial)}"))
             writer.report(result, final)
             # Tune lets a callback edit a result (its loggers come after this callback): the
             # records were MLflow's; the run id is the trial's, which its workers do not know

@@ -27,6 +27,7 @@ from pipelines.training.plan import make_plan
 
 # Fields a trial may not vary: where data, runs and workers are, and how results are measured.
 FIXED = ("data", "corpus", "eval_corpus", "vocab_path", "vocab_size", "from_pretrained", "name",
+         "resume",
          "storage_path", "save_model_path", "from_checkpoint", "keep_checkpoints",
          "max_failures", "experiment", "tracking_uri", "num_workers", "gpus", "cpus_per_worker",
          "address", "eval_steps", "eval_batches", "batch_eval", "save_steps", "log_steps",

@@ -39,3 +39,38 @@ def refused(capsys):
         assert err.startswith(f"gpt2 {stage}: error: ") and err.count("\n") == 1, err
         return err
     return run
+
+
+@pytest.fixture
+def make_checkpoint():
+    """write(root, step, ...): a checkpoint dir as checkpoint.save lays one out, small: real
+    safetensors weights (or none, or cut short), a train state, a history with `eval/loss` at
+    its step when given. Local paths and URIs."""
+    import io
+    import json
+
+    import torch
+    from safetensors.torch import save
+
+    from gpt2core import storage
+    from pipelines.training import checkpoint
+
+    def write(root, step: int, *, weights: str = "whole", run_id: str | None = None,
+              eval_loss: float | None = None) -> str:
+        d = storage.join(str(root), checkpoint.dir_name(step))
+        model = storage.join(d, checkpoint.MODEL_DIR)
+        storage.write_text(storage.join(model, "config.json"), "{}")
+        history = [{"step": step, "train/loss": 5.0},
+                   *([{"step": step, "eval/loss": eval_loss}] if eval_loss is not None else [])]
+        storage.write_text(storage.join(model, "metrics.jsonl"),
+                           "".join(json.dumps(r) + "\n" for r in history))
+        blob = save({"w": torch.zeros(64)})
+        if weights != "none":
+            storage.write_bytes(storage.join(model, "model.safetensors"),
+                                blob if weights == "whole" else blob[:len(blob) - 100])
+        state = io.BytesIO()
+        torch.save({"step": step, "tokens": 0, "epoch": 0, "batch": 0, "run_id": run_id}, state)
+        storage.write_bytes(storage.join(d, checkpoint.STATE_FILE), state.getvalue())
+        return d
+
+    return write

@@ -99,7 +99,7 @@ def test_curves_and_table_files(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_trial_runs_are_nested_logged_and_ended_on_the_tune_driver(tmp_path):
+def test_trial_runs_are_nested_logged_and_ended_on_the_tune_driver(tmp_path, make_checkpoint):
     """tune_report.trial_runs, fed as Tune feeds it: a trial's run is made when it starts,
     logs the records in its results, ends FINISHED with its model or KILLED when stopped early,
     and is found again when a resumed sweep restarts the trial."""
@@ -115,11 +115,7 @@ def test_trial_runs_are_nested_logged_and_ended_on_the_tune_driver(tmp_path):
     runs = tune_report.trial_runs(uri, "sweeps", info, TrainConfig(total_steps=20),
                                   lambda t: f"trial_{t.trial_id}")
     done, stopped = (SimpleNamespace(trial_id=i, config={"base_lr": 2e-3}) for i in ("0", "1"))
-    ckpt = tmp_path / "train" / "trial_0" / "checkpoint_0000020" / "model"
-    ckpt.mkdir(parents=True)
-    (ckpt / "config.json").write_text("{}")
-    (ckpt / "model.safetensors").write_bytes(b"w")  # complete: only such a one is exported
-    (ckpt.parent / "train_state.pt").write_bytes(b"")
+    ckpt = Path(make_checkpoint(tmp_path / "train" / "trial_0", 20)) / "model"  # complete
     (ckpt / "loss_curve.png").write_bytes(b"png")
     for trial in (done, stopped):
         runs.on_trial_start(0, [], trial)

@@ -135,19 +135,19 @@ def test_checking_a_store_that_does_not_exist_creates_none(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_resumed_fit_continues_the_run_its_checkpoint_belongs_to(tmp_path):
+def test_a_resumed_fit_continues_the_run_its_checkpoint_belongs_to(tmp_path, make_checkpoint):
     run_dir = tmp_path / "runs" / "run"
-    elsewhere = fake_checkpoint(tmp_path / "copied" / "checkpoint_0000020", run_id="aaa")
+    elsewhere = make_checkpoint(tmp_path / "copied", 20, run_id="aaa")
     assert checkpoint.run_id(str(run_dir), None) is None  # a new run
-    assert checkpoint.run_id(str(run_dir), str(elsewhere)) == "aaa"  # --from_checkpoint
-    fake_checkpoint(run_dir / "checkpoint_0000020", run_id="bbb")  # a reused --name
-    assert checkpoint.run_id(str(run_dir), str(elsewhere)) == "bbb"
+    assert checkpoint.run_id(str(run_dir), elsewhere) == "aaa"  # --from_checkpoint
+    make_checkpoint(run_dir, 20, run_id="bbb")  # a reused --name
+    assert checkpoint.run_id(str(run_dir), elsewhere) == "bbb"
 
     uri = store(tmp_path)
     first = tracking.RunLog(uri, "exp", "run", {"a": 1})
-    fake_checkpoint(tmp_path / "second" / "checkpoint_0000020", run_id=first.run_id)
     cfg = TrainConfig(experiment="exp",  # as plan_job resolved it
-                      from_checkpoint=str(tmp_path / "second" / "checkpoint_0000020"))
+                      from_checkpoint=make_checkpoint(tmp_path / "second", 20,
+                                                      run_id=first.run_id))
     resumed = checkpoint.run_id(str(tmp_path / "runs" / "again"), cfg.from_checkpoint)
     with tracking.train_run(uri, cfg, "again", resumed) as run:
         assert run.run_id == first.run_id
@@ -188,3 +188,13 @@ def test_a_workers_modules_import_no_mlflow():
                          cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_run_page_links_to_the_runs_metric_charts(tmp_path):
+    uri = store(tmp_path)
+    run = tracking.RunLog(uri, "exp", "run", {"a": 1})
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(uri).get_run(run.run_id).info.experiment_id
+    assert tracking.run_page(uri, run.run_id) == \
+        f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run.run_id}/model-metrics"

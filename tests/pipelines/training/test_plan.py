@@ -1,4 +1,4 @@
-"""pipelines/training/plan.py and checkpoint.find: what the driver works out before training."""
+"""pipelines/training/plan.py: what the driver works out before training."""
 
 import pytest
 
@@ -6,7 +6,6 @@ from gpt2core import GPT2, GPT2Config
 from pipelines.common import ray_session
 from pipelines.common.dataset import Manifest, Split
 from pipelines.common.placement import check_gpus, worker_share
-from pipelines.training import checkpoint
 from pipelines.training import plan as train_plan
 from pipelines.training.config import TrainConfig
 from pipelines.training.plan import make_plan, train_rows, validation_rows
@@ -87,32 +86,6 @@ def test_gpus_beyond_the_cluster_are_refused():
     check_gpus(1, 1, autoscaler=None)
     with pytest.raises(ValueError, match="--gpus 2 asks for more GPUs than the cluster has"):
         check_gpus(2, 1, autoscaler=None)
-
-
-def _fake_checkpoint(root, step: int, weights: bool = True) -> None:
-    from gpt2core import storage
-
-    d = storage.join(root, checkpoint.dir_name(step))
-    storage.write_text(storage.join(d, checkpoint.MODEL_DIR, "config.json"), "{}")
-    if weights:
-        storage.write_bytes(storage.join(d, checkpoint.MODEL_DIR, "model.safetensors"), b"w")
-    storage.write_bytes(storage.join(d, checkpoint.STATE_FILE), b"")
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_checkpoint_find_takes_a_checkpoint_or_the_latest_complete_one(request, tmp_path, where):
-    root = str(tmp_path) if where == "local" else request.getfixturevalue("bucket") + "/run"
-    for step in (10, 20):
-        _fake_checkpoint(root, step)
-    _fake_checkpoint(root, 30, weights=False)  # cut off mid-upload: never chosen
-    assert checkpoint.find(root).endswith("checkpoint_0000020")
-    assert checkpoint.find(f"{root}/checkpoint_0000010").endswith("checkpoint_0000010")
-    with pytest.raises(ValueError, match="does not exist"):
-        checkpoint.find(f"{root}/nope")
-    with pytest.raises(ValueError, match="holds no complete checkpoint_"):
-        checkpoint.find(f"{root}/checkpoint_0000010/model")
-    with pytest.raises(ValueError, match="it is incomplete"):
-        checkpoint.find(f"{root}/checkpoint_0000030")
 
 
 def test_the_original_projects_train_command_parses():
