@@ -4,9 +4,11 @@ What it measures, in one run on this machine: a GPT-2 124M-shape model (random w
 vocabulary) served by serve/app.py, one replica holding all of the machine's CPUs (torch threads =
 that count, printed). Each client sends POST /v1/completions (prompt of ~16 tokens, 64 new tokens,
 top_p 0.9, its own seed) one after another; tokens/s = completion tokens / wall time of the level;
-latency = per request, end to end, p50 and p99. The same app is deployed twice, side by side:
-with `max_batch_size=16` (continuous batching: a request joins the running decode batch at its
-next step) and with `max_batch_size=1`; each client level runs on one, then the other.
+latency = per request, end to end, p50 and p99; TTFT = time to the first streamed chunk with
+text (requests stream, with `include_usage` for the token count), p50 and p99. The same app is
+deployed twice, side by side: with `max_batch_size=16` (continuous batching: a request joins
+the running decode batch at its next step) and with `max_batch_size=1`; each client level runs
+on one, then the other.
 
 Target at 16 clients: batching >= 4x the tokens/s of max_batch_size=1, and p99 <= 2x p50.
 
@@ -62,18 +64,29 @@ def percentile(xs: list[float], q: float) -> float:
 async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dict:
     """`clients` concurrent clients, each sending `per_client` requests back to back."""
     latencies: list[float] = []
+    ttfts: list[float] = []
     tokens = 0
 
     async def client(c: int, http: httpx.AsyncClient) -> None:
         nonlocal tokens
         for i in range(per_client):
             t0 = time.perf_counter()
-            r = await http.post(f"{url}/v1/completions", json={
-                "prompt": PROMPT, "max_tokens": max_tokens, "top_p": 0.9,
-                "seed": 1000 * c + i})
-            r.raise_for_status()
+            first = None
+            body = {"prompt": PROMPT, "max_tokens": max_tokens, "top_p": 0.9,
+                    "seed": 1000 * c + i, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[len("data: "):])
+                    if chunk["choices"] and first is None:
+                        first = time.perf_counter() - t0  # time to first token
+                    if chunk.get("usage"):
+                        tokens += chunk["usage"]["completion_tokens"]
             latencies.append(time.perf_counter() - t0)
-            tokens += r.json()["usage"]["completion_tokens"]
+            ttfts.append(first)
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
@@ -82,7 +95,8 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dic
         wall = time.perf_counter() - t0
     return {"clients": clients, "requests": len(latencies), "tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "p50_s": statistics.median(latencies),
-            "p99_s": percentile(latencies, 99)}
+            "p99_s": percentile(latencies, 99), "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p99_s": percentile(ttfts, 99)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(r)
                 print(f"{mode:>17} {clients:3d} clients: {r['tokens_per_s']:7.1f} tok/s  "
                       f"p50 {r['p50_s']:6.2f} s  p99 {r['p99_s']:6.2f} s  "
+                      f"TTFT p50 {r['ttft_p50_s']:5.2f} s p99 {r['ttft_p99_s']:5.2f} s  "
                       f"({r['requests']} requests, rows per step {r['recent_batch_sizes']}, "
                       f"load {r['load_avg']:.1f})", flush=True)
     serve.shutdown()
@@ -144,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmachine: {info['cpu']}, {info['cores']} cores, torch threads per replica "
           f"{info['torch_threads']}, load average at start {info['load_avg_at_start']:.1f}")
     print(f"{'clients':>7} | {'batched tok/s':>13} | {'bs=1 tok/s':>10} | {'ratio':>5} | "
-          f"{'batched p50/p99 s':>17} | {'bs=1 p50/p99 s':>14}")
+          f"{'batched p50/p99 s':>17} | {'bs=1 p50/p99 s':>14} | {'batched TTFT p50/p99':>20} | "
+          f"{'bs=1 TTFT p50/p99':>17}")
     summary = []
     for clients in args.clients:
         b = next(r for r in results if r["clients"] == clients and r["max_batch_size"] == 16)
@@ -154,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                         "batched_p99_over_p50": b["p99_s"] / b["p50_s"]})
         print(f"{clients:7d} | {b['tokens_per_s']:13.1f} | {o['tokens_per_s']:10.1f} | "
               f"{ratio:5.2f} | {b['p50_s']:7.2f} / {b['p99_s']:7.2f} | "
-              f"{o['p50_s']:6.2f} / {o['p99_s']:6.2f}")
+              f"{o['p50_s']:6.2f} / {o['p99_s']:6.2f} | {b['ttft_p50_s']:9.2f} / "
+              f"{b['ttft_p99_s']:8.2f} | {o['ttft_p50_s']:7.2f} / {o['ttft_p99_s']:7.2f}")
     last = summary[-1]
     print(f"\ntarget at {last['clients']} clients: >= 4x throughput (got "
           f"{last['throughput_ratio']:.2f}x), p99 <= 2x p50 (got "
