@@ -169,7 +169,7 @@ class GPT2(nn.Module):
                                                  kv_cache=kv_cache))  # (B, T, V)
         if targets is None:
             return logits
-        loss = cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def hidden_states(self, input_ids: torch.Tensor, *,
@@ -295,14 +295,22 @@ class _CrossEntropy(torch.autograd.Function):
     runs log_softmax's backward over two more (N, V) tensors. With a 50k vocabulary those
     tensors are most of a small model's memory traffic. Here the forward keeps only the
     log-sum-exp per row, and the backward is softmax - one_hot, built in one buffer.
+
+    bf16/fp16 logits (autocast) are kept as they are, never as a full fp32 (N, V) copy: the
+    log-sum-exp and the softmax are computed in fp32 a chunk of rows at a time (CHUNK
+    elements), and the gradient is written in the logits' dtype.
     """
+
+    CHUNK = 1 << 24  # elements of fp32 scratch per chunk: 64 MB, ~330 rows of a 50k vocabulary
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        lse = torch.logsumexp(logits, dim=-1)  # (N,)
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.cat([torch.logsumexp(logits[rows].to(compute), dim=-1)
+                         for rows in _row_chunks(logits)])  # (N,)
         valid = targets != -100
         safe = targets.clamp(min=0)  # ignored rows point at token 0, then are masked out
-        target_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (N,)
+        target_logit = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1).to(compute)  # (N,)
         count = valid.sum().clamp(min=1)
         ctx.save_for_backward(logits, lse, safe, valid, count)
         return ((lse - target_logit) * valid).sum() / count
@@ -311,10 +319,25 @@ class _CrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
         logits, lse, safe, valid, count = ctx.saved_tensors
-        grad = torch.sub(logits, lse.unsqueeze(-1)).exp_()  # softmax, (N, V)
-        grad.scatter_add_(-1, safe.unsqueeze(-1), torch.full_like(lse, -1.0).unsqueeze(-1))
-        grad.mul_((grad_loss / count * valid).unsqueeze(-1))
+        scale = (grad_loss / count * valid).to(lse.dtype).unsqueeze(-1)  # (N, 1)
+        grad = torch.empty_like(logits)
+        in_place = logits.dtype == lse.dtype  # fp32 (or fp64) logits: no scratch at all
+        for rows in _row_chunks(logits):
+            part = torch.sub(logits[rows].to(lse.dtype), lse[rows].unsqueeze(-1),
+                             out=grad[rows] if in_place else None).exp_()  # softmax
+            part.scatter_add_(-1, safe[rows].unsqueeze(-1),
+                              torch.full_like(part[:, :1], -1.0))  # - one_hot
+            part.mul_(scale[rows])
+            if not in_place:
+                grad[rows] = part  # to the logits' dtype
         return grad, None
+
+
+def _row_chunks(logits: torch.Tensor) -> list[slice]:
+    """Row slices of logits (N, V) with about _CrossEntropy.CHUNK elements each."""
+    n, v = logits.shape
+    step = max(1, _CrossEntropy.CHUNK // max(1, v))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,14 @@ process as the reference. Nothing here knows about Ray or MLflow.
 
     model = GPT2(config)
     state = TrainState.create(model, lr=1e-3, weight_decay=0.01, warmup_steps=100,
-                              total_steps=1000, min_lr=1e-4, device="cpu", use_amp=False)
+                              total_steps=1000, min_lr=1e-4, device="cpu", precision="auto")
     for rows, lengths in batches:                       # dataset rows: (B, L + 1) token ids
         inputs, targets = rows_to_batch(rows, lengths, seq_len=256)
-        loss, grad_norm = state.step([(inputs, targets)], grad_clip=1.0)
+        loss, grad_norm = state.step([(inputs, targets)], grad_clip=1.0)  # 0-d tensors
+
+Which dtype autocast uses (bf16, fp16 + GradScaler, fp32 with TF32) is gpt2core/precision.py's
+rule. `step` never waits for the GPU: its loss and gradient norm stay tensors on the device
+until the caller reads them (the training loop, on its logging steps).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gpt2core import precision as prec
 from gpt2core.model import GPT2
 
 IGNORE = -100  # targets with this id add nothing to the loss (padding of a split's last row)
@@ -56,15 +61,6 @@ def lr_factor(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable
     return factor
 
 
-def amp_dtype(device: torch.device, use_amp: bool) -> torch.dtype | None:
-    """bf16 where the device supports it (CPUs, Ampere+), else fp16; None without AMP."""
-    if not use_amp:
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """The forward pass's autocast context (a no-op without AMP)."""
     if dtype is None:
@@ -76,7 +72,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 class TrainState:
     """Model, optimizer, LR schedule and grad scaler, and the step count they share.
 
-    `model` may be wrapped (DDP, torch.compile); `raw` is the GPT2 underneath, the one saved.
+    `model` may be wrapped (DDP or FSDP, then torch.compile); `raw` is the GPT2 underneath,
+    the one saved (under FSDP its parameters are shards: gather them to save).
     """
 
     model: nn.Module
@@ -91,23 +88,30 @@ class TrainState:
     @classmethod
     def create(cls, model: GPT2, *, lr: float, weight_decay: float, warmup_steps: int,
                total_steps: int, min_lr: float | None, device: torch.device | str,
-               use_amp: bool, wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
-        """Move the model to `device`, wrap it (DDP, compile) and build the optimizer around it.
-        The LR warms up to `lr`, then decays along a cosine to `min_lr` (None: lr / 10)."""
+               precision: str = "auto", use_amp: bool = False,
+               wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
+        """Move the model to `device`, wrap it (DDP/FSDP, compile) and build the optimizer
+        around it. The LR warms up to `lr`, then decays along a cosine to `min_lr` (None:
+        lr / 10). `precision` and `use_amp` pick the autocast dtype (gpt2core/precision.py).
+
+        The optimizer is built after `wrap`: FSDP replaces the parameters with shards."""
         device = torch.device(device)
         min_lr = lr / 10 if min_lr is None else min_lr
         raw = model.to(device)
-        dtype = amp_dtype(device, use_amp)
+        dtype = prec.autocast_dtype(precision, device, use_amp)
+        prec.enable_tf32(device)
+        wrapped = wrap(raw) if wrap else raw
         optimizer = raw.configure_optimizer(lr, weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(warmup_steps, total_steps, min_lr / lr if lr else 0.0))
         # Loss scaling only for fp16: bf16 has fp32's exponent range and does not underflow.
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        return cls(wrap(raw) if wrap else raw, raw, optimizer, scheduler, scaler, device, dtype)
+        scaler = torch.amp.GradScaler(device.type, enabled=prec.needs_scaler(dtype))
+        return cls(wrapped, raw, optimizer, scheduler, scaler, device, dtype)
 
     def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-             grad_clip: float) -> tuple[float, float]:
-        """One optimizer step over gradient-accumulation micro-batches; (mean loss, grad norm).
+             grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over gradient-accumulation micro-batches; (mean loss, grad norm)
+        as 0-d tensors on the device, so the host does not wait for the GPU here.
 
         Each micro-batch's loss is divided by their number, so the gradient is that of the
         mean. Under DDP only the last backward all-reduces (no_sync on the others).
@@ -120,8 +124,8 @@ class TrainState:
                 else self.model.no_sync()
             with sync:
                 with autocast(self.device, self.dtype):
-                    _, loss = self.model(inputs.to(self.device, non_blocking=True),
-                                         targets.to(self.device, non_blocking=True))
+                    _, loss = self.model(prec.to_device(inputs, self.device),
+                                         prec.to_device(targets, self.device))
                 loss = loss / len(micro_batches)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -133,7 +137,7 @@ class TrainState:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step_count += 1
-        return total.item(), norm.item()
+        return total, norm.detach()
 
     @property
     def lr(self) -> float:

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pipelines.common.flags import option
 
 DEFAULT_DATA = "data/dataset"  # where the demo prepares the sample corpus
+# gpt2core.precision.PRECISIONS, spelled here so that parsing flags imports no torch (a test
+# holds the two equal)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -56,9 +59,17 @@ class TrainConfig:
         1024, "a train split up to this size (and half the object store) is read once into "
         "Ray's object store; a bigger one streams from Parquet every epoch (0: always stream)")
     seed: int = option(0, "seed for initialisation, shuffling and dropout")
-    use_amp: bool = option(False, "mixed precision: bf16 where supported, else fp16 + scaling")
+    precision: str = option(
+        "auto", "auto: bf16 autocast on GPUs with compute capability >= 8.0, fp16 + loss "
+        "scaling on older ones, TF32 matmuls for fp32 work; fp32 on CPUs (bf16 with --use_amp)."
+        " fp32, bf16, fp16: that, on any device (gpt2core/precision.py)")
+    use_amp: bool = option(False, "the original project's mixed precision flag: with "
+                           "--precision auto, bf16 on CPUs too (GPUs are mixed already)")
     use_grad_ckpt: bool = option(False, "recompute activations in backward (less memory)")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool = option(False, "torch.compile the model (after the DDP/FSDP wrap)")
+    strategy: str = option("ddp", "ddp: every worker holds the whole model and optimizer; "
+                           "fsdp: FSDP2 shards parameters, gradients and AdamW state over the "
+                           "workers, per block (for gpt2-large/xl on 24 GB GPUs)")
     # run
     name: str | None = option(None, "run name (default gpt2-<time>); reusing one resumes it")
     resume: bool = option(False, "continue the newest gpt2-<time> run in --storage_path (or "
@@ -100,6 +111,14 @@ class TrainConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}.")
         if self.base_lr <= 0 or not 0 <= (self.min_lr or 0) <= self.base_lr:
             raise ValueError("--base_lr must be positive and --min_lr in [0, base_lr].")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision is one of {', '.join(PRECISIONS)}, got "
+                             f"{self.precision}.")
+        if self.use_amp and self.precision == "fp32":
+            raise ValueError("--use_amp asks for mixed precision and --precision fp32 for "
+                             "none; pass one of them.")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"--strategy is ddp or fsdp, got {self.strategy}.")
         if self.checkpoint_upload_mode not in ("async", "sync"):
             raise ValueError("--checkpoint_upload_mode is async or sync, got "
                              f"{self.checkpoint_upload_mode}.")
