@@ -30,7 +30,7 @@ bfloat16: every parameter and the KV cache in bfloat16 (8-bit mantissa, float32'
 Fast only where the CPU has native bf16 matmuls (avx512_bf16, amx_bf16) or on GPUs.
 
 "auto" — the rule, from the CPU's flags in /proc/cpuinfo:
-  CUDA: bfloat16 where the GPU supports it, else float32.
+  CUDA: bfloat16 where the GPU has bf16 tensor cores (compute capability >= 8.0), else float32.
   CPU:  int8 where FBGEMM runs (x86 with avx2: int8 reads the fewest bytes, and FBGEMM uses
         avx512_vnni / avx_vnni where present); else bfloat16 where avx512_bf16 or amx_bf16;
         else float32.
@@ -86,8 +86,10 @@ def resolve_dtype(dtype: str, device: torch.device | str = "cpu",
                          "bfloat16 (or auto) there")
     if dtype != "auto":
         return dtype
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cuda":  # the rule of gpt2core/precision.py: bf16 tensor cores only
+        from gpt2core.precision import native_bf16
+
+        return "bfloat16" if native_bf16(device) else "float32"
     if device.type != "cpu":
         return "float32"
     flags = cpu_flags() if flags is None else flags
