@@ -84,6 +84,7 @@ class TrainState:
     device: torch.device
     dtype: torch.dtype | None
     step_count: int = 0
+    sharded: bool = False  # FSDP: saving and loading the optimizer state are collectives
 
     @classmethod
     def create(cls, model: GPT2, *, lr: float, weight_decay: float, warmup_steps: int,
@@ -106,7 +107,8 @@ class TrainState:
             optimizer, lr_factor(warmup_steps, total_steps, min_lr / lr if lr else 0.0))
         # Loss scaling only for fp16: bf16 has fp32's exponent range and does not underflow.
         scaler = torch.amp.GradScaler(device.type, enabled=prec.needs_scaler(dtype))
-        return cls(wrapped, raw, optimizer, scheduler, scaler, device, dtype)
+        return cls(wrapped, raw, optimizer, scheduler, scaler, device, dtype,
+                   sharded=is_sharded(raw))
 
     def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
              grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +139,8 @@ class TrainState:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step_count += 1
+        if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor
+            norm = norm.full_tensor()
         return total, norm.detach()
 
     @property
@@ -144,17 +148,45 @@ class TrainState:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        """Optimizer, scheduler and scaler state: tensors and numbers only (weights_only loads)."""
-        return {"optimizer": self.optimizer.state_dict(),
+        """Optimizer, scheduler and scaler state: tensors and numbers only (weights_only loads).
+        Sharded (FSDP): the optimizer's whole state, gathered to rank 0 (every rank calls)."""
+        from gpt2core import parallel
+
+        optimizer = parallel.full_optimizer_state(self.raw, self.optimizer) if self.sharded \
+            else self.optimizer.state_dict()
+        return {"optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from gpt2core import parallel
+
+            parallel.load_full_optimizer_state(self.raw, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step_count = state["step"]
+
+
+@dataclass
+class Saved:
+    """A train state read out once (gathered from every rank under FSDP), for a saver that
+    calls `state_dict()` on rank 0 only."""
+
+    state: dict
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP sharded the model (its parameters are DTensors)."""
+    from gpt2core.parallel import is_sharded
+
+    return is_sharded(model)
 
 
 @torch.no_grad()
@@ -167,9 +199,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     count = 0
     for inputs, targets in batches:
         targets = targets.to(device)
-        n = int((targets != IGNORE).sum())
-        if n == 0:
-            continue
+        n = int((targets != IGNORE).sum())  # 0: still a forward pass, FSDP's ranks keep step
         with autocast(device, dtype):
             _, loss = model(inputs.to(device), targets)
         nats += loss.double() * n

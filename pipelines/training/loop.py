@@ -25,6 +25,8 @@ from pipelines.training.checkpoint import Position
 from pipelines.training.plan import Plan, make_plan
 
 if TYPE_CHECKING:
+    import torch
+
     from gpt2core.training import TrainState
     from pipelines.training.config import TrainConfig
     from pipelines.training.job import RunContext
@@ -38,7 +40,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from gpt2core import training
+    from gpt2core import parallel, precision, training
 
     cfg: TrainConfig = config["cfg"]
     run: RunContext = config["context"]
@@ -51,14 +53,14 @@ def train_loop_per_worker(config: dict) -> None:
     # --- Model, optimizer and where to start ---
     model, saved, history = checkpoint.load_model(cfg, plan)
 
-    def wrap(m):
-        m = torch.compile(m) if cfg.compile else m
-        return ray.train.torch.prepare_model(m, move_to_device=False)
+    def wrap(m):  # DDP (or FSDP) first, then compile: DDP's all-reduce then overlaps backward
+        dtype = precision.autocast_dtype(cfg.precision, device, cfg.use_amp)
+        return parallel.wrap(m, cfg.strategy, device=device, dtype=dtype, compile=cfg.compile)
 
     state = training.TrainState.create(
         model, lr=cfg.base_lr, weight_decay=cfg.wd_rate, warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.total_steps, min_lr=cfg.min_lr, device=device, use_amp=cfg.use_amp,
-        wrap=wrap)
+        total_steps=cfg.total_steps, min_lr=cfg.min_lr, device=device,
+        precision=cfg.precision, use_amp=cfg.use_amp, wrap=wrap)
     start = Position()
     if saved is not None:
         state.load_state_dict(saved)
@@ -84,17 +86,26 @@ def train_loop_per_worker(config: dict) -> None:
 @dataclass
 class Meter:
     """Train loss, gradient norm and time summed since the last log line. The time of
-    evaluations and checkpoints is kept apart (`paused`): throughput counts steps only."""
+    evaluations and checkpoints is kept apart (`paused`): throughput counts steps only.
+
+    Loss and norm are summed as tensors on the device: reading them waits for the GPU, so
+    that happens only on logging steps (`read`), never once a step."""
 
     peak: float  # the device's peak FLOP/s, for MFU
-    loss: float = 0.0
-    norm: float = 0.0
+    loss: float | torch.Tensor = 0.0
+    norm: float | torch.Tensor = 0.0
     steps: int = 0
     paused: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: float, norm: float) -> None:
+    def add(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
         self.loss, self.norm, self.steps = self.loss + loss, self.norm + norm, self.steps + 1
+
+    def read(self) -> tuple[float, float, float]:
+        """(mean loss, mean grad norm, seconds of training) since the last reset; waits for
+        the device to finish the steps first, so the seconds are theirs."""
+        loss, norm = float(self.loss) / self.steps, float(self.norm) / self.steps
+        return loss, norm, time.perf_counter() - self.start - self.paused
 
     def pause(self, seconds: float) -> None:
         self.paused += seconds
@@ -145,9 +156,10 @@ class Worker:
         """The log line's numbers: means over the steps since the last one, throughput, MFU."""
         m, seq_len = self.meter, self.plan.seq_len
         tokens_per_step = self.cfg.batch_train * seq_len * self.plan.grad_accum * self.world
-        tps = m.steps * tokens_per_step / (time.perf_counter() - m.start - m.paused)
-        return {"train/loss": m.loss / m.steps, "train/lr": self.state.lr,
-                "train/grad_norm": m.norm / m.steps, "train/tokens_per_sec": tps,
+        loss, norm, seconds = m.read()
+        tps = m.steps * tokens_per_step / seconds
+        return {"train/loss": loss, "train/lr": self.state.lr,
+                "train/grad_norm": norm, "train/tokens_per_sec": tps,
                 "train/pause_s": m.paused,
                 "train/mfu": self.state.raw.estimate_mfu(tps / self.world, m.peak, seq_len),
                 "train/tokens": pos.tokens, "train/epoch": pos.epoch,
@@ -158,19 +170,24 @@ class Worker:
         its last report (for MLflow: tracking.RunWriter) and the checkpoint."""
         import ray.train
 
+        from gpt2core import parallel
         from gpt2core.plots import loss_curve
+        from gpt2core.training import Saved
 
         run_id = self.run.mlflow_run_id
         metrics = {**metrics, "step": pos.step, "mlflow_run_id": run_id or ""}
         if self.log is not None:
             metrics.update(self.log.report())
+        model, state = self.state.raw, self.state
+        if save and self.state.sharded:  # FSDP: every rank gathers its shards to rank 0
+            model, state = parallel.unsharded_copy(model), Saved(state.state_dict())
         if self.log is None or not save:
             ray.train.report(metrics, checkpoint=None)
             return
         # written here, uploaded by Ray: in ASYNC mode from a background thread while training
         # goes on (Ray deletes the dir after), in SYNC mode before report returns
-        path, model = Path(tempfile.mkdtemp(prefix="gpt2ray-ckpt-")), self.state.raw
-        checkpoint.save(path, model, self.tokenizer, self.state, pos, run_id, self.log.write)
+        path = Path(tempfile.mkdtemp(prefix="gpt2ray-ckpt-"))
+        checkpoint.save(path, model, self.tokenizer, state, pos, run_id, self.log.write)
         if final:  # in the model dir: exported with it, and MLflow's artifact too
             loss_curve(self.log.records, path / checkpoint.MODEL_DIR / "loss_curve.png",
                        title=f"{run_id or 'Tune trial'}: {model.num_params() / 1e6:.1f}M params")

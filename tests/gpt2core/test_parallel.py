@@ -1,0 +1,79 @@
+"""gpt2core.parallel in one process: the wrap order (DDP/FSDP, then compile), FSDP2 on a
+one-rank gloo group (torch 2.13 runs FSDP2 on CPUs over gloo), gathering a sharded model and
+its optimizer state to save, and loading that state back. Two ranks: tests/pipelines/training/
+test_loop.py, through Ray Train."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gpt2core import GPT2, GPT2Config, parallel
+from gpt2core.training import TrainState, rows_to_batch
+
+CPU = torch.device("cpu")
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return GPT2(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+
+
+@pytest.fixture
+def group(tmp_path):
+    """A one-rank gloo process group, as Ray Train's worker has (world size 1)."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def state_for(model, wrap=None):
+    return TrainState.create(model, lr=1e-2, weight_decay=0.01, warmup_steps=2, total_steps=20,
+                             min_lr=1e-3, device="cpu", precision="fp32", wrap=wrap)
+
+
+def test_without_a_process_group_the_model_stays_and_compile_comes_last():
+    model = tiny()
+    assert parallel.wrap(model, "ddp", device=CPU, dtype=None) is model
+    compiled = parallel.wrap(model, "fsdp", device=CPU, dtype=None, compile=True)
+    assert compiled._orig_mod is model and not parallel.is_sharded(model)
+    with pytest.raises(ValueError, match="--strategy is one of ddp, fsdp"):
+        parallel.wrap(model, "zero", device=CPU, dtype=None)
+
+
+def test_fsdp_shards_every_block_then_compile_wraps_the_sharded_model(group):
+    model = tiny()
+    wrapped = parallel.wrap(model, "fsdp", device=CPU, dtype=None, compile=True)
+    assert parallel.is_sharded(model) and wrapped._orig_mod is model
+    from torch.distributed.fsdp import FSDPModule
+
+    assert all(isinstance(b, FSDPModule) for b in model.transformer.h)
+    assert isinstance(model, FSDPModule)
+
+
+def test_fsdp_trains_like_the_plain_model_and_its_state_gathers(group):
+    data = torch.randint(0, 64, (8, 17))
+    plain = state_for(tiny())
+    sharded = state_for(tiny(), wrap=lambda m: parallel.wrap(m, "fsdp", device=CPU,
+                                                             dtype=None))
+    assert sharded.sharded and not plain.sharded
+    for _ in range(3):
+        a, na = plain.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
+        b, nb = sharded.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
+        # one rank: the same float32 sums, in an order FSDP may change
+        assert float(b) == pytest.approx(float(a), rel=1e-5)
+        assert float(nb) == pytest.approx(float(na), rel=1e-4)
+    copy = parallel.unsharded_copy(sharded.raw)
+    assert type(copy) is GPT2
+    for (name, p), q in zip(plain.raw.state_dict().items(), copy.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)  # Adam on ~0 grads
+    saved = sharded.state_dict()
+    assert saved["step"] == 3 and "transformer.h.0.attn.c_attn.weight" in saved["optimizer"][
+        "state"]
+    fresh = tiny(1)
+    fresh.load_state_dict(copy.state_dict())  # as a resumed worker: weights first, then shard
+    again = state_for(fresh, wrap=lambda m: parallel.wrap(m, "fsdp", device=CPU, dtype=None))
+    again.load_state_dict(saved)
+    c, _ = again.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
+    d, _ = sharded.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
+    assert float(c) == pytest.approx(float(d), rel=1e-5)  # resumed: the same next step
