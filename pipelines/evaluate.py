@@ -85,7 +85,8 @@ class EvaluateConfig:
         "them, so evaluating its input files counts the same tokens")
     actors: int | None = option(None, "model actors; without it one per GPU, else one per "
                                 f"{CPUS_PER_ACTOR} CPUs")
-    use_amp: bool = option(False, "bf16 autocast (fp16 on older GPUs); off = exact fp32")
+    use_amp: bool = option(False, "bf16 autocast on CPUs (off: exact fp32); GPUs always "
+                           "use bf16 autocast (fp16 before compute capability 8.0)")
     no_ray: bool = option(False, "score in this process, without Ray (small corpora)")
     json: bool = option(False, "print the results as one JSON object")
     mlflow_run_id: str | None = option(None, "log the results to this MLflow run")
@@ -117,7 +118,7 @@ class Scorer:
         import torch
 
         from gpt2core import GPT2, GPT2Config
-        from gpt2core.training import amp_dtype
+        from gpt2core.precision import autocast_dtype
 
         if isinstance(weights, list):  # [ObjectRef]: fetched once, by this actor
             import ray
@@ -129,7 +130,7 @@ class Scorer:
         self.model = GPT2(GPT2Config(**config))
         self.model.load_state_dict(weights)
         self.model.to(self.device).eval()
-        self.dtype = amp_dtype(self.device, use_amp)
+        self.dtype = autocast_dtype("auto", self.device, use_amp)  # gpt2core/precision.py
         self.window, self.stride, self.batch = window, stride, batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

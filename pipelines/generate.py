@@ -80,8 +80,10 @@ def load(cfg: GenerateConfig) -> tuple[GPT2, Tokenizer, int]:
     if cfg.use_gpu and not torch.cuda.is_available():
         raise ValueError("--use_gpu: no CUDA device is visible; leave --use_gpu off to run on "
                          "the CPU.")
+    from gpt2core.precision import for_inference
+
     model = GPT2.from_pretrained(cfg.model_path, device="cuda" if cfg.use_gpu else "cpu")
-    return model.eval(), tokenizer, limit
+    return for_inference(model.eval()), tokenizer, limit  # bf16/fp16 on GPUs, as trained
 
 
 def generate_text(model: GPT2, tokenizer: Tokenizer, prompt: str, cfg: GenerateConfig,

@@ -68,6 +68,7 @@ class GPT2Server:
         import torch
 
         from gpt2core import GPT2, Tokenizer
+        from gpt2core.precision import for_inference
         from serve.batching import Decoder
 
         # Ray sets OMP_NUM_THREADS to the replica's num_cpus (1 when fractional); torch's own
@@ -76,7 +77,8 @@ class GPT2Server:
         self.threads = max(1, int(cpus))
         torch.set_num_threads(self.threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = GPT2.from_pretrained(model_dir, device=device).eval()
+        # bf16 weights and KV cache on GPUs (fp16 before Ampere): gpt2core/precision.py
+        self.model = for_inference(GPT2.from_pretrained(model_dir, device=device).eval())
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         self.args, self.model_name = args, model_name
         self.n_positions = self.model.config.n_positions
