@@ -3,6 +3,7 @@
 #   make test-fast   without the slow ones
 #   make lint        ruff
 #   make bench       bench/bench_model.py
+#   make gpu-check   on a CUDA machine: gpu tests, 124M training MFU, decode, evaluate, Serve
 #   make demo        prepare the sample corpus, train a tiny model, print a sample
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 # plain `torch` from PyPI would pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test test-fast lint bench demo clean distclean deps-system
+.PHONY: install test test-fast lint bench gpu-check demo clean distclean deps-system
 
 install: $(STAMP)
 
@@ -42,6 +43,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@test -f bench/bench_model.py || { echo "bench/bench_model.py is not built yet" >&2; exit 2; }
 	$(PY) bench/bench_model.py
+
+# One prepared GPU check (bench/gpu_check.py, < 10 minutes): prints a table, writes
+# bench/results/gpu_check.json; without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py
 
 # Prepare the sample corpus into data/dataset (once), train the tiny model, print a sample and
 # where the model dir, its loss curve and the MLflow run are.
