@@ -53,7 +53,7 @@ from pipelines.text import corpus, sample_corpus
 
 @stage_main("gpt2 prepare")
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(PrepareConfig, argv, prog="gpt2 prepare", description=__doc__.split("\n")[0])
+    cfg = parse(PrepareConfig, argv, prog="gpt2 prepare", description=__doc__)
     if cfg.smoke_test:
         return _smoke_test(cfg)
     prepare(cfg)

@@ -66,7 +66,7 @@ class SweepConfig(TrainConfig):
     num_samples: int = option(4, "trials sampled from the space (each grid value this many times)")
     search_space: str | None = option(None, "YAML or JSON file: TrainConfig field -> value or "
                                       "{loguniform|uniform|randint|choice|grid: [...]}; "
-                                      "default: DEFAULT_SPACE in pipelines/tuning/space.py")
+                                      "without it DEFAULT_SPACE in pipelines/tuning/space.py")
     max_concurrent: int = option(0, "trials at once (0: as many as fit)")
     scheduler: str = option("asha", "asha: stop trials that trail early; fifo: run all to the end")
     metric: str = option("eval/loss", "what ranks trials: eval/loss, eval/bpb or eval/ppl")
@@ -343,7 +343,7 @@ def _read_record(cfg: SweepConfig) -> dict:
 
 @stage_main("gpt2 tune")
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(SweepConfig, argv, prog="gpt2 tune", description=__doc__.split("\n")[0])
+    cfg = parse(SweepConfig, argv, prog="gpt2 tune", description=__doc__)
     out = sweep(cfg)
     print(f"\nresults: {out['csv']}\ncurves:  {out['plot']}\n"
           f"MLflow:  parent run {out['parent_run_id']} in {out['tracking_uri']}")

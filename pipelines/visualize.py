@@ -34,7 +34,8 @@ DEFAULT_OUTPUT = "figure.png"  # the original project's default
 
 @dataclass
 class VisualizeConfig:
-    model_path: str | None = option(None, "a model dir; its metrics.jsonl is plotted")
+    model_path: str | None = option(None, "a model dir; its metrics.jsonl is plotted (this, "
+                                    "--run_dir or --run_id is required)")
     run_dir: str | None = option(None, "a run dir (<storage_path>/<name>): its latest "
                                  "checkpoint's metrics")
     run_id: str | None = option(None, "an MLflow run id: its metric history")
@@ -129,7 +130,7 @@ def load_records(cfg: VisualizeConfig) -> tuple[list[dict], str]:
 def main(argv: list[str] | None = None) -> int:
     from gpt2core.plots import metrics_figure, save_figure
 
-    cfg = parse(VisualizeConfig, argv, prog="gpt2 visualize", description=__doc__.split("\n")[0])
+    cfg = parse(VisualizeConfig, argv, prog="gpt2 visualize", description=__doc__)
     records, title = load_records(cfg)
     steps = max(r["step"] for r in records)
     if cfg.interactive and _show(records, title, cfg):

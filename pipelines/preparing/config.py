@@ -32,7 +32,7 @@ class PrepareConfig:
         "vocab.bpe, or a WordPiece vocab.txt; without it a byte-level BPE is trained")
     vocab_size: int = option(8192, "size of the trained BPE; 8192 suits small corpora and CPUs")
     tokenizer_sample_bytes: int = option(
-        32 << 20, "train the BPE on at most this much of the train split, spread over the corpus")
+        32 << 20, "bytes of the train split, spread over the corpus, the BPE is trained on")
     doc_per_line: bool = option(False, ".txt files: each line is a document, not each file")
     text_field: str = option("text", "the text field of .jsonl objects and column of .parquet")
     pretokenized: bool = option(
@@ -40,14 +40,15 @@ class PrepareConfig:
         "output), looked up in --vocab_path; unknown ones become <unk>")
     max_doc_bytes: int = option(
         64 << 10, "longer documents are cut on line boundaries into documents of about this "
-        "size, so even one big file gets a validation split and spreads over the workers")
+        "many bytes, so even one big file gets a validation split and spreads over the workers")
     max_invalid_utf8: float = option(
         0.01, "refuse a file when more than this share of its bytes is not UTF-8; below it they "
         "become U+FFFD, with a warning")
     tiktoken: bool = option(True, "encode with tiktoken when the vocabulary converts (same ids, "
                             "about 5x faster per core)")
     shard_mb: int = option(64, "about this many MB per Parquet shard")
-    address: str | None = option(None, "Ray cluster to join; default RAY_ADDRESS, else local")
+    address: str | None = option(None, "Ray cluster to join; without it RAY_ADDRESS, else a new "
+                                 "local one")
     smoke_test: bool = option(False, "prepare a slice of the corpus into a temp dir, check it",
                               aliases=["--smoke-test"])
 

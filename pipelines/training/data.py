@@ -100,7 +100,8 @@ def evaluate(state, shard, plan: Plan, cfg: TrainConfig, manifest: Manifest) -> 
 
     from gpt2core.training import bits_per_byte, evaluate, rows_to_batch
 
-    it = shard.iter_torch_batches(batch_size=plan.eval_rows_per_batch, collate_fn=collate)
+    it = (collate(b) for b in shard.iter_batches(batch_size=plan.eval_rows_per_batch,
+                                                 batch_format="numpy"))
     if cfg.eval_batches:
         it = itertools.islice(it, cfg.eval_batches)
     nats, count = evaluate(state.raw, (rows_to_batch(r, n, plan.seq_len) for r, n in it),

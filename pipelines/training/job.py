@@ -131,7 +131,8 @@ def make_trainer(job: Job, name: str, callbacks: list | None = None,
         run_config=RunConfig(
             name=name, storage_path=storage_path or job.storage, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            logging_config=ray_session.train_logging()),  # its INFO lines: --verbose
         datasets={"train": job.train, "val": job.val},
         # in order: each worker's rows, and so a resumed run's position, are reproducible
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)))

@@ -173,7 +173,7 @@ def read_once(manifest: Manifest, data_dir: str | Path, split: str, rows: int = 
         # the blocks are kept on the driver's node: a worker node that dies must not take the
         # cache with it (Ray could only rebuild the lost blocks by re-running their reads)
         return ds.map_batches(_same, batch_size=None, num_cpus=READ_TASK_CPUS,
-                              scheduling_strategy=ray_session.this_node()).materialize()
+                              **ray_session.this_node()).materialize()
 
 
 def _same(batch):
