@@ -16,6 +16,7 @@ decode(encode(x)) == x holds for byte-level BPE only: WordPiece lowercases and d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -145,10 +146,26 @@ class Tokenizer:
         return [e.ids for e in self._backend.encode_batch_fast(list(texts),
                                                                add_special_tokens=False)]
 
-    def decode(self, ids) -> str:
-        """Ids (list, numpy or torch 1-D) -> text. Special tokens are kept, so round trips hold."""
+    def decode(self, ids, *, partial: bool = False) -> str:
+        """Ids (list, numpy or torch 1-D) -> text. Special tokens are kept, so round trips hold.
+
+        partial: the ids were cut short (a generation stopped at its length limit), so a
+        character whose UTF-8 bytes they end inside is left out, not shown as U+FFFD; bytes
+        that are not UTF-8 anywhere else still are.
+        """
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        return self._backend.decode(ids, skip_special_tokens=False)
+        text = self._backend.decode(ids, skip_special_tokens=False)
+        if partial and text.endswith("\ufffd") and _incomplete_utf8(self._tail_bytes(ids)):
+            return text[:-1]  # the decoder shows an unfinished character as one U+FFFD
+        return text
+
+    def _tail_bytes(self, ids: list[int]) -> bytes:
+        """The bytes of the last few tokens of a byte-level BPE (b"" for WordPiece, whose
+        tokens are whole characters)."""
+        if not isinstance(self._backend.decoder, decoders.ByteLevel):
+            return b""
+        table = _unicode_to_byte()
+        return bytes(table.get(c, 0x3F) for i in ids[-4:] for c in self._backend.id_to_token(i))
 
     @property
     def eos_id(self) -> int:
@@ -177,6 +194,27 @@ class Tokenizer:
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character a token string uses -> its byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + n): b for n, b in enumerate(moved)}}
+
+
+def _incomplete_utf8(data: bytes) -> bool:
+    """Whether `data` ends inside a UTF-8 character: a lead byte followed by fewer
+    continuation bytes than it announces."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # not a continuation byte: the last lead (or ASCII) byte
+            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 \
+                else 4 if byte & 0xF8 == 0xF0 else 1
+            return back < need
+    return False
+
 
 def _byte_level(model: models.Model) -> tokenizers.Tokenizer:
     """GPT-2's pipeline: its regex split, bytes mapped to printable chars, no post-processor."""

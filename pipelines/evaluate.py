@@ -65,10 +65,11 @@ SUMS = ("nats", "correct", "count", "bytes", "documents", "windows")
 
 @dataclass
 class EvaluateConfig:
-    model_path: str | None = option(None, "the model dir to evaluate (HF GPT-2 format)")
+    model_path: str | None = option(None, "the model dir to evaluate (HF GPT-2 format); "
+                                    "required, except with --smoke-test")
     eval_corpus: list[str] = option(
         [], "text files, directories or globs (.txt, .jsonl, .parquet; local, s3://, gs://), "
-        "or a dataset dir from `gpt2 prepare` (its val split)")
+        "or a dataset dir from `gpt2 prepare` (its val split); required, except with --smoke-test")
     vocab_path: str | None = option(
         None, "tokenizer for the text, which must be the model's vocabulary; without it, the "
         "tokenizer files in --model_path")
@@ -81,7 +82,7 @@ class EvaluateConfig:
     doc_per_line: bool = option(False, ".txt files: each line is a document, not each file")
     text_field: str = option("text", "the text field of .jsonl objects and column of .parquet")
     max_doc_bytes: int = option(
-        64 << 10, "longer text documents are cut on line boundaries, as `gpt2 prepare` cuts "
+        64 << 10, "bytes; longer text documents are cut on line boundaries, as `gpt2 prepare` cuts "
         "them, so evaluating its input files counts the same tokens")
     actors: int | None = option(None, "model actors; without it one per GPU, else one per "
                                 f"{CPUS_PER_ACTOR} CPUs")
@@ -92,7 +93,8 @@ class EvaluateConfig:
     mlflow_run_id: str | None = option(None, "log the results to this MLflow run")
     tracking_uri: str | None = option(None, "MLflow store; without it MLFLOW_TRACKING_URI, else "
                                       "sqlite:///mlflow.db")
-    address: str | None = option(None, "Ray cluster to join; default RAY_ADDRESS, else local")
+    address: str | None = option(None, "Ray cluster to join; without it RAY_ADDRESS, else a new "
+                                 "local one")
     smoke_test: bool = option(False, "evaluate a tiny model on a few lines, with and without "
                               "Ray, and compare", aliases=["--smoke-test"])
 
@@ -319,8 +321,20 @@ def summarize(parts: list[dict], job: Job, cfg: EvaluateConfig, mode: str,
             "accuracy": total["correct"] / total["count"], "tokens": int(total["count"]),
             "bytes": int(total["bytes"]), "documents": int(total["documents"]),
             "windows": int(total["windows"]), "window": job.window, "stride": job.stride,
+            "scoring": scoring(job, int(total["windows"])),
             "model_path": str(cfg.model_path), "eval_corpus": list(cfg.eval_corpus),
             "mode": mode, "seconds": seconds}
+
+
+def scoring(job: Job, windows: int) -> str:
+    """How the tokens were scored, in words: a dataset's rows each on its own, text documents
+    in sliding windows."""
+    if job.val is not None:
+        whole = windows == job.val.rows
+        return (f"as the dataset's {job.val.rows:,} val rows, each on its own"
+                + (" and whole" if whole else f", in {windows:,} windows of {job.window} "
+                   f"(stride {job.stride}) within longer rows"))
+    return f"in {windows:,} windows of {job.window} (stride {job.stride}) along each document"
 
 
 def report(r: dict) -> str:
@@ -329,8 +343,7 @@ def report(r: dict) -> str:
         f"model        {r['model_path']}",
         f"corpus       {', '.join(r['eval_corpus'])}: {r['documents']:,} documents, "
         f"{r['bytes']:,} bytes",
-        f"tokens       {r['tokens']:,} scored in {r['windows']:,} windows of {r['window']} "
-        f"(stride {r['stride']})",
+        f"tokens       {r['tokens']:,} scored {r['scoring']}",
         f"loss         {r['loss']:.4f} nats/token",
         f"perplexity   {r['perplexity']:.2f}",
         f"bits/byte    {r['bits_per_byte']:.4f}",
@@ -343,7 +356,7 @@ def report(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from pipelines.common.tracking import log_evaluation, open_run
 
-    cfg = parse(EvaluateConfig, argv, prog="gpt2 evaluate", description=__doc__.split("\n")[0])
+    cfg = parse(EvaluateConfig, argv, prog="gpt2 evaluate", description=__doc__)
     if cfg.smoke_test:
         return _smoke_test(cfg)
     client = open_run(cfg.mlflow_run_id, cfg.tracking_uri) if cfg.mlflow_run_id else None

@@ -36,7 +36,8 @@ PROMPT = "> "
 
 @dataclass
 class GenerateConfig:
-    model_path: str | None = option(None, "the model dir to sample from (HF GPT-2 format)")
+    model_path: str | None = option(None, "the model dir to sample from (HF GPT-2 format)",
+                                    required=True)
     vocab_path: str | None = option(None, "tokenizer, which must be the model's vocabulary; "
                                     "without it, the tokenizer files in --model_path")
     seq_len: int | None = option(None, "most tokens of prompt + continuation; without it "
@@ -92,7 +93,7 @@ def generate_text(model: GPT2, tokenizer: Tokenizer, prompt: str, cfg: GenerateC
 
     The whole continuation is decoded at each token and only the new characters are written,
     so a character whose bytes span several tokens prints once it is complete (until then the
-    decoder shows U+FFFD, which is held back).
+    decoder shows U+FFFD, which is held back); one the length limit cuts off is left out.
     """
     from gpt2core import stream
 
@@ -112,7 +113,7 @@ def generate_text(model: GPT2, tokenizer: Tokenizer, prompt: str, cfg: GenerateC
             out.write(text[shown:ready])
             out.flush()
             shown = ready
-    text = tokenizer.decode(produced)
+    text = tokenizer.decode(produced, partial=True)  # never ends inside a character
     out.write(text[shown:])  # a genuine U+FFFD at the very end
     out.flush()
     return text
@@ -150,7 +151,7 @@ def interactive(model: GPT2, tokenizer: Tokenizer, cfg: GenerateConfig, limit: i
 
 @stage_main("gpt2 generate")
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(GenerateConfig, argv, prog="gpt2 generate", description=__doc__.split("\n")[0])
+    cfg = parse(GenerateConfig, argv, prog="gpt2 generate", description=__doc__)
     model, tokenizer, limit = load(cfg)
     seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
     if cfg.prompt is None:

@@ -76,12 +76,12 @@ def _sample(model_dir: str, prompt: str = "\n", tokens: int = 60) -> str:
 
     model, tok = GPT2.from_pretrained(model_dir).eval(), Tokenizer.from_pretrained(model_dir)
     ids = tok.encode(prompt) or [tok.eos_id]
-    return prompt + tok.decode(generate(model, ids, tokens, top_p=0.9, seed=0))
+    return prompt + tok.decode(generate(model, ids, tokens, top_p=0.9, seed=0), partial=True)
 
 
 @stage_main("gpt2 train")
 def main(argv: list[str] | None = None) -> int:
-    out = train(parse(TrainConfig, argv, prog="gpt2 train", description=__doc__.split("\n")[0]))
+    out = train(parse(TrainConfig, argv, prog="gpt2 train", description=__doc__))
     m = out["metrics"]
     print(f"\nfinished {out['name']}: step {m.get('step')}, eval loss "
           f"{m.get('eval/loss', float('nan')):.4f}, {m.get('eval/bpb', float('nan')):.4f} "

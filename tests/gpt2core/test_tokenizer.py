@@ -257,3 +257,19 @@ def test_load_errors_name_the_path(tmp_path):
 def test_missing_eos_token_is_an_error(trained):
     with pytest.raises(TokenizerError, match="<nope>"):
         Tokenizer(trained.backend, eos_token="<nope>")
+
+
+@pytest.mark.parametrize("text", ["naïve café 你好 🙂", "🙂🚀 ok", "a\u00e9"])
+def test_a_partial_decode_never_ends_inside_a_character(trained, gpt2, text):
+    for tok in (trained, gpt2):
+        ids = tok.encode(text)
+        for cut in range(1, len(ids) + 1):
+            partial = tok.decode(ids[:cut], partial=True)
+            assert "\ufffd" not in partial, (tok, text, cut)
+            assert text.startswith(partial)  # nothing lost but the unfinished character
+        assert tok.decode(ids, partial=True) == text
+
+
+def test_a_partial_decode_keeps_a_genuine_replacement_character(gpt2):
+    ids = gpt2.encode("x \ufffd y")
+    assert gpt2.decode(ids, partial=True) == "x \ufffd y"

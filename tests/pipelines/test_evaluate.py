@@ -201,3 +201,14 @@ def test_a_dataset_of_another_vocabulary_is_refused(files, tmp_path, refused):
     Tokenizer.train(["something else entirely " * 20], vocab_size=290).save(data)
     assert "another vocabulary" in refused(ev.main, "--model_path", files / "short",
                                            "--eval_corpus", data)
+
+
+def test_summary_states_the_scoring_used(files):
+    """A dataset's rows are scored each on its own, not in windows along a document."""
+    val = dataset.load_manifest(files / "data").splits["val"]
+    r = run_eval(files, ("eval_corpus", [str(files / "data")]), ("no_ray", True))
+    assert r["scoring"].startswith(f"as the dataset's {val.rows:,} val rows, each on its own")
+    assert r["scoring"] in ev.report(r)
+    r = run_eval(files, ("eval_corpus", [str(files / "val.jsonl")]), ("no_ray", True))
+    assert r["scoring"] == (f"in {r['windows']:,} windows of {r['window']} (stride "
+                            f"{r['stride']}) along each document")
