@@ -31,6 +31,7 @@ from ray import serve
 from ray.serve import Application
 
 from gpt2core import storage
+from gpt2core.quant import inference_dtype
 from serve import completions as cmpl
 from serve.args import AppArgs
 from serve.batching import Job
@@ -77,8 +78,10 @@ class GPT2Server:
         self.threads = max(1, int(cpus))
         torch.set_num_threads(self.threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        # bf16 weights and KV cache on GPUs (fp16 before Ampere): gpt2core/precision.py
-        self.model = for_inference(GPT2.from_pretrained(model_dir, device=device).eval())
+        if args.dtype:  # asked for: gpt2core/quant.py's float32, bfloat16, int8 or auto
+            self.model = GPT2.from_pretrained(model_dir, device=device, dtype=args.dtype).eval()
+        else:  # bf16 weights and KV cache on GPUs (fp16 before Ampere): gpt2core/precision.py
+            self.model = for_inference(GPT2.from_pretrained(model_dir, device=device).eval())
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         self.args, self.model_name = args, model_name
         self.n_positions = self.model.config.n_positions
@@ -147,6 +150,7 @@ class GPT2Server:
         self.check_health()
         sizes = list(self.scheduler.batch_sizes)
         return {"status": "ok", "model": self.model_name, "pid": os.getpid(),
+                "dtype": inference_dtype(self.model),
                 "n_positions": self.n_positions,
                 "max_tokens_cap": self.max_tokens_cap, "torch_threads": self.threads,
                 "running": len(self.scheduler.decoder.rows),

@@ -28,6 +28,10 @@ class AppArgs(BaseModel):
     """CPUs per replica; torch uses that many threads (1 when fractional)"""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per replica; 1 on GPU nodes (the replica then decodes on CUDA)"""
+    dtype: str | None = Field(None, pattern="^(float32|bfloat16|int8|auto)$")
+    """weights for decoding: float32, bfloat16, int8 (CPUs: int8 weights with per-channel
+    scales, gpt2core/quant.py) or auto (int8 on x86 CPUs with AVX2, bf16 on CPUs with native
+    bf16 and on Ampere+ GPUs); None: float32 on CPUs, bf16/fp16 on GPUs"""
     max_tokens_cap: int = Field(256, ge=1)
     """largest max_tokens a request may ask for, in tokens (also bounded by the context)"""
     max_batch_size: int = Field(16, ge=1)

@@ -34,7 +34,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def server(ray_local, model_dir):
-    """Base URL of the app (route /), and of a tight one at /tight that is easily over capacity."""
+    """Base URL of the app (route /), and of a tight one at /tight that is easily over capacity
+    (and decodes with int8 weights: --dtype int8)."""
     from ray import serve
 
     from serve.app import AppArgs, app
@@ -45,7 +46,7 @@ def server(ray_local, model_dir):
     serve.run(app(AppArgs(model_dir=str(model_dir), num_cpus=0.5)), name="default",
               route_prefix="/", blocking=False)
     serve.run(app(AppArgs(model_dir=str(model_dir), num_cpus=0.5, max_batch_size=1,
-                          max_ongoing_requests=1, max_queued_requests=1)),
+                          max_ongoing_requests=1, max_queued_requests=1, dtype="int8")),
               name="tight", route_prefix="/tight", blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60

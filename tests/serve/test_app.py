@@ -205,3 +205,15 @@ def test_playground_page_is_served(client):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "v1/completions" in r.text and "<script" in r.text
     assert "http://" not in r.text and "https://" not in r.text  # self-contained: no CDN
+
+
+def test_a_dtype_int8_app_decodes_with_int8_weights(server):
+    """/tight runs with dtype=int8 (conftest): its replica reports it and completes requests,
+    seeded completions repeat; the default app stays float32."""
+    assert httpx.get(f"{server}/healthz").json()["dtype"] == "float32"
+    assert httpx.get(f"{server}/tight/healthz").json()["dtype"] == "int8"
+    body = {"prompt": "ROMEO:", "max_tokens": 8, "seed": 3}
+    first = httpx.post(f"{server}/tight/v1/completions", json=body, timeout=120)
+    again = httpx.post(f"{server}/tight/v1/completions", json=body, timeout=120)
+    assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] >= 1
+    assert first.json()["choices"][0]["text"] == again.json()["choices"][0]["text"]

@@ -42,3 +42,13 @@ def test_builder_names_a_missing_model_dir(tmp_path):
 
     with pytest.raises(ValueError, match="no config.json"):
         app(AppArgs(model_dir=str(tmp_path / "nope")))
+
+
+def test_dtype_is_one_of_gpt2cores():
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs
+
+    assert AppArgs(model_dir="m", dtype="int8").dtype == "int8"
+    with pytest.raises(ValidationError, match="dtype"):
+        AppArgs(model_dir="m", dtype="fp8")
