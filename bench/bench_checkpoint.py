@@ -52,7 +52,8 @@ def s3_server(tmp: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.1)
     import pyarrow.fs as pafs
 
-    pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"]).create_dir("bench")
+    pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"],
+                      allow_bucket_creation=True).create_dir("bench")
     return proc, "s3://bench"
 
 
