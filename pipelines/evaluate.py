@@ -53,6 +53,7 @@ from gpt2core import storage
 from pipelines.common import dataset, placement, ray_session
 from pipelines.common.entry import stage_main
 from pipelines.common.flags import option, parse
+from pipelines.common.modeldir import check_dtype
 from pipelines.text import corpus
 
 if TYPE_CHECKING:
@@ -88,6 +89,9 @@ class EvaluateConfig:
                                 f"{CPUS_PER_ACTOR} CPUs")
     use_amp: bool = option(False, "bf16 autocast on CPUs (off: exact fp32); GPUs always "
                            "use bf16 autocast (fp16 before compute capability 8.0)")
+    dtype: str | None = option(None, "weights to score with: float32, bfloat16, int8 (CPUs: "
+                               "int8 weights, per-channel scales) or auto; without it float32 "
+                               "weights (with --use_amp's autocast)")
     no_ray: bool = option(False, "score in this process, without Ray (small corpora)")
     json: bool = option(False, "print the results as one JSON object")
     mlflow_run_id: str | None = option(None, "log the results to this MLflow run")
@@ -99,6 +103,7 @@ class EvaluateConfig:
                               "Ray, and compare", aliases=["--smoke-test"])
 
     def __post_init__(self) -> None:
+        check_dtype(self.dtype)
         if not self.smoke_test and not self.model_path:
             raise ValueError("--model_path is required: the model dir to evaluate.")
         if not self.smoke_test and not self.eval_corpus:
@@ -116,7 +121,8 @@ class Scorer:
     that Ray leaves fetching it to the actor rather than to actor creation)."""
 
     def __init__(self, config: dict, weights, window: int, stride: int, batch: int,
-                 threads: int | None = None, use_amp: bool = False):
+                 threads: int | None = None, use_amp: bool = False,
+                 dtype: str | None = None):
         import torch
 
         from gpt2core import GPT2, GPT2Config
@@ -133,6 +139,9 @@ class Scorer:
         self.model.load_state_dict(weights)
         self.model.to(self.device).eval()
         self.dtype = autocast_dtype("auto", self.device, use_amp)  # gpt2core/precision.py
+        if dtype:  # the weights themselves in that dtype (gpt2core/quant.py), no autocast
+            self.model.to_inference_dtype(dtype)
+            self.dtype = None
         self.window, self.stride, self.batch = window, stride, batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -244,7 +253,7 @@ def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
     job = job or plan(cfg)
     start = time.perf_counter()
     ctor = dict(config=job.config.to_dict(), window=job.window, stride=job.stride,
-                batch=cfg.batch_eval, use_amp=cfg.use_amp)
+                batch=cfg.batch_eval, use_amp=cfg.use_amp, dtype=cfg.dtype)
     if cfg.no_ray:
         scorer = Scorer(weights=job.weights, **ctor)
         parts = [{k: v[0] for k, v in scorer(batch).items()}  # rows, as take_all gives them

@@ -27,6 +27,7 @@ if __name__ == "__main__":  # as a file (python, ray job submit): import pipelin
 
 from pipelines.common.entry import stage_main
 from pipelines.common.flags import option, parse
+from pipelines.common.modeldir import check_dtype
 
 if TYPE_CHECKING:
     from gpt2core import GPT2, Tokenizer
@@ -48,6 +49,9 @@ class GenerateConfig:
     temperature: float = option(1.0, "divides the logits before sampling; 0 = greedy")
     top_k: int = option(0, "draw from the k likeliest tokens only; 0 = off")
     use_gpu: bool = option(False, "run on the GPU (CUDA)")
+    dtype: str | None = option(None, "weights for decoding: float32, bfloat16, int8 (CPUs: "
+                               "int8 weights, per-channel scales) or auto (the best for the CPU "
+                               "or GPU at hand); without it float32 on CPUs, bf16/fp16 on GPUs")
     seed: int | None = option(None, "seed for repeatable samples; without it a random one")
     prompt: str | None = option(None, "generate once from this text and print only the "
                                 "continuation; without it, an interactive session")
@@ -63,6 +67,7 @@ class GenerateConfig:
             raise ValueError(f"--top_k must be >= 0, got {self.top_k}.")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"--seq_len must be at least 2, got {self.seq_len}.")
+        check_dtype(self.dtype)
 
 
 class PromptTooLong(ValueError):
@@ -83,7 +88,10 @@ def load(cfg: GenerateConfig) -> tuple[GPT2, Tokenizer, int]:
                          "the CPU.")
     from gpt2core.precision import for_inference
 
-    model = GPT2.from_pretrained(cfg.model_path, device="cuda" if cfg.use_gpu else "cpu")
+    device = "cuda" if cfg.use_gpu else "cpu"
+    if cfg.dtype:  # gpt2core/quant.py: float32, bfloat16, int8 or auto
+        return GPT2.from_pretrained(cfg.model_path, device, dtype=cfg.dtype), tokenizer, limit
+    model = GPT2.from_pretrained(cfg.model_path, device=device)
     return for_inference(model.eval()), tokenizer, limit  # bf16/fp16 on GPUs, as trained
 
 

@@ -13,6 +13,13 @@ if TYPE_CHECKING:
     from gpt2core import GPT2Config, Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json", "vocab.txt")
+DTYPES = ("float32", "bfloat16", "int8", "auto")  # gpt2core.quant.DTYPES, without torch's import
+
+
+def check_dtype(dtype: str | None) -> None:
+    """--dtype: one of DTYPES, or None (float32 on CPUs, bf16/fp16 on GPUs)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype is one of {', '.join(DTYPES)}, got {dtype}.")
 
 
 def open_model(model_path: str, vocab_path: str | None) -> tuple[GPT2Config, Tokenizer]:

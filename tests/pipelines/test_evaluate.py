@@ -122,6 +122,20 @@ def test_dataset_dir_counts_its_val_split_and_stride_window_is_the_training_eval
 
 
 @pytest.mark.slow
+def test_dtype_int8_scores_with_int8_weights_close_to_float32(files):
+    args = (("eval_corpus", [str(files / "val.jsonl")]), ("no_ray", True))
+    full, int8 = run_eval(files, *args, model="wide"), \
+        run_eval(files, *args, ("dtype", "int8"), model="wide")
+    assert int8["tokens"] == full["tokens"] and int8["loss"] != full["loss"]
+    assert int8["loss"] == pytest.approx(full["loss"], rel=0.01)
+    with pytest.raises(ValueError, match="--dtype is one of"):
+        ev.EvaluateConfig(model_path="m", eval_corpus=["x"], dtype="fp8")
+    from gpt2core.quant import DTYPES
+    from pipelines.common.modeldir import DTYPES as FLAG_DTYPES
+
+    assert FLAG_DTYPES == DTYPES  # the flags' copy (no torch import to parse flags)
+
+
 def test_ray_data_path_equals_in_process_path(ray_local, files):
     for corpus in ("val.jsonl", "data"):
         args = (("eval_corpus", [str(files / corpus)]), ("batch_eval", 2))

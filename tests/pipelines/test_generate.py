@@ -141,6 +141,16 @@ def test_multibyte_characters_print_whole(tok, monkeypatch):
     assert "\ufffd" not in "".join(out.parts) and "你" in out.parts
 
 
+def test_dtype_int8_generates_what_an_int8_gpt2core_model_does(model_dir, tok, capsys):
+    assert gen.main(["--model_path", str(model_dir), "--prompt", "ROMEO:", "--seed", "4",
+                     "--seq_len", "30", "--dtype", "int8"]) == 0
+    out = capsys.readouterr().out
+    model = GPT2.from_pretrained(model_dir, dtype="int8")
+    prompt = tok.encode("ROMEO:")
+    ids = generate(model, prompt, 30 - len(prompt), top_p=0.85, eos_id=tok.eos_id, seed=4)
+    assert out == tok.decode(ids, partial=True) + "\n"
+
+
 def test_bad_inputs_end_in_one_sentence(model_dir, tmp_path, refused):
     assert "does not exist" in refused(gen.main, "--model_path", tmp_path / "nope", "--prompt", "x")
     corrupt = tmp_path / "corrupt"
@@ -156,6 +166,7 @@ def test_bad_inputs_end_in_one_sentence(model_dir, tmp_path, refused):
     assert "leaves no room" in refused(gen.main, "--model_path", model_dir, "--seq_len", 3,
                                        "--prompt", "ROMEO: What light")
     assert "--nucleus_prob" in refused(gen.main, "--model_path", model_dir, "--nucleus_prob", 0)
+    assert "--dtype is one of" in refused(gen.main, "--model_path", model_dir, "--dtype", "fp8")
     if not torch.cuda.is_available():
         assert "no CUDA device" in refused(gen.main, "--model_path", model_dir, "--use_gpu")
 
