@@ -44,7 +44,7 @@ if __name__ == "__main__":  # as a file (python, ray job submit): import pipelin
 from gpt2core import storage
 from pipelines.common import placement
 from pipelines.common.entry import stage_main
-from pipelines.common.flags import option, parse
+from pipelines.common.flags import option, parse, verbose
 from pipelines.common.tracking import check_experiment, tracking_uri
 from pipelines.training import checkpoint
 from pipelines.training.config import TrainConfig
@@ -294,7 +294,8 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
                 num_samples=cfg.num_samples, max_concurrent_trials=k,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=name, storage_path=job.storage,
-                                      callbacks=[runs, *keep, *(callbacks or [])]))
+                                      callbacks=[runs, *keep, *(callbacks or [])],
+                                      verbose=None if verbose() else 0))  # our table is the end
     grid = tuner.fit()
     return _report(grid, cfg, space, job, name, parent, trials)
 
