@@ -98,7 +98,7 @@ def test_elastic_training_shrinks_with_a_lost_node_and_grows_back(tmp_path, trai
                    "--heads", "2", "--dims", "32", "--batch_train", "8", "--num_workers", "2",
                    "--min_workers", "1", "--cpus_per_worker", "2", "--total_steps", "100000",
                    "--save_steps", "10", "--log_steps", "10", "--eval_steps", "100000",
-                   "--max_failures", "5"]
+                   "--max_failures", "5", "--keep_checkpoints", "1000"]  # all kept: read after
         driver = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
                                   env={**cluster.env, "RAY_ADDRESS": cluster.address,
                                        "GPT2_RESIZE_S": "5"},
