@@ -341,7 +341,13 @@ def _row_chunks(logits: torch.Tensor) -> list[slice]:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss, logits (N, V) and targets (N,); targets equal to -100 are ignored."""
+    """Mean next-token loss, logits (N, V) and targets (N,); targets equal to -100 are ignored
+    (all of them ignored: 0). fp32 logits, or a graph torch.compile traces, take PyTorch's own
+    cross-entropy: there is no half-precision copy to save, and AOT autograd cannot rebuild the
+    views a custom Function saves (compile after DDP failed on them)."""
+    if logits.dtype == torch.float32 or torch.compiler.is_compiling():
+        nll = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+        return nll / (targets != -100).sum().clamp(min=1)
     return _CrossEntropy.apply(logits, targets)
 
 
