@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-from machine import machine_info  # noqa: E402  (bench/machine.py, beside this file)
+from machine import machine_info, write_results  # noqa: E402  (bench/machine.py)
 
 from gpt2core import GPT2, GPT2Config, generate  # noqa: E402
 from gpt2core.quant import resolve_dtype  # noqa: E402
@@ -308,10 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             results["profile"][f"{name} batch 1"] = profile_step(model, 1)
     results["machine"]["load_avg_at_end"] = os.getloadavg()[0]
     print_results(results)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, args.json)
 
 
 if __name__ == "__main__":

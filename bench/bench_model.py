@@ -31,7 +31,6 @@ It prints a table and writes JSON (default bench/results/bench_model.json) namin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-from machine import machine_info  # noqa: E402  (bench/machine.py, beside this file)
+from machine import machine_info, write_results  # noqa: E402  (bench/machine.py)
 
 from gpt2core import GPT2, GPT2Config, generate  # noqa: E402
 
@@ -230,10 +229,7 @@ def main() -> None:
             results["decode"].append(bench_decode(ours, hf, batch, new_tokens=32 if q else 128,
                                                   rounds=2 if q else 5))
     print_table(results)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(results, args.json)
 
 
 if __name__ == "__main__":

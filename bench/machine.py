@@ -10,6 +10,16 @@ SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_
               "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
+def write_results(results: dict, path: str) -> None:
+    """A benchmark's results as JSON at `path` (its folder made), and where they went."""
+    import json
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def machine_info(**extra) -> dict:
     """CPU model and SIMD flags, cores, platform, Python, torch, load and the date, plus extra."""
     import torch

@@ -7,11 +7,9 @@
     gpt2 evaluate --model_path M --eval_corpus val.jsonl --mlflow_run_id RUN   # log to that run
     python pipelines/evaluate.py --smoke-test   # a tiny model, Ray and in-process, compared
 
---eval_corpus is text (files, directories, globs; .txt, .jsonl, .parquet; local or s3://, as
-`gpt2 prepare` reads them, see pipelines/text/corpus.py) or a dataset dir made by `gpt2 prepare`,
-whose val split is read. Each text document is scored as <eos> document <eos>: the leading eos
-is context only, so a document's first token is predicted as at the start of a training
-document, and the trailing eos is a target, as in the dataset's token counts.
+--eval_corpus is text (read as `gpt2 prepare` reads it: pipelines/text/corpus.py) or a dataset
+dir (its val split). A text document is scored as <eos> document <eos>: the leading eos is
+context only (its first token is predicted as a training document's is), the trailing a target.
 
 Sliding window: a sequence longer than the window (the model's n_positions, or --seq_len) is
 scored in windows that start every --stride tokens (default half the window); each window

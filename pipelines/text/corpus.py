@@ -1,23 +1,17 @@
 """Corpus input: which files, which documents, which split. Pure Python; no Ray.
 
-Driver side: `sources()` streams --corpus arguments (files, directories, globs; local, s3://,
-gs://, or `sample`) as `Source`s in a stable order (listing.py), `plan()` and `iter_groups()` cut
-them into segments and work items as they come: nothing holds the corpus's file list
-(`resolve()`, for small inputs, lists and checks every file). Worker side: `item_documents()`
-yields the documents of a work item (a list of segments).
+Driver: `sources()` streams --corpus arguments (files, dirs, globs; local, s3://, gs://, or
+`sample`) as `Source`s in a stable order (listing.py); `plan()` and `iter_groups()` cut them
+into segments and work items as they come, so nothing holds the file list (`resolve()` lists and
+checks every file, for small inputs). Worker: `item_documents()` yields a work item's documents.
 
-What a document is:
-  .txt             the whole file; with --doc_per_line (or --pretokenized) each line, without
-                   its line break
-  .jsonl/.ndjson   each line's JSON object's text field (--text_field)
-  .parquet         each row's text column (--text_field)
-.txt and .jsonl may be compressed (.gz, .zst, .xz, .bz2), read by streaming decompression
-(compressed.py); a file named or globbed is text whatever its name. Documents of only
-whitespace are skipped. A document longer than --max_doc_bytes is cut into chunks that are
-documents from then on: chunk k holds the lines that start in bytes [k*M, (k+1)*M) of it (a
-line is never cut), so one big .txt file is read by many tasks in parallel and still gives a
-validation split. The rule depends only on the document itself, so chunks -- and therefore the
-split -- never change when other files are added.
+A document: a .txt file (each line with --doc_per_line or --pretokenized), each .jsonl/.ndjson
+line's --text_field, each .parquet row's --text_field column. .txt and .jsonl may be compressed
+(.gz, .zst, .xz, .bz2; compressed.py); a file named or globbed is text whatever its name.
+Whitespace-only documents are skipped. A document longer than --max_doc_bytes becomes chunks:
+chunk k holds the lines starting in bytes [k*M, (k+1)*M) (a line is never cut), so a big .txt
+is read by many tasks and still gives a validation split; the rule depends only on the
+document, so chunks -- and the split -- never change when other files are added.
 
 Split: a document goes to validation when the first 8 bytes of its BLAKE2b hash, as a fraction
 of 2**64, fall below --val_fraction (or just above the smallest hash when none does); identical
@@ -176,9 +170,8 @@ def plan(sources: Iterable[Source], max_doc_bytes: int) -> Iterator[dict]:
 
 
 def item_bytes(total: int, cpus: int) -> int:
-    """Work-item size for `total` bytes on `cpus` CPUs: ITEMS_PER_CPU items each, to even out
-    the tail, within ITEM_BYTES: big enough that task overhead (and the one short row each
-    item ends with) stays small, small enough that a rerun loses little."""
+    """Work-item size: ITEMS_PER_CPU per CPU (an even tail), within ITEM_BYTES (task overhead
+    and each item's one short row stay small; a rerun loses little)."""
     return min(ITEM_BYTES[1], max(ITEM_BYTES[0], total // (ITEMS_PER_CPU * cpus)))
 
 

@@ -177,8 +177,8 @@ def run_id(run_dir: str, from_checkpoint: str | None) -> str | None:
     if not storage.is_uri(state):  # memory-mapped: only the run id's bytes are read
         saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True)
     else:
-        saved = torch.load(io.BytesIO(storage.read_bytes(state)), map_location="cpu",
-                           weights_only=True)
+        data = io.BytesIO(storage.read_bytes(state))
+        saved = torch.load(data, map_location="cpu", weights_only=True)
     return saved.get("run_id")
 
 
