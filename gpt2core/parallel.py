@@ -14,12 +14,18 @@
 Then torch.compile, on the wrapped module: PyTorch's guidance for DDP (its all-reduce hooks
 then overlap the compiled backward) and what torchtitan does for FSDP2.
 
-A sharded model's state is gathered to rank 0 to save it (`full_model_state`,
-`full_optimizer_state`: collectives, every rank calls them), so a checkpoint stays a Hugging
-Face model dir plus one train state, whatever the number of ranks that wrote it.
+To save, a sharded model's weights are gathered to rank 0 (`unsharded_copy`), so the model
+stays a Hugging Face model dir whatever the number of ranks; the optimizer state, twice the
+weights under AdamW, is not: each rank writes its own part (`save_optimizer_shards`) and a
+resumed run reads back the pieces it now holds, from shards written by any number of ranks
+(torch.distributed.checkpoint reshards). The shards are safetensors files whose JSON header
+gives each piece's offset in the whole tensor (DCP's Hugging Face storage): nothing is pickled.
 """
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -78,22 +84,69 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's whole state on rank 0, keyed by parameter name, on the CPU (an empty
-    dict on the others). Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def save_optimizer_shards(model: nn.Module, optimizer: torch.optim.Optimizer,
+                          path: str | Path) -> None:
+    """Each rank writes its part of the optimizer's tensors to `path`/rank-R-of-W.safetensors
+    (a tensor every rank holds whole, such as AdamW's step, is written by one of them). The
+    hyperparameters are not tensors: keep them with `optimizer_groups`. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    return get_optimizer_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    path, own = Path(path), Path(path) / f".rank-{rank}"  # ranks may share `path`
+    dcp.save(_tensors(_flat_state(model, optimizer)),
+             storage_writer=HuggingFaceStorageWriter(str(own), save_distributed=True))
+    written = list(own.glob("*.safetensors"))  # one file; none when this rank held nothing
+    target = path / f"rank-{rank:05d}-of-{world:05d}.safetensors"
+    if written:
+        written[0].rename(target)
+    else:  # an empty file still: a reader counts W files
+        save_file({}, str(target))
+    shutil.rmtree(own)
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                              state: dict) -> None:
-    """Each rank keeps its shard of a state from `full_optimizer_state`. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def load_optimizer_shards(model: nn.Module, optimizer: torch.optim.Optimizer,
+                          path: str | Path, groups: list[dict]) -> None:
+    """The optimizer state from shards written by `save_optimizer_shards` on any number of
+    ranks: each rank reads only the pieces it now holds (a model that is not sharded reads them
+    all), then `groups` (from `optimizer_groups`). Collective when a process group is up."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state,
-                             options=StateDictOptions(full_state_dict=True))
+    flat = _flat_state(model, optimizer)  # shaped (and sharded) as this run holds it
+    tensors = _tensors(flat)
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
+    set_optimizer_state_dict(model, optimizer, {**flat, **tensors}, options=_flat())
+    for group, saved in zip(optimizer.param_groups, groups, strict=True):
+        group.update(saved)
+
+
+def optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's hyperparameters (lr, betas, weight decay, ...), without its
+    parameters: numbers, tuples and flags, the same on every rank."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def _flat_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state flattened to `state.<parameter name>.<name>` (exp_avg,
+    exp_avg_sq, step: tensors, a DTensor shard under FSDP) and `param_groups.<parameter
+    name>.<name>`. An optimizer that has not stepped gets its state made first (one step with
+    zero gradients and lr 0)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_flat())
+
+
+def _tensors(flat: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+
+
+def _flat():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def unsharded_copy(model: GPT2) -> GPT2 | None:

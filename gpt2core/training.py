@@ -21,6 +21,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -148,38 +149,42 @@ class TrainState:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        """Optimizer, scheduler and scaler state: tensors and numbers only (weights_only loads).
-        Sharded (FSDP): the optimizer's whole state, gathered to rank 0 (every rank calls)."""
+        """Scheduler and scaler state, the step, and the optimizer's state: whole, or under
+        FSDP only its hyperparameters, each rank writing its part with `save_shards`. Tensors,
+        numbers and strings only (weights_only loads)."""
         from gpt2core import parallel
 
-        optimizer = parallel.full_optimizer_state(self.raw, self.optimizer) if self.sharded \
-            else self.optimizer.state_dict()
-        return {"optimizer": optimizer,
-                "scheduler": self.scheduler.state_dict(),
+        optimizer = {"optimizer_groups": parallel.optimizer_groups(self.optimizer)} \
+            if self.sharded else {"optimizer": self.optimizer.state_dict()}
+        return {**optimizer, "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step_count}
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.sharded:
-            from gpt2core import parallel
+    def save_shards(self, path: str | Path) -> None:
+        """FSDP: this rank's part of the optimizer state, into `path` (every rank calls)."""
+        from gpt2core import parallel
 
-            parallel.load_full_optimizer_state(self.raw, self.optimizer, state["optimizer"])
-        else:
+        parallel.save_optimizer_shards(self.raw, self.optimizer, path)
+
+    def load_state_dict(self, state: dict, shards: str | Path | None = None) -> None:
+        """A `state_dict()`, and for a sharded one the dir its ranks' `save_shards` wrote
+        (read by any number of ranks, sharded or not). ValueError: a whole optimizer state
+        cannot be sharded here (it is keyed by parameter order, not name)."""
+        from gpt2core import parallel
+
+        if "optimizer" in state:
+            if self.sharded:
+                raise ValueError("this checkpoint's optimizer state was saved whole by "
+                                 "--strategy ddp; resume it with --strategy ddp.")
             self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            if shards is None:
+                raise ValueError("a sharded optimizer state needs the dir of its shards.")
+            parallel.load_optimizer_shards(self.raw, self.optimizer, shards,
+                                           state["optimizer_groups"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step_count = state["step"]
-
-
-@dataclass
-class Saved:
-    """A train state read out once (gathered from every rank under FSDP), for a saver that
-    calls `state_dict()` on rank 0 only."""
-
-    state: dict
-
-    def state_dict(self) -> dict:
-        return self.state
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -53,8 +53,13 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = job.run_dir(name)
     if cfg.resume and storage.exists(run_dir):  # Ray Train restores it from its latest checkpoint
         try:
-            print(f"resuming {name} from {checkpoint.find(run_dir)}")
+            ckpt = checkpoint.find(run_dir)
         except ValueError:
+            ckpt = None
+        if ckpt:
+            checkpoint.check_strategy(ckpt, cfg.strategy)
+            print(f"resuming {name} from {ckpt}")
+        else:
             print(f"resuming {name}: no complete checkpoint yet, so from the start")
     print(f"training {name}: {job.workers} worker(s) x {job.cpus:g} CPU"
           f"{' + 1 GPU' if cfg.gpus else ''} ({job.context.threads} torch thread(s) each), "

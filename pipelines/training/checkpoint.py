@@ -5,6 +5,9 @@
                           tokenizer files, metrics.jsonl (the run's history up to this step)
         train_state.pt    optimizer, LR scheduler and grad scaler state, step, tokens seen,
                           data position (epoch, micro-batch within it), MLflow run id
+        optimizer/        --strategy fsdp: the optimizer's tensors, each rank's part in its
+                          rank-R-of-W.safetensors (train_state.pt keeps the hyperparameters);
+                          a run on any number of workers reads back the parts it holds
 
 RNG state is not stored: every step reseeds torch from (seed, step, rank), so a resumed run
 draws the same dropout masks as an uninterrupted one. train_state.pt holds tensors, numbers
@@ -13,12 +16,14 @@ and strings only and is read with torch.load(weights_only=True): never an arbitr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import struct
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
     from pipelines.training.plan import Plan
 
 MODEL_DIR = "model"
+SHARDS_DIR = "optimizer"
 STATE_FILE = "train_state.pt"
 PREFIX = "checkpoint_"
 
@@ -98,9 +104,23 @@ def find(path: str) -> str:
                      f"and holds no complete {PREFIX}* dirs; pass one of those.")
 
 
+def check_strategy(ckpt: str, strategy: str) -> None:
+    """ValueError unless a run with --strategy `strategy` can resume `ckpt`: a sharded
+    optimizer state (fsdp) is read by either strategy, a whole one (ddp) by ddp only."""
+    if strategy == "fsdp" and not any(f.startswith(f"{SHARDS_DIR}/")
+                                      for f in storage.files(ckpt)):
+        raise ValueError(f"{ckpt} was saved by --strategy ddp (its optimizer state whole, "
+                         "keyed by parameter order); resume it with --strategy ddp.")
+
+
 def _complete(files: set[str]) -> bool:
-    """A checkpoint dir's files: its train state and its model's weights and config."""
-    return {STATE_FILE, f"{MODEL_DIR}/{CONFIG_FILE}", f"{MODEL_DIR}/{WEIGHTS_FILE}"} <= files
+    """A checkpoint dir's files: its train state, its model's weights and config, and each
+    rank's optimizer shard where there are any (rank-R-of-W: W of them)."""
+    shards = [f for f in files if f.startswith(f"{SHARDS_DIR}/rank-")]
+    ranks = {int(f.rsplit("-of-", 1)[1].split(".")[0]) for f in shards}
+    whole = not shards or (len(ranks) == 1 and len(shards) == ranks.pop())
+    return whole and {STATE_FILE, f"{MODEL_DIR}/{CONFIG_FILE}",
+                      f"{MODEL_DIR}/{WEIGHTS_FILE}"} <= files
 
 
 def truncated(ckpt: str) -> str:
@@ -150,8 +170,9 @@ def truncated_or_missing(ckpt: str) -> bool:
 def save(path: Path, model, tokenizer, state, position: Position, run_id: str | None,
          history_writer) -> None:
     """Write a checkpoint into `path` (a fresh dir that Ray Train then persists): the model
-    dir, then the optimizer state (`state`: gpt2core.training.TrainState) with the position and
-    the MLflow run id (None: a Tune trial's)."""
+    dir, then the optimizer state (`state`: gpt2core.training.TrainState; under FSDP its
+    hyperparameters: every rank writes its shards with `state.save_shards`) with the position
+    and the MLflow run id (None: a Tune trial's)."""
     model.save_pretrained(path / MODEL_DIR, tokenizer)
     history_writer(path / MODEL_DIR)
     tmp = path / (STATE_FILE + ".tmp")
@@ -204,25 +225,35 @@ def export_model(ckpt, out: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(cfg: TrainConfig, plan: Plan):
-    """The model a worker trains, (model, saved train state or None, history): from the
-    checkpoint Ray Train hands back after a failure (or cfg.from_checkpoint), else
-    plan.from_pretrained, else a fresh init of plan.model_config; with cfg's dropout and
-    gradient checkpointing. Runs inside a Ray Train worker."""
+@contextlib.contextmanager
+def opened(cfg: TrainConfig) -> Iterator[Path | None]:
+    """The checkpoint a worker resumes from, as a dir that stays open while the model and its
+    state are loaded: the one Ray Train hands back after a failure or for a reused --name, else
+    cfg.from_checkpoint (a URI is downloaded); None for a run that starts afresh."""
     import ray.train
 
+    resume = ray.train.get_checkpoint()
+    if resume is None and cfg.from_checkpoint:
+        resume = ray.train.Checkpoint(cfg.from_checkpoint)  # a local path or a URI
+    if resume is None:
+        yield None
+        return
+    with resume.as_directory() as d:
+        yield Path(d)
+
+
+def load_model(cfg: TrainConfig, plan: Plan, resume: Path | None):
+    """The model a worker trains, (model, saved train state or None, history): from the
+    checkpoint dir `resume` (`opened`), else plan.from_pretrained, else a fresh init of
+    plan.model_config; with cfg's dropout and gradient checkpointing."""
     from gpt2core import GPT2
     from pipelines.common.tracking import read_history
 
-    resume = ray.train.get_checkpoint()  # set after a worker failure or for a reused --name
-    if resume is None and cfg.from_checkpoint:
-        resume = ray.train.Checkpoint(cfg.from_checkpoint)  # a local path or a URI
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if resume is not None:
-        with resume.as_directory() as d:
-            model = GPT2.from_pretrained(Path(d) / MODEL_DIR)
-            saved = load_state(d)
-            history = read_history(Path(d) / MODEL_DIR, saved["step"])
+        model = GPT2.from_pretrained(resume / MODEL_DIR)
+        saved = load_state(resume)
+        history = read_history(resume / MODEL_DIR, saved["step"])
     elif plan.from_pretrained:  # a local dir or a URI: read by this worker itself
         model, saved, history = GPT2.from_pretrained(plan.from_pretrained), None, []
     else:

@@ -80,6 +80,7 @@ def plan_job(cfg: TrainConfig) -> Job:
             storage.check_bucket(getattr(cfg, flag), f"--{flag}")
     if cfg.from_checkpoint:
         cfg = replace(cfg, from_checkpoint=checkpoint.find(cfg.from_checkpoint))
+        checkpoint.check_strategy(cfg.from_checkpoint, cfg.strategy)
     model_dir = storage.join(cfg.from_checkpoint, checkpoint.MODEL_DIR) if cfg.from_checkpoint \
         else cfg.from_pretrained
     if model_dir:

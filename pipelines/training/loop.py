@@ -51,20 +51,20 @@ def train_loop_per_worker(config: dict) -> None:
     plan = make_plan(cfg, run.manifest, world, run.model_dir)
 
     # --- Model, optimizer and where to start ---
-    model, saved, history = checkpoint.load_model(cfg, plan)
-
     def wrap(m):  # DDP (or FSDP) first, then compile: DDP's all-reduce then overlaps backward
         dtype = precision.autocast_dtype(cfg.precision, device, cfg.use_amp)
         return parallel.wrap(m, cfg.strategy, device=device, dtype=dtype, compile=cfg.compile)
 
-    state = training.TrainState.create(
-        model, lr=cfg.base_lr, weight_decay=cfg.wd_rate, warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.total_steps, min_lr=cfg.min_lr, device=device,
-        precision=cfg.precision, use_amp=cfg.use_amp, wrap=wrap)
-    start = Position()
-    if saved is not None:
-        state.load_state_dict(saved)
-        start = Position.of(saved)
+    with checkpoint.opened(cfg) as resume:  # None: a fresh start
+        model, saved, history = checkpoint.load_model(cfg, plan, resume)
+        state = training.TrainState.create(
+            model, lr=cfg.base_lr, weight_decay=cfg.wd_rate, warmup_steps=cfg.warmup_steps,
+            total_steps=cfg.total_steps, min_lr=cfg.min_lr, device=device,
+            precision=cfg.precision, use_amp=cfg.use_amp, wrap=wrap)
+        start = Position()
+        if saved is not None:  # FSDP: each rank reads its part of the optimizer's shards
+            state.load_state_dict(saved, shards=resume / checkpoint.SHARDS_DIR)
+            start = Position.of(saved)
     log = None  # rank 0's records: metrics.jsonl, and MLflow through its reports
     if rank == 0:
         log = History(history, num_params=model.num_params(), world_size=world)
@@ -172,29 +172,37 @@ class Worker:
 
         from gpt2core import parallel
         from gpt2core.plots import loss_curve
-        from gpt2core.training import Saved
 
         run_id = self.run.mlflow_run_id
         metrics = {**metrics, "step": pos.step, "mlflow_run_id": run_id or ""}
         if self.log is not None:
             metrics.update(self.log.report())
-        model, state = self.state.raw, self.state
-        if save and self.state.sharded:  # FSDP: every rank gathers its shards to rank 0
-            model, state = parallel.unsharded_copy(model), Saved(state.state_dict())
-        if self.log is None or not save:
+        # written here, uploaded by Ray (every rank's files into one checkpoint dir): in ASYNC
+        # mode from a background thread while training goes on (Ray deletes the dir after),
+        # in SYNC mode before report returns
+        path, model = None, self.state.raw
+        if save and self.state.sharded:  # FSDP: weights gathered to rank 0, optimizer sharded
+            model, path = parallel.unsharded_copy(model), new_dir()
+            self.state.save_shards(path / checkpoint.SHARDS_DIR)
+        if save and self.log is not None:
+            path = path or new_dir()
+            checkpoint.save(path, model, self.tokenizer, self.state, pos, run_id, self.log.write)
+            if final:  # in the model dir: exported with it, and MLflow's artifact too
+                loss_curve(self.log.records, path / checkpoint.MODEL_DIR / "loss_curve.png",
+                           title=f"{run_id or 'Tune trial'}: "
+                                 f"{model.num_params() / 1e6:.1f}M params")
+        if path is None:
             ray.train.report(metrics, checkpoint=None)
             return
-        # written here, uploaded by Ray: in ASYNC mode from a background thread while training
-        # goes on (Ray deletes the dir after), in SYNC mode before report returns
-        path = Path(tempfile.mkdtemp(prefix="gpt2ray-ckpt-"))
-        checkpoint.save(path, model, self.tokenizer, state, pos, run_id, self.log.write)
-        if final:  # in the model dir: exported with it, and MLflow's artifact too
-            loss_curve(self.log.records, path / checkpoint.MODEL_DIR / "loss_curve.png",
-                       title=f"{run_id or 'Tune trial'}: {model.num_params() / 1e6:.1f}M params")
         mode = ray.train.CheckpointUploadMode[self.cfg.checkpoint_upload_mode.upper()]
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path),
                          checkpoint_dir_name=checkpoint.dir_name(pos.step),
                          checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+
+
+def new_dir() -> Path:
+    """A fresh local dir to write a checkpoint into."""
+    return Path(tempfile.mkdtemp(prefix="gpt2ray-ckpt-"))
 
 
 def say(message: str) -> None:

@@ -1,7 +1,7 @@
-"""gpt2core.parallel in one process: the wrap order (DDP/FSDP, then compile), FSDP2 on a
-one-rank gloo group (torch 2.13 runs FSDP2 on CPUs over gloo), gathering a sharded model and
-its optimizer state to save, and loading that state back. Two ranks: tests/pipelines/training/
-test_loop.py, through Ray Train."""
+"""gpt2core.parallel: the wrap order (DDP/FSDP, then compile), FSDP2 on a one-rank gloo group
+(torch 2.13 runs FSDP2 on CPUs over gloo), gathering a sharded model to save; the optimizer
+state saved in shards by 2 ranks (spawned processes) and read back by 1, 2 or 3 ranks, sharded
+or not. Through Ray Train: tests/pipelines/training/test_loop.py."""
 
 import pytest
 import torch
@@ -51,7 +51,7 @@ def test_fsdp_shards_every_block_then_compile_wraps_the_sharded_model(group):
     assert isinstance(model, FSDPModule)
 
 
-def test_fsdp_trains_like_the_plain_model_and_its_state_gathers(group):
+def test_fsdp_trains_like_the_plain_model_gathers_and_resumes_from_shards(group, tmp_path):
     data = torch.randint(0, 64, (8, 17))
     plain = state_for(tiny())
     sharded = state_for(tiny(), wrap=lambda m: parallel.wrap(m, "fsdp", device=CPU,
@@ -68,12 +68,65 @@ def test_fsdp_trains_like_the_plain_model_and_its_state_gathers(group):
     for (name, p), q in zip(plain.raw.state_dict().items(), copy.state_dict().values()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)  # Adam on ~0 grads
     saved = sharded.state_dict()
-    assert saved["step"] == 3 and "transformer.h.0.attn.c_attn.weight" in saved["optimizer"][
-        "state"]
+    assert saved["step"] == 3 and "optimizer" not in saved  # the tensors go to shards
+    sharded.save_shards(tmp_path / "shards")
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == ["rank-00000-of-00001.safetensors"]
     fresh = tiny(1)
     fresh.load_state_dict(copy.state_dict())  # as a resumed worker: weights first, then shard
     again = state_for(fresh, wrap=lambda m: parallel.wrap(m, "fsdp", device=CPU, dtype=None))
-    again.load_state_dict(saved)
+    again.load_state_dict(saved, shards=tmp_path / "shards")
     c, _ = again.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
     d, _ = sharded.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
     assert float(c) == pytest.approx(float(d), rel=1e-5)  # resumed: the same next step
+    with pytest.raises(ValueError, match="resume it with --strategy ddp"):
+        again.load_state_dict(plain.state_dict())  # a whole state, keyed by parameter order
+
+
+def full_state(model, optimizer):
+    """The optimizer's whole state by parameter name (PyTorch's own gather), on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, flatten_optimizer_state_dict=True, cpu_offload=True))
+
+
+def ranks(rank, world, base, job):
+    """One spawned rank: `save` trains 3 steps sharded and writes its shards and the whole
+    state; `load` reads the shards into a fresh sharded model and compares."""
+    dist.init_process_group("gloo", init_method=f"file://{base}/store-{job}", rank=rank,
+                            world_size=world)
+    data = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(1))
+    state = state_for(tiny(0 if job == "save" else 5), wrap=lambda m: parallel.wrap(
+        m, "fsdp", device=CPU, dtype=None))
+    if job == "save":
+        for _ in range(3):  # every rank the same rows: the state any world size would reach
+            state.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
+        state.save_shards(base / "shards")
+        whole = full_state(state.raw, state.optimizer)
+        if rank == 0:
+            torch.save({"whole": whole, "saved": state.state_dict()}, base / "whole.pt")
+    else:
+        ref = torch.load(base / "whole.pt")
+        state.load_state_dict(ref["saved"], shards=base / "shards")
+        whole = full_state(state.raw, state.optimizer)
+        if rank == 0:
+            for k, v in ref["whole"].items():
+                assert torch.equal(whole[k], v) if isinstance(v, torch.Tensor) \
+                    else whole[k] == v, k
+    dist.destroy_process_group()
+
+
+def test_optimizer_shards_of_two_ranks_load_on_any_number_of_ranks_sharded_or_not(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(ranks, args=(2, tmp_path, "save"), nprocs=2)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
+    mp.spawn(ranks, args=(3, tmp_path, "load"), nprocs=3)  # resharded: 3 parts of 2
+    ref = torch.load(tmp_path / "whole.pt")
+    plain = state_for(tiny(5))  # no process group, no FSDP: a DDP worker reads them all
+    plain.load_state_dict(ref["saved"], shards=tmp_path / "shards")
+    whole = full_state(plain.raw, plain.optimizer)
+    for k, v in ref["whole"].items():
+        assert torch.equal(whole[k], v) if isinstance(v, torch.Tensor) else whole[k] == v, k
+    assert plain.lr == ref["saved"]["optimizer_groups"][0]["lr"]

@@ -45,7 +45,7 @@ def refused(capsys):
 def make_checkpoint():
     """write(root, step, ...): a checkpoint dir as checkpoint.save lays one out, small: real
     safetensors weights (or none, or cut short), a train state, a history with `eval/loss` at
-    its step when given. Local paths and URIs."""
+    its step when given, optimizer shards when asked. Local paths and URIs."""
     import io
     import json
 
@@ -56,7 +56,7 @@ def make_checkpoint():
     from pipelines.training import checkpoint
 
     def write(root, step: int, *, weights: str = "whole", run_id: str | None = None,
-              eval_loss: float | None = None) -> str:
+              eval_loss: float | None = None, shards: tuple[int, int] = (0, 0)) -> str:
         d = storage.join(str(root), checkpoint.dir_name(step))
         model = storage.join(d, checkpoint.MODEL_DIR)
         storage.write_text(storage.join(model, "config.json"), "{}")
@@ -68,6 +68,10 @@ def make_checkpoint():
         if weights != "none":
             storage.write_bytes(storage.join(model, "model.safetensors"),
                                 blob if weights == "whole" else blob[:len(blob) - 100])
+        written, world = shards  # --strategy fsdp: `written` of `world` ranks' shards
+        for r in range(written):
+            storage.write_bytes(storage.join(d, checkpoint.SHARDS_DIR,
+                                             f"rank-{r:05d}-of-{world:05d}.safetensors"), blob)
         state = io.BytesIO()
         torch.save({"step": step, "tokens": 0, "epoch": 0, "batch": 0, "run_id": run_id}, state)
         storage.write_bytes(storage.join(d, checkpoint.STATE_FILE), state.getvalue())

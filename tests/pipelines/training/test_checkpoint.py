@@ -39,6 +39,24 @@ def test_newest_weights_cut_short_fall_back_to_the_one_before(root, make_checkpo
         checkpoint.find(f"{root}/checkpoint_0000020")
 
 
+def test_a_sharded_checkpoint_is_complete_with_every_ranks_shard(root, make_checkpoint):
+    make_checkpoint(root, 10, shards=(2, 2))
+    make_checkpoint(root, 20, shards=(1, 2))  # rank 1's upload never came
+    assert checkpoint.find(root).endswith("checkpoint_0000010")
+    with pytest.raises(ValueError, match="is incomplete"):
+        checkpoint.find(f"{root}/checkpoint_0000020")
+
+
+def test_only_ddp_resumes_a_whole_optimizer_state(root, make_checkpoint):
+    whole, sharded = make_checkpoint(root, 10), make_checkpoint(root, 20, shards=(2, 2))
+    for strategy in ("ddp", "fsdp"):
+        checkpoint.check_strategy(sharded, strategy)  # shards: read by either
+    checkpoint.check_strategy(whole, "ddp")
+    with pytest.raises(ValueError, match="saved by --strategy ddp .*resume it with "
+                                         "--strategy ddp"):
+        checkpoint.check_strategy(whole, "fsdp")
+
+
 def test_best_is_the_lowest_metric_at_a_checkpoints_own_step(root, make_checkpoint):
     make_checkpoint(root, 10, eval_loss=4.0)
     make_checkpoint(root, 20, eval_loss=3.0)

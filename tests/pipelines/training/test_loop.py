@@ -1,5 +1,6 @@
 """pipelines/training/loop.py: the Meter (no host sync per step), and two gloo workers on a
-local Ray cluster training with --compile after DDP, and with --strategy fsdp (save, resume)."""
+local Ray cluster training with --compile after DDP, and with --strategy fsdp (save in
+shards, resume on another number of workers)."""
 
 import json
 import math
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines.training import checkpoint
 from pipelines.training.loop import Meter
 
 
@@ -55,6 +57,10 @@ def test_two_workers_fsdp_save_a_model_dir_and_resume(tmp_path, train_data):
     out = train(run_config(tmp_path, train_data, strategy="fsdp", total_steps=5))
     model = GPT2.from_pretrained(out["model_dir"])  # gathered: a whole HF model dir
     assert model.config.n_layer == 2
+    shards = Path(out["checkpoint"], checkpoint.SHARDS_DIR)  # the optimizer: one part a rank
+    assert sorted(p.name for p in shards.iterdir()) == [
+        "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
+    assert "optimizer" not in checkpoint.load_state(out["checkpoint"])
     resumed = train(run_config(tmp_path, train_data, strategy="fsdp", name="again",
-                               from_checkpoint=out["run_dir"]))
+                               num_workers=1, from_checkpoint=out["run_dir"]))  # 2 parts -> 1
     assert resumed["metrics"]["step"] == 10 and evals(resumed["model_dir"])[-1] < math.log(300)
