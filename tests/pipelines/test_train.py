@@ -232,6 +232,19 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, data_dir, capsys, monkey
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_fsdp_from_a_ddp_checkpoint_is_one_sentence_before_ray(tmp_path, data_dir, capsys,
+                                                              monkeypatch, make_checkpoint):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    ckpt = make_checkpoint(tmp_path / "old", 10)  # its optimizer state whole: ddp's
+    argv = ["--data", str(data_dir), "--storage_path", str(tmp_path / "runs"),
+            "--strategy", "fsdp", "--from_checkpoint", ckpt]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"gpt2 train: error: {ckpt} was saved by --strategy ddp (its optimizer "
+                   "state whole, keyed by parameter order); resume it with --strategy ddp.")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "s3://no-such-bucket-x/data"],
      "--data s3://no-such-bucket-x/data: bucket 'no-such-bucket-x' does not exist"),
