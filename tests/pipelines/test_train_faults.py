@@ -101,7 +101,10 @@ def test_elastic_training_shrinks_with_a_lost_node_and_grows_back(tmp_path, trai
                    "--max_failures", "5", "--keep_checkpoints", "1000"]  # all kept: read after
         driver = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
                                   env={**cluster.env, "RAY_ADDRESS": cluster.address,
-                                       "GPT2_RESIZE_S": "5"},
+                                       "GPT2_RESIZE_S": "5",
+                                       # the restart with 2 workers after the kill waits this
+                                       # long for the lost one before it shrinks (Ray: 60 s)
+                                       "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"},
                                   stdout=open(tmp_path / "driver.log", "w"),
                                   stderr=subprocess.STDOUT)
 
