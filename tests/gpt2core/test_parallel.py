@@ -3,6 +3,8 @@
 state saved in shards by 2 ranks (spawned processes) and read back by 1, 2 or 3 ranks, sharded
 or not. Through Ray Train: tests/pipelines/training/test_loop.py."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -116,9 +118,13 @@ def ranks(rank, world, base, job):
     dist.destroy_process_group()
 
 
-def test_optimizer_shards_of_two_ranks_load_on_any_number_of_ranks_sharded_or_not(tmp_path):
+def test_optimizer_shards_of_two_ranks_load_on_any_number_of_ranks_sharded_or_not(
+        tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 
+    # a spawned rank imports `ranks` from this module (tests.gpt2core.test_parallel): spawn
+    # gives it this process's sys.path, which under `pytest` lacks the repo root
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     mp.spawn(ranks, args=(2, tmp_path, "save"), nprocs=2)
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
         "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
