@@ -124,9 +124,10 @@ def _complete(files: set[str]) -> bool:
 
 
 def truncated(ckpt: str) -> str:
-    """'' when the checkpoint's weights file is as long as its safetensors header says, else
-    what is wrong. Reads the header only: 8 bytes of length, then the JSON that gives every
-    tensor's byte range."""
+    """'' when the checkpoint's weights file is as long as its safetensors header says and its
+    train state ends in a zip end record, else what is wrong. Reads the weights' header only
+    (8 bytes of length, then the JSON that gives every tensor's byte range) and the state's
+    last 22 bytes."""
     fs, inner = storage.filesystem(storage.join(ckpt, MODEL_DIR, WEIGHTS_FILE))
     with fs.open_input_file(inner) as f:
         size, head = f.size(), f.read_at(8, 0)
@@ -139,7 +140,13 @@ def truncated(ckpt: str) -> str:
         return f"{WEIGHTS_FILE} has no readable header"
     need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
                        default=0)
-    return "" if size >= need else f"{WEIGHTS_FILE} holds {size} of its {need} bytes"
+    if size < need:
+        return f"{WEIGHTS_FILE} holds {size} of its {need} bytes"
+    # torch.save writes a zip: whole only with its end record, the file's last 22 bytes
+    fs, inner = storage.filesystem(storage.join(ckpt, STATE_FILE))
+    with fs.open_input_file(inner) as f:
+        end = f.read_at(22, f.size() - 22) if f.size() >= 22 else b""
+    return "" if end.startswith(b"PK\x05\x06") else f"{STATE_FILE} is cut short"
 
 
 def best(run_dir: str, metric: str) -> str:

@@ -57,6 +57,13 @@ def test_only_ddp_resumes_a_whole_optimizer_state(root, make_checkpoint):
         checkpoint.check_strategy(whole, "fsdp")
 
 
+def test_a_train_state_cut_short_falls_back_to_the_one_before(root, make_checkpoint):
+    make_checkpoint(root, 10)
+    make_checkpoint(root, 20, state_file="short")  # a killed driver's upload: weights whole
+    assert checkpoint.find(root).endswith("checkpoint_0000010")
+    assert checkpoint.truncated(f"{root}/checkpoint_0000020") == "train_state.pt is cut short"
+
+
 def test_best_is_the_lowest_metric_at_a_checkpoints_own_step(root, make_checkpoint):
     make_checkpoint(root, 10, eval_loss=4.0)
     make_checkpoint(root, 20, eval_loss=3.0)
