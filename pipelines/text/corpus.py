@@ -8,10 +8,9 @@ checks every file, for small inputs). Worker: `item_documents()` yields a work i
 A document: a .txt file (each line with --doc_per_line or --pretokenized), each .jsonl/.ndjson
 line's --text_field, each .parquet row's --text_field column. .txt and .jsonl may be compressed
 (.gz, .zst, .xz, .bz2; compressed.py); a file named or globbed is text whatever its name.
-Whitespace-only documents are skipped. A document longer than --max_doc_bytes becomes chunks:
-chunk k holds the lines starting in bytes [k*M, (k+1)*M) (a line is never cut), so a big .txt
-is read by many tasks and still gives a validation split; the rule depends only on the
-document, so chunks -- and the split -- never change when other files are added.
+Whitespace-only documents are skipped. A document over --max_doc_bytes M becomes chunks: chunk
+k holds the lines starting in bytes [k*M, (k+1)*M), so a big .txt is read by many tasks and has
+a validation split; chunks (and the split) never change when other files are added.
 
 Split: a document goes to validation when the first 8 bytes of its BLAKE2b hash, as a fraction
 of 2**64, fall below --val_fraction (or just above the smallest hash when none does); identical
@@ -37,7 +36,6 @@ from pipelines.text.compressed import CODECS, DecompressError, decompressed, hea
 
 FORMATS = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 REFUSED = (".zip", ".json", ".tar", ".tgz", ".7z", ".rar")
-# what a directory contributes: the formats, and the line formats compressed
 SUFFIXES = tuple(FORMATS) + tuple(f + c for f in (".txt", ".jsonl", ".ndjson") for c in CODECS)
 SEGMENT_BYTES = 4 << 20  # line formats and Parquet are read in pieces of this size
 PIECE_BYTES = 1 << 20  # a compressed line file is decoded and split this much at a time
@@ -67,10 +65,9 @@ class Source:
 
 def sources(paths: list[str], *, role: str, per_line: bool, text_field: str,
             check: str = "first") -> Iterator[Source]:
-    """--corpus arguments -> sources, streamed in a stable order (arguments in order, each
-    sorted by full path). check="first": the first file of each kind is checked here (its
-    Parquet column, its first JSON line), the others by the tasks that read them; "all": every
-    file."""
+    """--corpus arguments -> sources, in a stable order (arguments in order, each sorted by
+    path). check="first": the first file of each kind is checked here (Parquet column, first
+    JSON line), the others by the tasks that read them; "all": every file."""
     checked = set()
     for arg in paths:
         for uri, size, mtime_ns in _sample_files() if arg == SAMPLE else _expand(arg):

@@ -108,7 +108,7 @@ def ranks(rank, world, base, job):
         if rank == 0:
             torch.save({"whole": whole, "saved": state.state_dict()}, base / "whole.pt")
     else:
-        ref = torch.load(base / "whole.pt")
+        ref = torch.load(base / "whole.pt", weights_only=True)
         state.load_state_dict(ref["saved"], shards=base / "shards")
         whole = full_state(state.raw, state.optimizer)
         if rank == 0:
@@ -129,7 +129,7 @@ def test_optimizer_shards_of_two_ranks_load_on_any_number_of_ranks_sharded_or_no
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
         "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
     mp.spawn(ranks, args=(3, tmp_path, "load"), nprocs=3)  # resharded: 3 parts of 2
-    ref = torch.load(tmp_path / "whole.pt")
+    ref = torch.load(tmp_path / "whole.pt", weights_only=True)
     plain = state_for(tiny(5))  # no process group, no FSDP: a DDP worker reads them all
     plain.load_state_dict(ref["saved"], shards=tmp_path / "shards")
     whole = full_state(plain.raw, plain.optimizer)

@@ -160,9 +160,9 @@ def test_int8_rows_do_not_depend_on_the_rest_of_the_batch():
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 48))
     x = torch.randn(6, 64)
     x[3] *= 1000  # a row with huge activations would coarsen a per-tensor scale for all
-    # int32 sums are exact; only the fp32 rescale may round apart (1e-5): a shared per-tensor
-    # scale would move row 1 by ~1e-1
-    torch.testing.assert_close(layer(x)[1:2], layer(x[1:2]), rtol=1e-5, atol=1e-6)
+    # int32 sums are exact; only the fp32 rescale may round apart (kernels for AVX2 and AVX-512
+    # differ: 1e-4): a shared per-tensor scale would move row 1 by ~1e-1
+    torch.testing.assert_close(layer(x)[1:2], layer(x[1:2]), rtol=1e-4, atol=1e-5)
 
 
 def test_decode_head_multiplies_in_int8():
