@@ -8,6 +8,7 @@ ref=${1:?usage: bench/serve_ab.sh GIT_REF [ROUNDS]}; rounds=${2:-2}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=$here/.venv/bin/python
 old=$(mktemp -d)/old
+mkdir -p "$here/bench/results"
 git -C "$here" worktree add -q --detach "$old" "$ref"
 trap 'git -C "$here" worktree remove --force "$old"' EXIT
 grep "model name" /proc/cpuinfo | head -1
