@@ -32,6 +32,7 @@ The job:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -49,7 +50,7 @@ if __name__ == "__main__":  # as a file (python, ray job submit): import pipelin
 
 from gpt2core import storage
 from pipelines.common import dataset, placement, ray_session
-from pipelines.common.entry import stage_main
+from pipelines.common.entry import one_document, stage_main
 from pipelines.common.flags import option, parse
 from pipelines.common.modeldir import check_dtype
 from pipelines.text import corpus
@@ -367,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.smoke_test:
         return _smoke_test(cfg)
     client = open_run(cfg.mlflow_run_id, cfg.tracking_uri) if cfg.mlflow_run_id else None
-    result = evaluate(cfg, plan(cfg))
-    if client is not None:
-        log_evaluation(client, cfg.mlflow_run_id, result)
-    print(json.dumps(result) if cfg.json else report(result))
+    with one_document() if cfg.json else contextlib.nullcontext(sys.stdout) as out:
+        result = evaluate(cfg, plan(cfg))
+        if client is not None:
+            log_evaluation(client, cfg.mlflow_run_id, result)
+        print(json.dumps(result) if cfg.json else report(result), file=out, flush=True)
     return 0
 
 

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import signal
 import sys
 import time
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
-from pipelines.common.flags import add_flags, new_parser, option
+if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from pipelines.common.flags import add_flags, add_verbose, new_parser, option, set_verbose, verbose
 
 IMPORT_PATH = "serve.app:app"
 # earlier spellings of the app's fields, still accepted
@@ -46,6 +51,7 @@ def build_parser(args_cls: type | None = None) -> argparse.ArgumentParser:
     p = new_parser("gpt2 serve", __doc__.split("\n")[0])
     add_flags(p, ServeFlags)
     add_flags(p, args_cls or load_builder()[1], ALIASES)
+    add_verbose(p)
     return p
 
 
@@ -59,6 +65,7 @@ def load_builder(import_path: str = IMPORT_PATH):
 def main(argv: list[str] | None = None) -> int:
     builder, args_cls = load_builder()
     args = vars(build_parser(args_cls).parse_args(argv))
+    set_verbose(args.pop("verbose"))
     flags = ServeFlags(**{k: args.pop(k) for k in list(args) if k in ServeFlags.__annotations__})
     from gpt2core import storage
 
@@ -75,8 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from pipelines.common.entry import Failure
+    from pipelines.common.ray_session import init_ray
+
     app_args = args_cls(**{**args, "model_dir": storage.resolve(model_dir)})
-    ray.init(address=flags.address, logging_level="warning")
+    try:
+        init_ray(flags.address, workers_print=False)  # code shipped to replicas; -v: logs
+    except (ValueError, Failure) as e:
+        print(f"gpt2 serve: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    if not verbose():  # Serve's own INFO lines on the driver ("Started Serve", "is ready")
+        logging.getLogger("ray.serve").setLevel("WARNING")
     serve.start(http_options={"host": flags.host, "port": flags.port})
     serve.run(builder(app_args), name=flags.name, route_prefix=flags.route_prefix,
               blocking=False)

@@ -75,13 +75,15 @@ def train(cfg: TrainConfig) -> dict:
             "tracking_uri": job.tracking_uri}
 
 
-def _sample(model_dir: str, prompt: str = "\n", tokens: int = 60) -> str:
-    """A few sampled tokens from the trained model (top-p 0.9), to show it works."""
+def _sample(model_dir: str, prompt: str = "\n", tokens: int = 60, lines: int = 8) -> str:
+    """A few sampled tokens from the trained model (top-p 0.9), to show it works; at most
+    `lines` lines of them, so the whole console fits on one screen."""
     from gpt2core import GPT2, Tokenizer, generate
 
     model, tok = GPT2.from_pretrained(model_dir).eval(), Tokenizer.from_pretrained(model_dir)
     ids = tok.encode(prompt) or [tok.eos_id]
-    return prompt + tok.decode(generate(model, ids, tokens, top_p=0.9, seed=0), partial=True)
+    text = prompt + tok.decode(generate(model, ids, tokens, top_p=0.9, seed=0), partial=True)
+    return "\n".join(text.strip("\n").splitlines()[:lines])
 
 
 @stage_main("gpt2 train")

@@ -122,25 +122,34 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     """`cls`'s flags and -v/--verbose; `description` as new_parser takes it."""
     parser = new_parser(prog, description)
     add_flags(parser, cls)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show Ray's, Ray Train's and Ray Data's own logs and progress "
-                             "on the console (also: GPT2_VERBOSE=1)")
+    add_verbose(parser)
     return parser
 
 
-def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str = "") -> T:
-    """Flags -> config. A bad value ends like any argparse error: one line, exit status 2.
-    `description`: the stage's module docstring (see new_parser). --verbose is recorded in
-    GPT2_VERBOSE, for ray_session and for the processes this one starts."""
-    parser = build_parser(cls, prog, description)
-    namespace = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
-    if namespace.pop("verbose"):
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's, Ray Train's and Ray Data's own logs and progress "
+                             "on the console (also: GPT2_VERBOSE=1)")
+
+
+def set_verbose(flag: bool) -> None:
+    """--verbose, recorded in GPT2_VERBOSE for ray_session and the processes this one starts;
+    without it (nor GPT2_VERBOSE) MLflow's INFO lines go too."""
+    if flag:
         os.environ[VERBOSE_ENV] = "1"
     elif not verbose():  # MLflow's INFO lines (a new store's tables) too; read at its import
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         import logging
 
         logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
+
+
+def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str = "") -> T:
+    """Flags -> config. A bad value ends like any argparse error: one line, exit status 2.
+    `description`: the stage's module docstring (see new_parser)."""
+    parser = build_parser(cls, prog, description)
+    namespace = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    set_verbose(namespace.pop("verbose"))
     try:
         return cls(**namespace)
     except ValueError as e:

@@ -7,12 +7,21 @@ submit`). Warnings and errors still show. The settings are Ray's own: the job's
 `ray.LoggingConfig` (driver, tasks and actors), RunConfig's `ray.train.LoggingConfig`, Ray
 Data's RAY_DATA_LOG_LEVEL and DataContext, set in every process of the job by a
 `worker_process_setup_hook`.
+
+The code travels with the job: `init_ray` hands Ray this project's packages as runtime_env
+`py_modules`, so workers import the driver's gpt2core, pipelines and serve whether the project
+is pip-installed on every node, only on the driver, or only a checkout. It then starts one
+worker on every node and waits for it, so a worker that cannot start (a missing module, a bad
+runtime_env) ends the command in one sentence instead of Ray retrying it forever.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -28,9 +37,12 @@ def ray():
     return ray_module
 
 
-def init_ray(address: str | None, loud: bool | None = None) -> float:
+def init_ray(address: str | None, loud: bool | None = None, workers_print: bool = True) -> float:
     """Join RAY_ADDRESS/--address or start a local cluster, unless Ray is up; returns seconds.
-    Quiet unless `loud` (default: --verbose / GPT2_VERBOSE)."""
+    Quiet unless `loud` (default: --verbose / GPT2_VERBOSE); `workers_print=False`: when quiet,
+    no line of any worker reaches this console (Ray's log files have them), for a driver
+    whose workers print nothing of its own, like `gpt2 serve` on a cluster where Serve's
+    controller and proxies log."""
     r, start = ray(), time.perf_counter()
     loud = verbose() if loud is None else loud
     if not r.is_initialized():
@@ -40,11 +52,104 @@ def init_ray(address: str | None, loud: bool | None = None) -> float:
         if not loud:
             _hide_notes()
         hook = f"{__name__}.{'setup_worker' if loud else 'setup_quiet_worker'}"
-        r.init(address=address, runtime_env={"worker_process_setup_hook": hook},
+        r.init(address=address, runtime_env={"worker_process_setup_hook": hook, **code_env()},
+               log_to_driver=loud or workers_print,
                **({} if loud else {"logging_config": r.LoggingConfig(log_level="WARNING")}))
+        check_workers()
     if not loud:
         _quiet_data()
     return time.perf_counter() - start
+
+
+PACKAGES = ("gpt2core", "pipelines", "serve")
+SHIP_CODE = "GPT2_SHIP_CODE"  # 0: workers import the project as installed on their nodes
+JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` for the job's driver
+
+
+def code_env() -> dict:
+    """runtime_env fields that carry the driver's packages to every worker: `py_modules` with
+    the folders they were imported from (Ray uploads each once, by content hash). Not when the
+    job already carries code (`ray job submit --working-dir`, or its own py_modules: Ray
+    cannot merge two py_modules) or GPT2_SHIP_CODE=0; the user's other fields (env_vars,
+    pip) merge with these, as Ray merges a job's runtime_env with ray.init's."""
+    if os.environ.get(SHIP_CODE, "1") == "0":
+        return {}
+    job = json.loads(os.environ.get(JOB_CONFIG) or "{}").get("runtime_env") or {}
+    if job.get("working_dir") or job.get("py_modules"):
+        return {}
+    return {"py_modules": [importlib.util.find_spec(p).submodule_search_locations[0]
+                           for p in PACKAGES]}
+
+
+def check_workers(timeout_s: float = 45) -> None:
+    """One worker started on every live node, or the command ends here in one sentence naming
+    the cause and the fix: a ValueError for the user's setup (a package that workers cannot
+    import, a bad runtime_env, no worker within `timeout_s`), a Failure when a setup hook of
+    ours raises anything else (a bug). Ray retries a worker that fails to start, and Ray
+    Train waits for its actors without end; a task that may not retry fails at once."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipelines.common.entry import Failure
+
+    r = ray()
+    probe = r.remote(num_cpus=0, max_retries=0)(_imports)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote() for n in r.nodes() if n["Alive"]]
+    try:
+        r.get(refs, timeout=timeout_s)
+        return
+    except r.exceptions.GetTimeoutError:
+        for ref in refs:
+            r.cancel(ref, force=True)
+        raise ValueError(f"no Ray worker started within {timeout_s:.0f} s; see the raylet and "
+                         "worker logs in the session's logs folder (/tmp/ray/session_latest/"
+                         "logs) and check the job's runtime_env") from None
+    except r.exceptions.RuntimeEnvSetupError as e:
+        raise ValueError(f"Ray could not set up the workers' runtime_env ({cause(e)}); fix "
+                         "the runtime_env given to the job (ray job submit --runtime-env-json)"
+                         ) from None
+    except r.exceptions.WorkerCrashedError as e:  # in its setup hook: Ray has the traceback
+        why = cause(e, crashed_worker())
+    except r.exceptions.RayTaskError as e:  # it started, but a package is missing
+        why = cause(e)
+    if re.match(r"(ModuleNotFound|Import)Error\b", why):
+        raise ValueError(f"Ray workers cannot import this project ({why}); install the project "
+                         "and its dependencies on every node, or let it ship its code (unset "
+                         f"{SHIP_CODE}; under `ray job submit`, pass --working-dir . from the "
+                         "checkout)")
+    raise Failure(f"Ray workers cannot start: their setup failed ({why}); this is a bug, "
+                  "please report it with the worker logs (/tmp/ray/session_latest/logs)")
+
+
+def crashed_worker() -> str:
+    """Why the latest worker that died of a system error died (Ray's exit detail: a setup
+    hook's traceback), or "" when the state API cannot say."""
+    try:
+        from ray.util.state import list_workers
+
+        dead = list_workers(address=ray().get_runtime_context().gcs_address, detail=True,
+                            filters=[("exit_type", "=", "SYSTEM_ERROR")],
+                            raise_on_missing_output=False)
+    except Exception:  # no state API (an old or locked-down cluster): the generic text
+        return ""
+    if not dead:
+        return ""
+    return max(dead, key=lambda w: w.end_time_ms or 0).exit_detail or ""
+
+
+def _imports() -> None:
+    """On a worker: the project's packages import (the setup hook already imported pipelines)."""
+    for p in PACKAGES:
+        if importlib.util.find_spec(p) is None:
+            raise ModuleNotFoundError(f"No module named {p!r}")
+
+
+def cause(e: Exception, detail: str = "") -> str:
+    """The innermost error line of Ray's long failure text (or of `detail`, when it has one),
+    e.g. "ModuleNotFoundError: No module named 'pipelines'"."""
+    lines = [ln.strip() for ln in (detail or str(e)).splitlines()]
+    errors = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b:?", ln)]
+    return (errors or [ln for ln in lines if ln] or [type(e).__name__])[-1]
 
 
 def train_logging():

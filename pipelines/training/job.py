@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from gpt2core import storage
 from pipelines.common import dataset, placement, ray_session
 from pipelines.common.dataset import Manifest
+from pipelines.common.flags import verbose
 from pipelines.common.tracking import check_server, tracking_uri
 from pipelines.training import checkpoint
 from pipelines.training.config import DEFAULT_DATA, TrainConfig
@@ -37,6 +38,7 @@ class RunContext:
     threads: int  # torch threads per worker (Ray sets OMP_NUM_THREADS=1)
     model_dir: str | None  # the model to start from: a checkpoint's, or --from_pretrained
     mlflow_run_id: str | None = None  # None in a Tune trial: its driver logs the trial's run
+    verbose: bool = False  # --verbose: a console line at every --log_steps, not every ~10 %
 
 
 @dataclass
@@ -104,7 +106,7 @@ def plan_job(cfg: TrainConfig) -> Job:
     ray_session.check_shared(where, "--storage_path")
     context = RunContext(manifest, TokenizerSpec.read(storage.join(data_dir,
                                                                    manifest.tokenizer["file"])),
-                         share.threads, model_dir)
+                         share.threads, model_dir, verbose=verbose())
     return Job(cfg, context, workers, share.cpus, where, uri,
                train_rows(cfg, manifest, data_dir, cluster),
                validation_rows(cfg, manifest, data_dir, plan.eval_rows_per_batch * workers))

@@ -146,11 +146,22 @@ class Worker:
             metrics.update(data.evaluate(self.state, self.val, self.plan, cfg, self.run.manifest))
         if self.log is not None and metrics:
             self.log.add(pos.step, metrics)
+        if self.log is not None and metrics and self.shown(pos.step, evaluated):
             say(f"step {pos.step}/{cfg.total_steps} " + " ".join(
                 f"{k} {v:.4g}" for k, v in metrics.items() if k in SHOWN))
         if evaluated or saved:
             self.report(pos, metrics, save=saved, final=last)
         self.meter.pause(time.perf_counter() - began)  # shown at the next log line
+
+    def shown(self, step: int, evaluated: bool) -> bool:
+        """Whether a step's metrics go to the console: the logged step nearest every 10 % of
+        the run, evaluations unless they come more often than that, and the last step (all
+        logged steps with --verbose); --log_steps alone sets what MLflow records."""
+        cfg = self.cfg
+        every = cfg.log_steps * (1 if self.run.verbose else
+                                 max(1, round(cfg.total_steps / 10 / cfg.log_steps)))
+        return (step % every == 0 or step == cfg.total_steps
+                or (evaluated and cfg.eval_steps >= every))
 
     def train_metrics(self, pos: Position) -> dict:
         """The log line's numbers: means over the steps since the last one, throughput, MFU."""

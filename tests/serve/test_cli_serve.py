@@ -1,5 +1,6 @@
 """`gpt2 serve` starts the app by import path, answers HTTP, and stops cleanly on Ctrl-C,
-deleting its own application only; its flags come from the app's args model."""
+deleting its own application only, printing only its own lines; its flags come from the app's
+args model."""
 
 import os
 import re
@@ -66,15 +67,20 @@ def test_gpt2_serve_runs_until_ctrl_c_and_deletes_only_its_app(server, model_dir
         r = httpx.post(f"{server}/cli/generate", timeout=60,
                        json={"prompt": "ROMEO:", "max_tokens": 5, "seed": 0})
         assert r.status_code == 200 and r.json()["tokens"] <= 5
+        lines = []
         for line in proc.stdout:  # Ctrl-C is handled once the server says so
+            lines.append(line)
             if "Ctrl-C stops" in line:
                 break
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+        lines += proc.stdout.readlines()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    # quiet as the other stages: its own two lines, none of Serve's INFO logs (-v has them)
+    assert [ln.split(":")[0] for ln in lines] == ["gpt2 serve", "gpt2 serve"], "".join(lines)
     apps = serve.status().applications
     assert "cli" not in apps and {"default", "tight"} <= set(apps)
     assert httpx.get(f"{server}/healthz", timeout=30).status_code == 200
