@@ -99,6 +99,7 @@ def decode_throughput(batches: list[int], new_tokens: int) -> list[dict]:
         generate(model, prompt, new_tokens, temperature=0.0)
         torch.cuda.synchronize()
         row["gpt2core_tok_s"] = batch * new_tokens / (time.perf_counter() - start)
+        row["engine_compiled_tok_s"] = engine_tok_s(model, prompt, new_tokens)
         if hf is not None:
             ids = prompt.to("cuda")
             kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -112,6 +113,28 @@ def decode_throughput(batches: list[int], new_tokens: int) -> list[dict]:
             row["ratio"] = row["gpt2core_tok_s"] / row["transformers_tok_s"]
         rows.append(row)
     return rows
+
+
+def engine_tok_s(model, prompt, new_tokens: int) -> float:
+    """Greedy tokens/s of one gpt2core.engine.Engine with its step compiled (CUDA graphs),
+    kept across runs as Serve keeps its engine: the second run is timed."""
+    import torch
+
+    from gpt2core.engine import Engine, Sampling
+
+    batch = prompt.size(0)
+    engine = Engine(model, batch, prompt.size(1) + new_tokens, compile=True)
+    params = Sampling.of(batch, "cuda", temperature=0.0)
+    prompts = prompt.tolist()
+    for _ in range(2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        ids = engine.prefill(prompts, params)
+        for _ in range(new_tokens - 1):
+            ids = engine.step(ids, params)
+            ids.tolist()  # the one host sync a step makes when it is used
+        torch.cuda.synchronize()
+    return batch * new_tokens / (time.perf_counter() - start)
 
 
 def _hf_model(model):
@@ -188,7 +211,7 @@ def table(results: dict) -> str:
         hf = f"  transformers {r['transformers_tok_s']:>8,.0f}  x{r['ratio']:.2f}" \
             if "ratio" in r else ""
         lines.append(f"  decode batch {r['batch']:>2}       {r['gpt2core_tok_s']:>10,.0f} tok/s"
-                     f"{hf}")
+                     f"{hf}  engine compiled {r['engine_compiled_tok_s']:>8,.0f}")
     for name in ("evaluate", "serve"):
         r = results.get(name)
         if r:

@@ -26,22 +26,27 @@ from gpt2core.config import GPT2Config
 
 
 class DecodeCache(Protocol):
-    """What the model asks of a decode cache: the positions already cached (`length`, which
-    the model advances after a forward pass) and `update`, which stores one layer's new keys
-    and values and returns all of them. KVCache is the plain one; serve's continuous batching
-    brings its own (serve/batching.py)."""
+    """What the model asks of a decode cache: `update`, which stores one layer's new keys and
+    values and returns the keys and values this pass attends to. With explicit positions
+    (`input_pos`, gpt2core/engine.py) it writes them there and the caller keeps the positions;
+    without, it appends at `length`, which the model advances after each pass (serve's
+    SlotCache still decodes that way)."""
 
     length: int
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               input_pos: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class KVCache:
-    """Keys and values of past positions, preallocated so decoding never re-allocates.
+    """Keys and values of past positions, preallocated once, so decoding never re-allocates.
 
-    Shapes: k, v are (n_layer, B, nh, max_len, hs); `length` positions of each are filled.
-    All rows share one length: a batch decodes in lock-step (left-padding aligns prompts).
+    Shapes: k, v are (n_layer, B, nh, max_len, hs). With `input_pos` (B, T) each row's keys
+    and values are written at its own positions and every pass attends to all max_len columns
+    (under the mask the model builds from the positions): shapes that never change from one
+    decoding step to the next, so a GPU can replay a step as one CUDA graph. Without, rows
+    append in lock-step at `length` (left-padding aligns prompts).
     """
 
     def __init__(self, config: GPT2Config, batch_size: int, max_len: int,
@@ -51,14 +56,24 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.rows = torch.arange(batch_size, device=device).unsqueeze(1)  # (B, 1)
+        self.cols = torch.arange(max_len, device=device)  # (max_len,): masks from positions
         self.length = 0
 
     @property
     def max_len(self) -> int:
         return self.k.size(3)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Append this step's (B, nh, T, hs) keys/values; return all keys/values so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               input_pos: torch.Tensor | None = None):
+        """Store this pass's (B, nh, T, hs) keys/values; return what it attends to: all
+        max_len columns of rows [0, B) with input_pos (B, T), else the columns so far."""
+        if input_pos is not None:
+            B = input_pos.size(0)
+            rows = self.rows[:B]
+            self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # (B, T, nh, hs) scattered
+            self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
+            return self.k[layer, :B], self.v[layer, :B]
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
@@ -77,7 +92,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                kv_cache: DecodeCache | None = None, layer: int = 0) -> torch.Tensor:
+                kv_cache: DecodeCache | None = None, layer: int = 0,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -85,8 +101,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         past = 0
         if kv_cache is not None:
-            past = kv_cache.length
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, past + T, hs)
+            past = kv_cache.length if input_pos is None else kv_cache.max_len
+            k, v = kv_cache.update(layer, k, v, input_pos)  # (B, nh, S, hs)
         # Without an explicit mask, causal attention is is_causal=True; one new token after a
         # cache attends to every cached position, so it needs no mask at all.
         is_causal = mask is None and past == 0 and T > 1
@@ -121,8 +137,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                kv_cache: DecodeCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, kv_cache, layer)
+                kv_cache: DecodeCache | None = None, layer: int = 0,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, kv_cache, layer, input_pos)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -174,34 +191,43 @@ class GPT2(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, *,
                       attention_mask: torch.Tensor | None = None,
-                      kv_cache: DecodeCache | None = None) -> torch.Tensor:
+                      kv_cache: DecodeCache | None = None,
+                      input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """The final LayerNorm's output (B, T, C): everything but the LM head.
 
         Decoding needs the head for the last position only, so it applies it itself.
         attention_mask (B, past + T), 1 for real tokens and 0 for padding, covers the cached
         positions too (Hugging Face's convention). Left padding is then invisible: positions
         count real tokens only, and no real token attends to a pad.
+        input_pos (B, T), with a KVCache: each token's position, kept by the caller (gpt-fast's
+        way); a token sees the cached positions up to its own and nothing after, whatever is
+        left in the cache's later columns.
         """
         B, T = input_ids.size()
-        past = kv_cache.length if kv_cache is not None else 0
-        if past + T > self.config.n_positions:
-            raise ValueError(f"sequence of {past + T} tokens exceeds n_positions="
-                             f"{self.config.n_positions}; shorten the input or the generation")
         mask = None
-        if attention_mask is None:
-            pos = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)  # (1, T)
+        if input_pos is not None:
+            pos = input_pos
+            mask = (kv_cache.cols <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, max_len)
         else:
-            attention_mask = attention_mask.to(torch.bool)
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-            mask = _padded_causal_mask(attention_mask, past, T)  # (B, 1, T, past + T)
+            past = kv_cache.length if kv_cache is not None else 0
+            if past + T > self.config.n_positions:
+                raise ValueError(f"sequence of {past + T} tokens exceeds n_positions="
+                                 f"{self.config.n_positions}; shorten the input or the "
+                                 "generation")
+            if attention_mask is None:
+                pos = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
+            else:
+                attention_mask = attention_mask.to(torch.bool)
+                pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+                mask = _padded_causal_mask(attention_mask, past, T)  # (B, 1, T, past + T)
 
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
-                x = block(x, mask, kv_cache, i)
-        if kv_cache is not None:
+                x = block(x, mask, kv_cache, i, input_pos)
+        if kv_cache is not None and input_pos is None:
             kv_cache.length += T
         return self.transformer.ln_f(x)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from gpt2core.model import GPT2, KVCache
+from gpt2core.model import GPT2
 
 PerRow = float | Sequence[float] | torch.Tensor
 
@@ -54,7 +54,7 @@ def sorted_descending(probs: torch.Tensor) -> torch.Tensor:
     carries the indices (6.6 vs 35 ms for 16 rows of GPT-2's 50k vocabulary here); in a batched
     decoding step the sort was otherwise as costly as the LM head.
     """
-    if probs.device.type != "cpu":
+    if probs.device.type != "cpu" or torch.compiler.is_compiling():
         return probs.sort(dim=-1, descending=True).values
     return torch.from_numpy(np.sort(probs.float().numpy(), axis=-1)[..., ::-1].copy())
 
@@ -81,22 +81,36 @@ def sample(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: int | Sequ
     """Next token ids (B,) from logits (B, V). temperature 0 = argmax; top_k 0 / top_p 1 = off.
 
     `generator` is one torch.Generator for the batch, or one per row (then row i draws only
-    from generator i, so its tokens are the same whatever else is in the batch).
+    from generator i, so its tokens are the same whatever else is in the batch). The decode
+    engine draws its uniforms from counters instead (gpt2core/engine.py); both sample by `draw`.
     """
-    B, V = logits.shape
+    B = logits.size(0)
+    return draw(logits, _per_row(temperature, B, logits.device),
+                _per_row(top_p, B, logits.device), _per_row(top_k, B, logits.device, torch.long),
+                _uniform(B, generator, logits.device))
+
+
+def draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+         top_k: torch.Tensor, u: torch.Tensor, *, shortcut: bool | None = None) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V), per-row parameters (B,) and one uniform u (B,) per row.
+
+    On a GPU and under torch.compile nothing here reads a value on the host (no sync: every
+    row is filtered and sampled, greedy ones replaced by their argmax at the end); on a CPU,
+    where reading a value costs no sync, an all-greedy batch skips the softmax and an
+    unfiltered one the sort (`shortcut`, default: on a CPU, not compiling).
+    """
     logits = logits.float()
-    temperature = _per_row(temperature, B, logits.device)
-    top_p = _per_row(top_p, B, logits.device)
-    top_k = _per_row(top_k, B, logits.device, torch.long)
     greedy = temperature == 0
-    if bool(greedy.all()):
+    if shortcut is None:
+        shortcut = logits.device.type == "cpu" and not torch.compiler.is_compiling()
+    if shortcut and bool(greedy.all()):
         return logits.argmax(dim=-1)
     # the row's max subtracted first: a tiny temperature (1e-40) then sends every other logit
     # to -inf and the max to 0, where logits / t alone overflow to inf and softmax gives NaN
     shifted = logits - logits.max(dim=-1, keepdim=True).values
     probs = torch.softmax(shifted / torch.where(greedy, 1.0, temperature).unsqueeze(-1), dim=-1)
     filtered = (top_p < 1) | (top_k > 0)
-    if bool(filtered.any()):
+    if not shortcut or bool(filtered.any()):
         keep = (probs >= keep_threshold(probs, top_p, top_k)) | ~filtered.unsqueeze(-1)
         probs = probs * keep
     # Inverse-CDF sampling: one uniform per row, found in the cumulative distribution, in
@@ -104,11 +118,10 @@ def sample(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: int | Sequ
     # never changes with its batch. Exact, and cheaper than torch.multinomial over 50k tokens.
     cdf = probs.cumsum(dim=-1)  # (B, V)
     total = cdf[:, -1]
-    u = torch.minimum(_uniform(B, generator, logits.device) * total,
-                      torch.nextafter(total, torch.zeros_like(total)))  # u < total, always
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # u < total
     # the first token with cdf > u: never a filtered one, whose cdf equals its predecessor's
     sampled = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
-    return torch.where(greedy, logits.argmax(dim=-1), sampled) if bool(greedy.any()) else sampled
+    return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
 def _uniform(batch: int, generator, device) -> torch.Tensor:
@@ -118,72 +131,64 @@ def _uniform(batch: int, generator, device) -> torch.Tensor:
     return torch.stack([torch.rand((), generator=g, device=device) for g in generator])
 
 
-@torch.inference_mode()
 def stream(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
            temperature: PerRow = 1.0, top_p: PerRow = 1.0, top_k: int | Sequence[int] = 0,
            eos_id: int | None = None, seed: int | Sequence[int] | None = None,
-           attention_mask: torch.Tensor | None = None) -> Iterator:
-    """Yield new tokens as they are produced.
+           attention_mask: torch.Tensor | None = None, compile: bool = False) -> Iterator:
+    """Yield new tokens as they are produced (gpt2core/engine.py decodes them).
 
     input_ids is one prompt (list of ids or a 1-D tensor) or a batch (B, T) whose shorter
     prompts are left-padded and marked 0 in attention_mask. For one prompt each step yields an
     int; for a batch it yields a list with one id per row, None for rows that have stopped.
     A row stops at eos_id (not yielded) or after its max_new_tokens. seed: an int (row i uses
-    seed + i) or one seed per row; None uses torch's global RNG.
+    seed + i) or one seed per row, each row's tokens then the same whatever else is in the
+    batch; None draws random seeds from torch's global RNG. compile: the decode step through
+    torch.compile (CUDA graphs on CUDA), the same tokens.
     """
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    from gpt2core.engine import Engine, Sampling
+
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
     single = ids.dim() == 1
     if single:
         ids = ids.unsqueeze(0)
     B, T = ids.shape
     if T == 0:
         raise ValueError("the prompt is empty; give at least one token (e.g. <|endoftext|>)")
-    budget = _per_row(max_new_tokens, B, device, torch.long)
-    if bool((budget < 0).any()):
+    budget = _per_row(max_new_tokens, B, "cpu", torch.long).tolist()
+    if min(budget) < 0:
         raise ValueError("max_new_tokens must be >= 0")
-    longest = int(budget.max())
     n_positions = model.config.n_positions
-    if T + longest > n_positions:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({longest}) exceeds the model's "
-                         f"context of {n_positions} tokens; shorten one of them")
-    generators = None
-    if seed is not None:
-        seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
-        generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-    if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask, device=device).reshape(B, T).bool()
-
+    if T + max(budget) > n_positions:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max(budget)}) exceeds the "
+                         f"model's context of {n_positions} tokens; shorten one of them")
+    keep = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else \
+        torch.as_tensor(attention_mask).reshape(B, T).bool().cpu()
+    prompts = [row[k].tolist() for row, k in zip(ids, keep)]  # left padding dropped
+    if max(budget) == 0:
+        return
     was_training = model.training
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, B, T + longest, device=device, dtype=dtype)
-    done = budget == 0
-    produced = torch.zeros(B, dtype=torch.long, device=device)
-    head = decode_head(model)
+    device = next(model.parameters()).device
+    engine = Engine(model, B, max(len(p) + b for p, b in zip(prompts, budget)), compile=compile)
+    params = Sampling.of(B, device, temperature=temperature, top_p=top_p, top_k=top_k,
+                         seed=seed)
+    produced, done = [0] * B, [b == 0 for b in budget]
     try:
-        # only the last position's logits are needed: (B, C) @ (C, V)
-        h = model.hidden_states(ids, attention_mask=attention_mask, kv_cache=cache)
-        logits = h[:, -1] @ head
-        while not bool(done.all()):
-            nxt = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k,
-                         generator=generators)
-            if eos_id is not None:
-                done |= nxt == eos_id
-            out = [None if d else t for d, t in zip(done.tolist(), nxt.tolist())]
-            produced += ~done
-            done |= produced >= budget
+        nxt = engine.prefill(prompts, params)
+        while True:
+            out = []
+            for i, t in enumerate(nxt.tolist()):  # the step's one host sync
+                if not done[i] and t == eos_id:
+                    done[i] = True
+                out.append(None if done[i] else t)
+                produced[i] += not done[i]
+                done[i] = done[i] or produced[i] >= budget[i]
             if not single:
                 yield out
             elif out[0] is not None:  # one prompt: the stream simply ends at eos
                 yield out[0]
-            if bool(done.all()):
+            if all(done):
                 break
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            h = model.hidden_states(nxt.unsqueeze(1), attention_mask=attention_mask,
-                                    kv_cache=cache)
-            logits = h[:, -1] @ head
+            nxt = engine.step(nxt, params)
     finally:
         model.train(was_training)
 

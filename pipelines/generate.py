@@ -8,8 +8,9 @@ Interactive: type a prompt after "> "; the continuation prints token by token. C
 current generation and gives a new prompt (at the prompt it just gives a new one); Ctrl-D or
 `exit` leaves. With --prompt only the generated continuation is printed to stdout, nothing
 else, so the output can be piped; --seed makes it repeatable (and an interactive session's
-n-th generation uses seed + n). Generation stops at the end-of-text token or when prompt plus
-continuation reach --seq_len tokens (default the model's context). Sampling is nucleus
+n-th generation uses seed + n). Generation stops at the end-of-text token, after --max_tokens
+new tokens (256), or when prompt plus continuation reach --seq_len tokens (default the model's
+context), whichever comes first. Sampling is nucleus
 (--nucleus_prob, 0.85 as in the original project), after --temperature and --top_k.
 An empty prompt starts a new document (from <|endoftext|>).
 """
@@ -43,6 +44,8 @@ class GenerateConfig:
                                     "without it, the tokenizer files in --model_path")
     seq_len: int | None = option(None, "most tokens of prompt + continuation; without it "
                                  "(and at most) the model's n_positions")
+    max_tokens: int = option(256, "most new tokens per generation (it also stops at the "
+                             "end-of-text token and at --seq_len)")
     nucleus_prob: float = option(0.85, "nucleus (top-p) sampling: draw from the fewest tokens "
                                  "whose probability adds up to this; 1 = off",
                                  aliases=["--top_p"])
@@ -65,6 +68,8 @@ class GenerateConfig:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}.")
         if self.top_k < 0:
             raise ValueError(f"--top_k must be >= 0, got {self.top_k}.")
+        if self.max_tokens < 1:
+            raise ValueError(f"--max_tokens must be at least 1, got {self.max_tokens}.")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"--seq_len must be at least 2, got {self.seq_len}.")
         check_dtype(self.dtype)
@@ -112,8 +117,9 @@ def generate_text(model: GPT2, tokenizer: Tokenizer, prompt: str, cfg: GenerateC
                             f"--seq_len {limit}; shorten it.")
     produced: list[int] = []
     shown = 0
-    for token in stream(model, ids, room, temperature=cfg.temperature, top_p=cfg.nucleus_prob,
-                        top_k=cfg.top_k, eos_id=tokenizer.eos_id, seed=seed):
+    for token in stream(model, ids, min(room, cfg.max_tokens), temperature=cfg.temperature,
+                        top_p=cfg.nucleus_prob, top_k=cfg.top_k, eos_id=tokenizer.eos_id,
+                        seed=seed):
         produced.append(token)
         text = tokenizer.decode(produced)
         ready = len(text.rstrip("\ufffd"))
@@ -131,7 +137,8 @@ def interactive(model: GPT2, tokenizer: Tokenizer, cfg: GenerateConfig, limit: i
                 seed: int) -> int:
     """The read-generate loop; returns the exit status (0 on Ctrl-D or `exit`)."""
     print(f"{cfg.model_path}: top_p {cfg.nucleus_prob:g}, temperature {cfg.temperature:g}"
-          f"{f', top_k {cfg.top_k}' if cfg.top_k else ''}, up to {limit} tokens with the prompt. "
+          f"{f', top_k {cfg.top_k}' if cfg.top_k else ''}, up to {cfg.max_tokens} new tokens, "
+          f"{limit} with the prompt. "
           "Ctrl-C stops a generation; Ctrl-D or `exit` leaves.", file=sys.stderr)
     turn = 0
     while True:

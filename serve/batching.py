@@ -4,8 +4,9 @@
 parameters, seed and stop strings), in one KV cache (`SlotCache`). Each `step` advances every
 row by one token in a single forward pass, and admits waiting jobs with one batched prefill, so
 a new request starts at the next step instead of waiting for the running batch to end; a row
-leaves the batch the moment it finishes. Every row samples from its own seeded generator, so a
-request's tokens do not depend on what shares its batch.
+leaves the batch the moment it finishes. Every row draws from its own seed's stream
+(gpt2core.engine.uniform), so a request's tokens do not depend on what shares its batch, and
+equal gpt2core.generate's for the same seed.
 
 Each token is turned back into text per row (`TextStream`): byte-level BPE can split one UTF-8
 character across tokens, and a stop string can arrive over several tokens, so text is released
@@ -23,8 +24,9 @@ import torch
 
 from gpt2core import GPT2, Tokenizer
 from gpt2core.config import GPT2Config
+from gpt2core.engine import Sampling, sample
 from gpt2core.model import KVCache
-from gpt2core.sampling import decode_head, sample
+from gpt2core.sampling import decode_head
 
 TOP_LOGPROBS = 5  # most alternatives a token's logprobs list (OpenAI's limit)
 
@@ -145,8 +147,9 @@ class SlotCache:
         """Columns allocated now."""
         return self.k.size(3)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write the active rows' (rows, nh, T, hs) keys/values at `length`; return all so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos=None):
+        """Write the active rows' (rows, nh, T, hs) keys/values at `length`; return all so far.
+        (Positions are the model's to keep here: input_pos is always None.)"""
         end = self.length + k.size(2)
         self.k[layer, :self.rows, :, self.length:end] = k
         self.v[layer, :self.rows, :, self.length:end] = v
@@ -217,13 +220,13 @@ class SlotCache:
 
 
 class _Row:
-    """One job being decoded: its text so far, its generator, and the token to feed next."""
+    """One job being decoded: its text so far and the token to feed next (its seed's stream is
+    drawn at the number of tokens it has sampled: gpt2core.engine.uniform)."""
 
     def __init__(self, key: Hashable, job: Job, tokenizer: Tokenizer, device,
                  prompt_logprobs: tuple[TokenLogprob, ...] = ()):
         self.key, self.job = key, job
         self.text = TextStream(tokenizer, job.stop)
-        self.generator = torch.Generator(device).manual_seed(job.seed)
         self.generated: list[int] = []  # completion tokens so far (for the penalties)
         self.token = -1  # the last sampled token: the next step's input
         self.pending = prompt_logprobs  # echo: the prompt's logprobs go out with the first delta
@@ -349,10 +352,10 @@ class Decoder:
         """Sample rows[first:] from their last hidden states (n, C); retire finished rows."""
         rows = self.rows[first:]
         logits = h @ decode_head(self.model)  # (n, V)
-        tokens = sample(adjust_logits(logits, rows),
-                        temperature=[r.job.temperature for r in rows],
-                        top_p=[r.job.top_p for r in rows],
-                        generator=[r.generator for r in rows])
+        params = Sampling.of(len(rows), self.device, temperature=[r.job.temperature for r in rows],
+                             top_p=[r.job.top_p for r in rows], seed=[r.job.seed for r in rows])
+        drawn = torch.tensor([len(r.generated) for r in rows], device=self.device)
+        tokens = sample(adjust_logits(logits, rows), params, drawn)
         want = [i for i, r in enumerate(rows) if r.job.logprobs is not None]
         lps: list[TokenLogprob | None] = [None] * len(rows)
         if want:

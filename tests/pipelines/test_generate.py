@@ -67,7 +67,7 @@ def test_interactive_session_answers_and_exits(model_dir):
 
 
 def test_ctrl_c_stops_a_generation_and_ctrl_d_leaves(model_dir):
-    child = spawn(model_dir)  # up to 4096 tokens: seconds of output
+    child = spawn(model_dir, "--max_tokens", "4000")  # seconds of output
     child.expect_exact(gen.PROMPT)
     child.sendline("JULIET:")
     child.expect_exact("JULIET:\r\n")
@@ -103,6 +103,14 @@ def test_prompt_prints_only_the_continuation_and_is_seeded(model_dir, tok, capsy
     prompt = tok.encode("ROMEO:")
     ids = generate(model, prompt, 40 - len(prompt), top_p=0.85, eos_id=tok.eos_id, seed=1)
     assert first == tok.decode(ids) + "\n"
+
+
+def test_without_a_length_it_stops_after_the_default_max_tokens(model_dir, tok, capsys):
+    assert gen.GenerateConfig.max_tokens == 256  # what --help states
+    assert gen.main(["--model_path", str(model_dir), "--prompt", "ROMEO:", "--seed", "3"]) == 0
+    model = GPT2.from_pretrained(model_dir)  # n_positions 4096: the old default ran to 4096
+    ids = generate(model, tok.encode("ROMEO:"), 256, top_p=0.85, eos_id=tok.eos_id, seed=3)
+    assert capsys.readouterr().out == tok.decode(ids) + "\n" and len(ids) == 256
 
 
 def test_a_model_dir_on_s3_generates_what_the_local_one_does(model_dir, bucket, capsys):

@@ -1,0 +1,133 @@
+"""The decode engine: counter-based uniforms, a static cache with explicit positions, the same
+tokens as a full forward pass, seeded rows independent of their batch, a step whose dispatched
+ops do not grow with the batch and read nothing on the host, and a compiled step that gives
+the eager step's tokens."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpt2core import GPT2, GPT2Config, generate
+from gpt2core.engine import Engine, Sampling, uniform
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(z: int) -> int:
+    """The reference finalizer, on Python's unbounded ints."""
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & MASK64
+    return z ^ (z >> 31)
+
+
+def reference_uniform(seed: int, counter: int) -> float:
+    key = splitmix64(seed * 0x9E3779B97F4A7C15 & MASK64)
+    return (splitmix64((key + (counter + 1) * 0x9E3779B97F4A7C15) & MASK64) >> 40) / 2**24
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=300,
+                           n_positions=64)).eval()
+
+
+def test_uniform_is_splitmix64_of_seed_and_counter_exactly():
+    seeds = [0, 1, 7, 2**40 + 3, 2**62 - 1]
+    counters = [0, 1, 2, 1000, 2**31]
+    got = uniform(torch.tensor(seeds).repeat_interleave(5), torch.tensor(counters * 5))
+    want = [reference_uniform(s, c) for s in seeds for c in counters]
+    assert got.tolist() == want  # exact: integer arithmetic, 24-bit floats
+    assert all(0 <= u < 1 for u in want) and len(set(want)) == len(want)
+    # a row's draw does not depend on its neighbours, nor seeds s and s + 1 on each other
+    assert uniform(torch.tensor([7]), torch.tensor([2])).item() == want[2 * 5 + 2]
+    assert reference_uniform(1, 0) != reference_uniform(0, 1)
+
+
+def full_forward_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding without any cache: the whole sequence through the model each token."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_prompts_of_mixed_lengths_equal_a_full_forward_pass(model):
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [1]]
+    engine = Engine(model, 3, 20)
+    params = Sampling.of(3, "cpu", temperature=0.0)
+    steps = [engine.prefill(prompts, params)]
+    for _ in range(9):
+        steps.append(engine.step(steps[-1], params))
+    rows = torch.stack(steps, dim=1).tolist()
+    assert rows == [full_forward_greedy(model, p, 10) for p in prompts]
+
+
+def test_a_seeded_row_is_the_same_alone_or_in_any_batch(model):
+    alone = generate(model, [3, 4, 5], 12, temperature=0.9, top_p=0.8, seed=[11])
+    batch = generate(model, torch.tensor([[0, 0, 3, 4, 5], [9, 8, 7, 6, 5], [0, 0, 0, 0, 2]]),
+                     12, temperature=[0.9, 1.3, 0.0], top_p=[0.8, 1.0, 1.0], seed=[11, 5, 1],
+                     attention_mask=torch.tensor([[0, 0, 1, 1, 1], [1] * 5, [0, 0, 0, 0, 1]]))
+    assert batch[0] == alone
+    assert generate(model, [3, 4, 5], 12, temperature=0.9, top_p=0.8, seed=[12]) != alone
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched, and the host reads among them."""
+
+    SYNCS = ("_local_scalar_dense", "item", "is_nonzero", "equal")
+    VIEWS = {"view", "_unsafe_view", "transpose", "unsqueeze", "squeeze", "select", "slice",
+             "expand", "as_strided", "t", "alias", "permute", "detach", "split"}  # no kernel
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def kernels(self) -> Counter:
+        return Counter({k: n for k, n in self.ops.items() if k not in self.VIEWS})
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.ops[name] for name in self.SYNCS)
+
+
+def step_ops(model, rows: int) -> OpCounter:
+    """The ops of one decoding step over `rows` rows with per-row sampling parameters, as on a
+    GPU (no CPU shortcuts)."""
+    engine = Engine(model, rows, 16, shortcut=False)
+    params = Sampling.of(rows, "cpu", temperature=[0.0, 0.8] * (rows // 2) or 0.8,
+                         top_p=0.9, top_k=[0, 5] * (rows // 2) or 5, seed=3)
+    ids = engine.prefill([[1, 2, 3]] * rows, params)
+    ids = engine.step(ids, params)
+    with OpCounter() as counter:
+        engine.step(ids, params)
+    return counter
+
+
+def test_a_step_dispatches_the_same_ops_for_1_or_16_rows_and_reads_nothing_on_the_host(model):
+    one, sixteen = step_ops(model, 1), step_ops(model, 16)
+    # nothing per row: no loop over rows, no generator per row, no list made into a tensor
+    assert one.kernels == sixteen.kernels
+    assert one.syncs == 0, one.ops  # the caller's .tolist() of the ids is the step's one sync
+    assert sum(one.kernels.values()) < 30 * model.config.n_layer + 80  # a handful per layer
+
+
+@pytest.mark.slow
+def test_the_compiled_step_gives_the_eager_steps_tokens(model):
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    params = Sampling.of(2, "cpu", temperature=[0.0, 1.0], top_p=0.9, seed=5)
+    runs = []
+    for compile in (False, True):
+        engine = Engine(model, 2, 16, compile=compile, shortcut=False)
+        ids = [engine.prefill(prompts, params)]
+        for _ in range(8):
+            ids.append(engine.step(ids[-1], params))
+        runs.append(torch.stack(ids, dim=1).tolist())
+    assert runs[0] == runs[1]
