@@ -129,10 +129,9 @@ def engine_tok_s(model, prompt, new_tokens: int) -> float:
     for _ in range(2):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        ids = engine.prefill(prompts, params)
+        engine.admit(range(batch), prompts, params)
         for _ in range(new_tokens - 1):
-            ids = engine.step(ids, params)
-            ids.tolist()  # the one host sync a step makes when it is used
+            engine.step(batch)[0].tolist()  # the one host sync a step makes when it is used
         torch.cuda.synchronize()
     return batch * new_tokens / (time.perf_counter() - start)
 

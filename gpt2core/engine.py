@@ -11,9 +11,9 @@ Random numbers are counter-based: row r's uniform at its step t is a hash of (se
 same numbers whatever else shares its batch, on any device, with no generator state.
 
     engine = Engine(model, rows=B, max_len=T + n)
-    ids = engine.prefill(prompts, params)            # (B,) first new token of each row
+    ids, _, _ = engine.admit(range(B), prompts, Sampling.of(B, device, top_p=0.9, seed=0))
     for t in range(1, n):
-        ids = engine.step(ids, params)               # (B,), positions kept by the engine
+        ids, _ = engine.step(B)                      # slots [0, B): positions kept inside
 """
 
 from __future__ import annotations
@@ -56,17 +56,20 @@ def uniform(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Sampling:
-    """Per-row sampling parameters as device tensors (B,): built once per batch, not per step.
-    temperature 0 = argmax; top_p 1 and top_k 0 = off; seed: the row's random stream."""
+    """Per-row sampling parameters as device tensors (B,): set when a row is admitted, never
+    rebuilt per step. temperature 0 = argmax; top_p 1 and top_k 0 = off; seed: the row's
+    random stream; presence and frequency: OpenAI's penalties on the row's own tokens."""
 
     temperature: torch.Tensor
     top_p: torch.Tensor
     top_k: torch.Tensor
     seed: torch.Tensor
+    presence: torch.Tensor
+    frequency: torch.Tensor
 
     @classmethod
     def of(cls, rows: int, device, *, temperature=1.0, top_p=1.0, top_k=0,
-           seed: int | Sequence[int] | None = None) -> Sampling:
+           seed: int | Sequence[int] | None = None, presence=0.0, frequency=0.0) -> Sampling:
         """From scalars or one value per row; seed int s gives row i the seed s + i, None a
         random one per row (from torch's global generator)."""
         def per_row(value, dtype):
@@ -80,7 +83,21 @@ class Sampling:
         else:
             seeds = per_row(list(seed), torch.long)
         return cls(per_row(temperature, torch.float32), per_row(top_p, torch.float32),
-                   per_row(top_k, torch.long), seeds)
+                   per_row(top_k, torch.long), seeds, per_row(presence, torch.float32),
+                   per_row(frequency, torch.float32))
+
+    @property
+    def penalized(self) -> torch.Tensor:
+        return (self.presence != 0) | (self.frequency != 0)
+
+    def at(self, rows: torch.Tensor | slice) -> Sampling:
+        """Rows `rows` (an index, or a slice: views, no copy)."""
+        return Sampling(*(t[rows] for t in vars(self).values()))
+
+    def put(self, index: torch.Tensor, other: Sampling) -> None:
+        """Rows `index` (n,) take `other`'s n rows."""
+        for name, t in vars(self).items():
+            t[index] = getattr(other, name)
 
 
 def sample(logits: torch.Tensor, params: Sampling, counter: torch.Tensor,
@@ -92,14 +109,19 @@ def sample(logits: torch.Tensor, params: Sampling, counter: torch.Tensor,
 
 
 class Engine:
-    """One static KV cache of `rows` x `max_len` and the two passes that fill it.
+    """Decoding slots: one static KV cache of `rows` x `max_len`, and each slot's position,
+    step counter, last token and sampling parameters, all on the device.
 
-    `prefill` runs the prompts (of any lengths <= max_len) through the model, right-padded,
-    each row from position 0, and samples each row's first token; `step` feeds one token per
-    row at the row's next position and samples the next. Positions and the per-row step
-    counter stay on the device; `shortcut` as gpt2core.sampling.draw takes it. `compile=True`
-    runs the step through torch.compile (on CUDA with mode "reduce-overhead": CUDA graphs);
-    its tokens equal the eager step's.
+    `admit` prefills prompts (any lengths <= max_len, right-padded, each from position 0) into
+    the slots given, and samples their first tokens; `step(n)` feeds slots [0, n) their last
+    token at their next position and samples the next: one forward pass whose shapes depend
+    on n (and, eager, on the longest slot) only, so with `compile=True` each batch size is
+    compiled once (on CUDA with mode "reduce-overhead": a CUDA graph, replayed; the step then
+    attends to all max_len columns) and gives the eager step's tokens. A free slot inside
+    [0, n) decodes garbage that nobody reads. Penalties and logit_bias (dense (rows, V)
+    tensors, made when a row first asks) are applied before sampling, on the device.
+    `shortcut` as gpt2core.sampling.draw takes it. Returns of both: the sampled ids (n,) and
+    the raw logits (n, V) they came from (for logprobs), valid until the next call.
     """
 
     def __init__(self, model: GPT2, rows: int, max_len: int, *, compile: bool = False,
@@ -111,8 +133,14 @@ class Engine:
         self.cache = KVCache(model.config, rows, max_len, device=self.device, dtype=dtype)
         self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)  # next position
         self.counter = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.last = torch.zeros(rows, dtype=torch.long, device=self.device)  # next input
+        self.params = Sampling.of(rows, self.device, seed=0)
+        self.ends = [0] * rows  # self.pos on the host (known without reading the device)
+        self.counts: torch.Tensor | None = None  # (rows, V) tokens sampled, for penalties
+        self.bias: torch.Tensor | None = None  # (rows, V) logit_bias
         self.shortcut = shortcut  # draw's CPU shortcuts; False: a GPU's sync-free step on CPU
         self.head = decode_head(model)  # (C, V); the weights do not change while decoding
+        self.compiled = compile
         self._step = self._eager_step
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -123,37 +151,83 @@ class Engine:
     def max_len(self) -> int:
         return self.cache.max_len
 
+    @property
+    def rows(self) -> int:
+        return len(self.ends)
+
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], params: Sampling) -> torch.Tensor:
-        """The first new token of each prompt (B,); the prompts' keys and values cached."""
-        B, lengths = len(prompts), [len(p) for p in prompts]
+    def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], params: Sampling,
+              bias: Sequence[Sequence[tuple[int, float]]] = ()
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefill `prompts` into `slots` and sample their first tokens with `params` (one row
+        each) and `bias` ((token, added logit) pairs per row). Returns (ids (n,), raw logits
+        (n, V), the prompts' hidden states (n, T, C), right-padded)."""
+        n, lengths = len(prompts), [len(p) for p in prompts]
         T = max(lengths)
         if min(lengths) == 0:
             raise ValueError("a prompt is empty; give at least one token (e.g. <|endoftext|>)")
         if T > self.max_len:
             raise ValueError(f"a prompt of {T} tokens exceeds the cache's {self.max_len}")
-        ids = torch.zeros(B, T, dtype=torch.long)
+        ids = torch.zeros(n, T, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
-        ids = ids.to(self.device)
-        pos = torch.arange(T, device=self.device).expand(B, T)
-        h = self.model.hidden_states(ids, kv_cache=self.cache, input_pos=pos)  # (B, T, C)
+        ids, index = ids.to(self.device), torch.as_tensor(list(slots), device=self.device)
+        prefill = KVCache(self.model.config, n, T, device=self.device, dtype=self.cache.k.dtype)
+        h = self.model.hidden_states(ids, kv_cache=prefill,
+                                     input_pos=prefill.cols.expand(n, T))  # (n, T, C)
+        self.cache.k[:, index, :, :T] = prefill.k
+        self.cache.v[:, index, :, :T] = prefill.v
         last = torch.as_tensor(lengths, device=self.device) - 1
-        self.pos[:B] = last + 1
-        self.counter[:B] = 0
-        logits = h[torch.arange(B, device=self.device), last] @ self.head
-        return sample(logits, params, self.counter[:B], self.shortcut)
+        self.pos[index], self.counter[index] = last + 1, 0
+        for slot, length in zip(slots, lengths):
+            self.ends[slot] = length
+        self.params.put(index, params)
+        if self.counts is None and bool(params.penalized.any()):  # host values: no sync
+            self.counts = torch.zeros(self.rows, self.head.size(1), device=self.device)
+        if self.counts is not None:
+            self.counts[index] = 0
+        if self.bias is None and any(bias):
+            self.bias = torch.zeros(self.rows, self.head.size(1), device=self.device)
+        if self.bias is not None:
+            self.bias[index] = 0
+            for row, pairs in zip(slots, bias):
+                if pairs:
+                    tokens, added = zip(*pairs)
+                    self.bias[row, list(tokens)] += torch.tensor(added, device=self.device)
+        logits = h[torch.arange(n, device=self.device), last] @ self.head  # (n, V)
+        return self._sample(logits, index), logits, h
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, params: Sampling) -> torch.Tensor:
-        """The next token (B,) of each row after `tokens` (B,), the rows' last ones."""
-        return self._step(tokens, params)
+    def step(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token of slots [0, n) (n,), and the raw logits (n, V) it came from."""
+        span = self.max_len if self.compiled else min(self.max_len, max(self.ends[:n]) + 1)
+        out = self._step(n, span)
+        self.ends[:n] = [min(e + 1, self.max_len - 1) for e in self.ends[:n]]
+        return out
 
-    def _eager_step(self, tokens: torch.Tensor, params: Sampling) -> torch.Tensor:
-        B = tokens.size(0)
-        pos = self.pos[:B].clamp(max=self.max_len - 1)  # a finished row may run past its end
-        h = self.model.hidden_states(tokens.unsqueeze(1), kv_cache=self.cache,
-                                     input_pos=pos.unsqueeze(1))  # (B, 1, C)
-        self.pos[:B] += 1
-        self.counter[:B] += 1
-        return sample(h[:, -1] @ self.head, params, self.counter[:B], self.shortcut)
+    def _eager_step(self, n: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.span = span
+        pos = self.pos[:n].clamp(max=self.max_len - 1)  # a finished row may run past its end
+        h = self.model.hidden_states(self.last[:n].unsqueeze(1), kv_cache=self.cache,
+                                     input_pos=pos.unsqueeze(1))  # (n, 1, C)
+        self.pos[:n] += 1
+        self.counter[:n] += 1
+        logits = h[:, -1] @ self.head  # (n, V)
+        return self._sample(logits, slice(0, n)), logits
+
+    def _sample(self, logits: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Penalties and bias, then draw, for `rows` of the slots; their last tokens updated."""
+        params = self.params.at(rows)
+        adjusted = logits
+        if self.counts is not None:  # OpenAI's formula, on the row's own sampled tokens
+            counts = self.counts[rows]
+            adjusted = adjusted - params.frequency.unsqueeze(-1) * counts \
+                - params.presence.unsqueeze(-1) * (counts > 0)
+        if self.bias is not None:
+            adjusted = adjusted + self.bias[rows]
+        ids = sample(adjusted, params, self.counter[rows], self.shortcut)
+        self.last[rows] = ids
+        if self.counts is not None:
+            self.counts[rows] = self.counts[rows].scatter_add(
+                1, ids.unsqueeze(-1), torch.ones_like(ids, dtype=self.counts.dtype).unsqueeze(-1))
+        return ids

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -25,28 +24,14 @@ from torch.utils.checkpoint import checkpoint
 from gpt2core.config import GPT2Config
 
 
-class DecodeCache(Protocol):
-    """What the model asks of a decode cache: `update`, which stores one layer's new keys and
-    values and returns the keys and values this pass attends to. With explicit positions
-    (`input_pos`, gpt2core/engine.py) it writes them there and the caller keeps the positions;
-    without, it appends at `length`, which the model advances after each pass (serve's
-    SlotCache still decodes that way)."""
-
-    length: int
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-               input_pos: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
 class KVCache:
-    """Keys and values of past positions, preallocated once, so decoding never re-allocates.
+    """Keys and values of past positions, allocated once, so decoding never re-allocates.
 
-    Shapes: k, v are (n_layer, B, nh, max_len, hs). With `input_pos` (B, T) each row's keys
-    and values are written at its own positions and every pass attends to all max_len columns
-    (under the mask the model builds from the positions): shapes that never change from one
-    decoding step to the next, so a GPU can replay a step as one CUDA graph. Without, rows
-    append in lock-step at `length` (left-padding aligns prompts).
+    Shapes: k, v are (n_layer, B, nh, max_len, hs). Each row's keys and values are written at
+    its own positions (input_pos, kept by the caller: gpt2core/engine.py), and a pass attends
+    to the first `span` columns under the mask the model builds from the positions, so stale
+    columns after a row's position never matter. The shapes never change from one decoding
+    step to the next, so a GPU can replay a step as one CUDA graph.
     """
 
     def __init__(self, config: GPT2Config, batch_size: int, max_len: int,
@@ -58,26 +43,20 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.rows = torch.arange(batch_size, device=device).unsqueeze(1)  # (B, 1)
         self.cols = torch.arange(max_len, device=device)  # (max_len,): masks from positions
-        self.length = 0
+        self.span = max_len  # columns a pass attends to (an engine shortens it on CPUs)
 
     @property
     def max_len(self) -> int:
         return self.k.size(3)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-               input_pos: torch.Tensor | None = None):
-        """Store this pass's (B, nh, T, hs) keys/values; return what it attends to: all
-        max_len columns of rows [0, B) with input_pos (B, T), else the columns so far."""
-        if input_pos is not None:
-            B = input_pos.size(0)
-            rows = self.rows[:B]
-            self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # (B, T, nh, hs) scattered
-            self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
-            return self.k[layer, :B], self.v[layer, :B]
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
+        """Store this pass's (B, nh, T, hs) keys/values at input_pos (B, T) of rows [0, B);
+        return what the pass attends to: their first `span` columns."""
+        rows = self.rows[:input_pos.size(0)]
+        self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # (B, T, nh, hs) scattered
+        self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
+        B = input_pos.size(0)
+        return self.k[layer, :B, :, :self.span], self.v[layer, :B, :, :self.span]
 
 
 class CausalSelfAttention(nn.Module):
@@ -92,20 +71,16 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                kv_cache: DecodeCache | None = None, layer: int = 0,
+                kv_cache: KVCache | None = None, layer: int = 0,
                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0
         if kv_cache is not None:
-            past = kv_cache.length if input_pos is None else kv_cache.max_len
-            k, v = kv_cache.update(layer, k, v, input_pos)  # (B, nh, S, hs)
-        # Without an explicit mask, causal attention is is_causal=True; one new token after a
-        # cache attends to every cached position, so it needs no mask at all.
-        is_causal = mask is None and past == 0 and T > 1
+            k, v = kv_cache.update(layer, k, v, input_pos)  # (B, nh, span, hs)
+        is_causal = mask is None and T > 1  # with a cache, the mask from positions is given
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
@@ -137,7 +112,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                kv_cache: DecodeCache | None = None, layer: int = 0,
+                kv_cache: KVCache | None = None, layer: int = 0,
                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, kv_cache, layer, input_pos)
         x = x + self.mlp(self.ln_2(x))
@@ -175,15 +150,16 @@ class GPT2(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None,
-                kv_cache: DecodeCache | None = None):
+                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None):
         """Logits (B, T, V) for input_ids (B, T); with targets (B, T), also the mean cross-entropy.
 
-        Targets equal to -100 are ignored in the loss. For attention_mask and kv_cache see
-        `hidden_states`.
+        Targets equal to -100 are ignored in the loss. For attention_mask, kv_cache and
+        input_pos see `hidden_states`.
         """
         logits = self.lm_head(self.hidden_states(input_ids, attention_mask=attention_mask,
-                                                 kv_cache=kv_cache))  # (B, T, V)
+                                                 kv_cache=kv_cache,
+                                                 input_pos=input_pos))  # (B, T, V)
         if targets is None:
             return logits
         loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
@@ -191,35 +167,34 @@ class GPT2(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, *,
                       attention_mask: torch.Tensor | None = None,
-                      kv_cache: DecodeCache | None = None,
+                      kv_cache: KVCache | None = None,
                       input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """The final LayerNorm's output (B, T, C): everything but the LM head.
 
         Decoding needs the head for the last position only, so it applies it itself.
-        attention_mask (B, past + T), 1 for real tokens and 0 for padding, covers the cached
-        positions too (Hugging Face's convention). Left padding is then invisible: positions
-        count real tokens only, and no real token attends to a pad.
-        input_pos (B, T), with a KVCache: each token's position, kept by the caller (gpt-fast's
-        way); a token sees the cached positions up to its own and nothing after, whatever is
-        left in the cache's later columns.
+        attention_mask (B, T), 1 for real tokens and 0 for padding (Hugging Face's
+        convention): left padding is then invisible, positions count real tokens only and no
+        real token attends to a pad. With a kv_cache, input_pos (B, T) gives each token's
+        position instead, kept by the caller (gpt-fast's way: gpt2core/engine.py): a token
+        sees the cached positions up to its own and nothing after.
         """
         B, T = input_ids.size()
         mask = None
-        if input_pos is not None:
+        if kv_cache is not None:
+            if input_pos is None:
+                raise ValueError("a kv_cache needs input_pos, each token's position")
             pos = input_pos
-            mask = (kv_cache.cols <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, max_len)
+            cols = kv_cache.cols[:kv_cache.span]
+            mask = (cols <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, span)
+        elif T > self.config.n_positions:
+            raise ValueError(f"sequence of {T} tokens exceeds n_positions="
+                             f"{self.config.n_positions}; shorten the input")
+        elif attention_mask is None:
+            pos = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
         else:
-            past = kv_cache.length if kv_cache is not None else 0
-            if past + T > self.config.n_positions:
-                raise ValueError(f"sequence of {past + T} tokens exceeds n_positions="
-                                 f"{self.config.n_positions}; shorten the input or the "
-                                 "generation")
-            if attention_mask is None:
-                pos = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
-            else:
-                attention_mask = attention_mask.to(torch.bool)
-                pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-                mask = _padded_causal_mask(attention_mask, past, T)  # (B, 1, T, past + T)
+            attention_mask = attention_mask.to(torch.bool)
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            mask = _padded_causal_mask(attention_mask)  # (B, 1, T, T)
 
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
@@ -227,8 +202,6 @@ class GPT2(nn.Module):
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask, kv_cache, i, input_pos)
-        if kv_cache is not None and input_pos is None:
-            kv_cache.length += T
         return self.transformer.ln_f(x)
 
     # --- Sizes and speed --------------------------------------------------------------------
@@ -377,17 +350,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _CrossEntropy.apply(logits, targets)
 
 
-def _padded_causal_mask(attention_mask: torch.Tensor, past: int, T: int) -> torch.Tensor:
-    """Boolean (B, 1, T, past + T): query i sees key j if j <= past + i and j is not padding.
+def _padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T): query i sees key j if j <= i and j is not padding.
 
     Every query also sees itself, so a pad query (whose output is never used) has one key
     and softmax never divides by zero.
     """
-    S = past + T
-    device = attention_mask.device
-    q_pos = torch.arange(past, S, device=device).unsqueeze(1)  # (T, 1)
-    k_pos = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
-    causal = k_pos <= q_pos  # (T, S)
-    mask = causal.unsqueeze(0) & attention_mask[:, None, :S]  # (B, T, S)
-    mask = mask | (k_pos == q_pos).unsqueeze(0)
-    return mask.unsqueeze(1)  # (B, 1, T, S)
+    T = attention_mask.size(1)
+    pos = torch.arange(T, device=attention_mask.device)
+    causal = pos.unsqueeze(0) <= pos.unsqueeze(1)  # (T, T): key <= query
+    mask = (causal.unsqueeze(0) & attention_mask[:, None, :]) | torch.eye(
+        T, dtype=torch.bool, device=attention_mask.device)  # (B, T, T)
+    return mask.unsqueeze(1)  # (B, 1, T, T)

@@ -173,7 +173,7 @@ def stream(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
                          seed=seed)
     produced, done = [0] * B, [b == 0 for b in budget]
     try:
-        nxt = engine.prefill(prompts, params)
+        nxt, _, _ = engine.admit(range(B), prompts, params)
         while True:
             out = []
             for i, t in enumerate(nxt.tolist()):  # the step's one host sync
@@ -188,7 +188,7 @@ def stream(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
                 yield out[0]
             if all(done):
                 break
-            nxt = engine.step(nxt, params)
+            nxt, _ = engine.step(B)
     finally:
         model.train(was_training)
 

@@ -1,10 +1,12 @@
 """Continuous batching for the server: requests join and leave a running decode batch.
 
 `Decoder` holds the rows being decoded now, one per `Job` (a prompt with its own sampling
-parameters, seed and stop strings), in one KV cache (`SlotCache`). Each `step` advances every
-row by one token in a single forward pass, and admits waiting jobs with one batched prefill, so
-a new request starts at the next step instead of waiting for the running batch to end; a row
-leaves the batch the moment it finishes. Every row draws from its own seed's stream
+parameters, seed and stop strings), each in a slot of one gpt2core.engine.Engine: a static KV
+cache with positions, sampling parameters, penalties and logit_bias per slot on the device.
+Each `step` advances every running row by one token in a single forward pass (one host read:
+the sampled ids), and admits waiting jobs with one batched prefill into free slots, so a new
+request starts at the next step instead of waiting for the running batch to end; a row leaves
+the batch the moment it finishes. Every row draws from its own seed's stream
 (gpt2core.engine.uniform), so a request's tokens do not depend on what shares its batch, and
 equal gpt2core.generate's for the same seed.
 
@@ -23,10 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2core import GPT2, Tokenizer
-from gpt2core.config import GPT2Config
-from gpt2core.engine import Sampling, sample
-from gpt2core.model import KVCache
-from gpt2core.sampling import decode_head
+from gpt2core.engine import Engine, Sampling
 
 TOP_LOGPROBS = 5  # most alternatives a token's logprobs list (OpenAI's limit)
 
@@ -106,129 +105,14 @@ class TextStream:
         return piece
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask, shorter rows padded on the left (mask 0 there)."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, T - len(r):] = 1
-    return ids, mask
-
-
-
-class SlotCache:
-    """The KV cache of a batch whose rows come and go (a `gpt2core.model.DecodeCache`).
-
-    k, v are (n_layer, max_rows, nh, max_len, hs). Rows [0, rows) are the requests decoding
-    now. Every row ends at column `length` (which the model advances after each forward pass),
-    where its next token's keys and values go; its prompt and tokens so far sit right-aligned
-    before that, and `mask` marks them. A row that joined late is thus left-padded like a short
-    prompt in a static batch, and the model (which reads `length` and calls `update`) needs
-    nothing new. Columns no row uses any more are dropped when room runs out, so a row never
-    needs more than its own length: at most n_positions. Capacity starts at `capacity` columns
-    and doubles as needed.
-    """
-
-    def __init__(self, config: GPT2Config, max_rows: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, capacity: int = 128):
-        self.n_positions = config.n_positions
-        shape = (config.n_layer, max_rows, config.n_head, min(capacity, config.n_positions),
-                 config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.mask = torch.zeros(max_rows, shape[3], dtype=torch.bool, device=device)
-        self.length = 0
-        self.rows = 0
-
-    @property
-    def max_len(self) -> int:
-        """Columns allocated now."""
-        return self.k.size(3)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos=None):
-        """Write the active rows' (rows, nh, T, hs) keys/values at `length`; return all so far.
-        (Positions are the model's to keep here: input_pos is always None.)"""
-        end = self.length + k.size(2)
-        self.k[layer, :self.rows, :, self.length:end] = k
-        self.v[layer, :self.rows, :, self.length:end] = v
-        return self.k[layer, :self.rows, :, :end], self.v[layer, :self.rows, :, :end]
-
-    def next_mask(self) -> torch.Tensor:
-        """The attention mask (rows, length + 1) for one more token per row, making room for it."""
-        if self.length == self.max_len:
-            used = self.mask[:self.rows, :self.length].any(dim=0)
-            self._shift(-int(used.int().argmax()))  # drop the leading columns no row uses
-            self._grow(self.length + 1)
-        self.mask[:self.rows, self.length] = True
-        return self.mask[:self.rows, :self.length + 1]
-
-    def add(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> None:
-        """Append prefilled rows: k, v (n_layer, n, nh, T, hs) and their mask (n, T)."""
-        n, T = mask.shape
-        if self.rows + n > self.k.size(1):
-            raise ValueError(f"{self.rows} + {n} rows exceed the cache's {self.k.size(1)}")
-        if T > self.length:
-            self._shift(T - self.length)  # the newcomer is longer: pad everyone on the left
-        r, end = self.rows, self.length
-        self.k[:, r:r + n, :, end - T:end] = k[:, :, :, :T]
-        self.v[:, r:r + n, :, end - T:end] = v[:, :, :, :T]
-        self.mask[r:r + n, :end] = False
-        self.mask[r:r + n, end - T:end] = mask.bool()
-        self.rows += n
-
-    def remove(self, i: int) -> None:
-        """Drop row i: the last row moves into its place (callers reorder their rows alike)."""
-        last = self.rows - 1
-        if i != last:
-            for t in (self.k, self.v):
-                t[:, i, :, :self.length] = t[:, last, :, :self.length]
-            self.mask[i, :self.length] = self.mask[last, :self.length]
-        self.rows = last
-        if self.rows == 0:
-            self.length = 0
-
-    def _shift(self, d: int) -> None:
-        """Move every row's columns by d (right if d > 0, padding on the left; left if d < 0)."""
-        if d == 0:
-            return
-        self._grow(self.length + d)
-        src, dst = slice(max(0, -d), self.length), slice(max(0, d), self.length + d)
-        for t in (self.k, self.v):
-            t[:, :self.rows, :, dst] = t[:, :self.rows, :, src].clone()
-        self.mask[:self.rows, dst] = self.mask[:self.rows, src].clone()
-        if d > 0:
-            self.mask[:self.rows, :d] = False
-        self.length += d
-
-    def _grow(self, need: int) -> None:
-        """At least `need` columns: double the capacity (up to n_positions), keeping the content."""
-        if need <= self.max_len:
-            return
-        if need > self.n_positions:
-            raise ValueError(f"{need} cached positions exceed n_positions={self.n_positions}")
-        cap = min(self.n_positions, max(need, 2 * self.max_len))
-        k, v, mask = self.k, self.v, self.mask
-        self.k = k.new_zeros(k.shape[:3] + (cap, k.size(4)))
-        self.v = v.new_zeros(self.k.shape)
-        self.mask = mask.new_zeros(mask.size(0), cap)
-        r, n = self.rows, self.length  # only the active rows hold anything
-        self.k[:, :r, :, :n] = k[:, :r, :, :n]
-        self.v[:, :r, :, :n] = v[:, :r, :, :n]
-        self.mask[:r, :n] = mask[:r, :n]
-
-
 class _Row:
-    """One job being decoded: its text so far and the token to feed next (its seed's stream is
-    drawn at the number of tokens it has sampled: gpt2core.engine.uniform)."""
+    """One job being decoded, in engine slot `slot`: its text and tokens so far."""
 
-    def __init__(self, key: Hashable, job: Job, tokenizer: Tokenizer, device,
+    def __init__(self, key: Hashable, job: Job, tokenizer: Tokenizer, slot: int,
                  prompt_logprobs: tuple[TokenLogprob, ...] = ()):
-        self.key, self.job = key, job
+        self.key, self.job, self.slot = key, job, slot
         self.text = TextStream(tokenizer, job.stop)
-        self.generated: list[int] = []  # completion tokens so far (for the penalties)
-        self.token = -1  # the last sampled token: the next step's input
+        self.generated: list[int] = []  # completion tokens so far
         self.pending = prompt_logprobs  # echo: the prompt's logprobs go out with the first delta
 
     def advance(self, token: int, eos_id: int, logprob: TokenLogprob | None) -> Delta:
@@ -239,7 +123,6 @@ class _Row:
         if token == eos_id:
             return Delta(self.text.finish(), len(self.generated), "stop", lps)
         self.generated.append(token)
-        self.token = token
         lps += (logprob,) if logprob else ()
         piece = self.text.push(token)
         count = len(self.generated)
@@ -259,45 +142,29 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int
             for t, lp, ti, tv in zip(ids.tolist(), chosen, top_i.tolist(), top_v.tolist())]
 
 
-def adjust_logits(logits: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
-    """OpenAI's logit_bias and presence/frequency penalties, per row: logits (n, V) for
-    sampling. Penalties count the row's own completion tokens so far."""
-    if not any(r.job.logit_bias or r.job.presence_penalty or r.job.frequency_penalty
-               for r in rows):
-        return logits
-    logits = logits.clone()
-    V = logits.size(-1)
-    for i, row in enumerate(rows):
-        job = row.job
-        if job.logit_bias:
-            ids, bias = zip(*job.logit_bias)
-            logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
-        if (job.presence_penalty or job.frequency_penalty) and row.generated:
-            counts = torch.bincount(torch.tensor(row.generated, device=logits.device),
-                                    minlength=V)[:V].to(logits.dtype)
-            logits[i] -= job.frequency_penalty * counts + job.presence_penalty * (counts > 0)
-    return logits
-
-
 class Decoder:
     """Continuous batching, synchronous: the rows decoding now, advanced one step at a time.
 
     `step(new)` advances every running row by one token (one forward pass over all of them),
-    then admits `new` jobs (one left-padded prefill; their first token) and returns one Delta
-    per row that produced a token, keyed by the caller's key. A row's last Delta has a
+    then admits `new` jobs (one prefill into free slots; their first token) and returns one
+    Delta per row that produced a token, keyed by the caller's key. A row's last Delta has a
     finish_reason and the row is gone from the batch after it. Not thread-safe: one caller.
+    `compile`: the engine's step through torch.compile, CUDA graphs on CUDA (one per batch
+    size, powers of two: the step then runs over a few free slots too).
     """
 
-    def __init__(self, model: GPT2, tokenizer: Tokenizer, max_rows: int):
+    def __init__(self, model: GPT2, tokenizer: Tokenizer, max_rows: int, *,
+                 compile: bool = False):
         self.model, self.tokenizer, self.max_rows = model.eval(), tokenizer, max_rows
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device = next(model.parameters()).device
+        self.compile = compile
         self.reset()
 
     def reset(self) -> None:
         """Forget every row (after an error, say)."""
-        self.cache = SlotCache(self.model.config, self.max_rows, self.device, self.dtype)
-        self.rows: list[_Row] = []
+        self.engine = Engine(self.model, self.max_rows, self.model.config.n_positions,
+                             compile=self.compile)
+        self.rows: list[_Row] = []  # in slot order
 
     @property
     def free(self) -> int:
@@ -306,10 +173,7 @@ class Decoder:
 
     def cancel(self, key: Hashable) -> None:
         """Drop the row of `key` (its client went away); no-op when it already finished."""
-        for i, row in enumerate(self.rows):
-            if row.key == key:
-                self._remove(i)
-                return
+        self.rows = [r for r in self.rows if r.key != key]
 
     @torch.inference_mode()
     def step(self, new: Sequence[tuple[Hashable, Job]] = ()) -> list[tuple[Hashable, Delta]]:
@@ -318,62 +182,59 @@ class Decoder:
             raise ValueError(f"{len(new)} new jobs but room for {self.free}")
         out = []
         if self.rows:
-            ids = torch.tensor([[r.token] for r in self.rows], device=self.device)
-            h = self.model.hidden_states(ids, attention_mask=self.cache.next_mask(),
-                                         kv_cache=self.cache)
-            out += self._sample(h[:, -1], 0)
+            n = self.rows[-1].slot + 1
+            if self.compile:  # a graph per power of two
+                n = min(self.max_rows, 1 << (n - 1).bit_length())
+            ids, logits = self.engine.step(n)
+            out += self._deliver(self.rows, ids, logits, [r.slot for r in self.rows])
         if new:
             out += self._admit(new)
         return out
 
     def _admit(self, new: Sequence[tuple[Hashable, Job]]) -> list[tuple[Hashable, Delta]]:
-        ids, mask = left_pad([job.prompt_ids for _, job in new], self.tokenizer.eos_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        prefill = KVCache(self.model.config, len(new), ids.size(1), self.device, self.dtype)
-        h = self.model.hidden_states(ids, attention_mask=mask, kv_cache=prefill)
-        self.cache.add(prefill.k, prefill.v, mask)
-        first = len(self.rows)
-        self.rows += [_Row(key, job, self.tokenizer, self.device,
-                           self._prompt_logprobs(h[i], job) if job.prompt_logprobs else ())
-                      for i, (key, job) in enumerate(new)]
-        return self._sample(h[:, -1], first)
+        used = {r.slot for r in self.rows}
+        slots = [s for s in range(self.max_rows) if s not in used][:len(new)]
+        jobs = [job for _, job in new]
+        params = Sampling.of(len(jobs), self.device, temperature=[j.temperature for j in jobs],
+                             top_p=[j.top_p for j in jobs], seed=[j.seed for j in jobs],
+                             presence=[j.presence_penalty for j in jobs],
+                             frequency=[j.frequency_penalty for j in jobs])
+        ids, logits, h = self.engine.admit(slots, [j.prompt_ids for j in jobs], params,
+                                           [j.logit_bias for j in jobs])
+        rows = [_Row(key, job, self.tokenizer, slot,
+                     self._prompt_logprobs(h[i], job) if job.prompt_logprobs else ())
+                for i, ((key, job), slot) in enumerate(zip(new, slots))]
+        self.rows = sorted(self.rows + rows, key=lambda r: r.slot)
+        return self._deliver(rows, ids, logits, list(range(len(rows))))
 
     def _prompt_logprobs(self, h: torch.Tensor, job: Job) -> tuple[TokenLogprob, ...]:
-        """The prompt's tokens scored by the prefill's hidden states h (T, C), left-padded."""
-        ids, T = job.prompt_ids, h.size(0)
+        """The prompt's tokens scored by the prefill's hidden states h (T, C), right-padded."""
+        ids = job.prompt_ids
         first = TokenLogprob(ids[0], None)  # nothing before it to condition on
         if len(ids) == 1:
             return (first,)
-        logits = h[T - len(ids):T - 1] @ decode_head(self.model)  # (p - 1, V): next-token
+        logits = h[:len(ids) - 1] @ self.engine.head  # (p - 1, V): next-token
         rest = token_logprobs(logits, torch.tensor(ids[1:], device=h.device), job.logprobs or 0)
         return (first, *rest)
 
-    def _sample(self, h: torch.Tensor, first: int) -> list[tuple[Hashable, Delta]]:
-        """Sample rows[first:] from their last hidden states (n, C); retire finished rows."""
-        rows = self.rows[first:]
-        logits = h @ decode_head(self.model)  # (n, V)
-        params = Sampling.of(len(rows), self.device, temperature=[r.job.temperature for r in rows],
-                             top_p=[r.job.top_p for r in rows], seed=[r.job.seed for r in rows])
-        drawn = torch.tensor([len(r.generated) for r in rows], device=self.device)
-        tokens = sample(adjust_logits(logits, rows), params, drawn)
+    def _deliver(self, rows: Sequence[_Row], ids: torch.Tensor, logits: torch.Tensor,
+                 at: list[int]) -> list[tuple[Hashable, Delta]]:
+        """Each row's token (ids[at[i]]), its logprobs when asked, its Delta; rows that
+        finished leave the batch (their slots are free for the next admission)."""
+        tokens = ids.tolist()  # the step's one host read
         want = [i for i, r in enumerate(rows) if r.job.logprobs is not None]
         lps: list[TokenLogprob | None] = [None] * len(rows)
         if want:
             k = max(rows[i].job.logprobs for i in want)
-            for i, lp in zip(want, token_logprobs(logits[want], tokens[want], k)):
+            index = [at[i] for i in want]
+            for i, lp in zip(want, token_logprobs(logits[index], ids[index], k)):
                 lps[i] = TokenLogprob(lp.id, lp.logprob, lp.top[:rows[i].job.logprobs])
-        out, done = [], []
-        for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
-            delta = row.advance(token, self.tokenizer.eos_id, lps[i])
+        out, done = [], set()
+        for i, row in enumerate(rows):
+            delta = row.advance(tokens[at[i]], self.tokenizer.eos_id, lps[i])
             out.append((row.key, delta))
             if delta.finish_reason:
-                done.append(first + i)
-        for i in reversed(done):  # highest first: a moved-in last row is never one still to go
-            self._remove(i)
+                done.add(row.key)
+        if done:
+            self.rows = [r for r in self.rows if r.key not in done]
         return out
-
-    def _remove(self, i: int) -> None:
-        self.cache.remove(i)
-        last = self.rows.pop()
-        if i < len(self.rows):
-            self.rows[i] = last

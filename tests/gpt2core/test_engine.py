@@ -57,12 +57,53 @@ def full_forward_greedy(model, prompt: list[int], n: int) -> list[int]:
 def test_greedy_prompts_of_mixed_lengths_equal_a_full_forward_pass(model):
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [1]]
     engine = Engine(model, 3, 20)
-    params = Sampling.of(3, "cpu", temperature=0.0)
-    steps = [engine.prefill(prompts, params)]
+    steps = [engine.admit(range(3), prompts, Sampling.of(3, "cpu", temperature=0.0))[0]]
     for _ in range(9):
-        steps.append(engine.step(steps[-1], params))
+        steps.append(engine.step(3)[0])
     rows = torch.stack(steps, dim=1).tolist()
     assert rows == [full_forward_greedy(model, p, 10) for p in prompts]
+
+
+def test_slots_joining_late_and_reused_give_a_full_forward_passs_logits(model):
+    """Rows admitted between steps, a slot reused by a shorter prompt over a longer one's
+    stale keys: every step's raw logits equal a plain forward pass of the row's sequence."""
+    engine = Engine(model, 2, 24)
+    greedy = Sampling.of(1, "cpu", temperature=0.0)
+    a, b, c = [5, 6, 7, 8, 9, 10], [11, 12], [13]
+
+    def check(rows: dict[int, list[int]], ids, logits) -> None:
+        for slot, seq in rows.items():
+            seq.append(int(ids[slot]))
+            full = model(torch.tensor([seq[:-1]]))[0, -1]
+            assert torch.allclose(logits[slot], full, atol=1e-4), slot
+
+    ids, logits, _ = engine.admit([0], [a], greedy)
+    check({0: a}, torch.stack([ids[0]]), logits)
+    for _ in range(2):
+        check({0: a}, *engine.step(1))
+    ids, logits, _ = engine.admit([1], [b], greedy)
+    check({0: b}, ids, logits)
+    for _ in range(3):
+        check({0: a, 1: b}, *engine.step(2))
+    ids, logits, _ = engine.admit([0], [c], greedy)  # over a's 11 cached positions
+    check({0: c}, ids, logits)
+    for _ in range(3):
+        check({0: c, 1: b}, *engine.step(2))
+
+
+def test_penalties_and_bias_follow_openais_formula_on_the_device(model):
+    engine = Engine(model, 1, 24)
+    params = Sampling.of(1, "cpu", temperature=0.0, presence=0.5, frequency=2.0)
+    ids, raw, _ = engine.admit([0], [[1, 2]], params, bias=[[(7, 3.0)]])
+    first = raw[0].clone()
+    first[7] += 3.0
+    assert int(ids[0]) == int(first.argmax())  # the bias, before any token was sampled
+    ids2, raw2 = engine.step(1)
+    counts = torch.zeros_like(raw2[0])
+    counts[int(ids[0])] = 1
+    want = raw2[0] - 2.0 * counts - 0.5 * (counts > 0)
+    want[7] += 3.0
+    assert int(ids2[0]) == int(want.argmax())
 
 
 def test_a_seeded_row_is_the_same_alone_or_in_any_batch(model):
@@ -104,10 +145,10 @@ def step_ops(model, rows: int) -> OpCounter:
     engine = Engine(model, rows, 16, shortcut=False)
     params = Sampling.of(rows, "cpu", temperature=[0.0, 0.8] * (rows // 2) or 0.8,
                          top_p=0.9, top_k=[0, 5] * (rows // 2) or 5, seed=3)
-    ids = engine.prefill([[1, 2, 3]] * rows, params)
-    ids = engine.step(ids, params)
+    engine.admit(range(rows), [[1, 2, 3]] * rows, params)
+    engine.step(rows)
     with OpCounter() as counter:
-        engine.step(ids, params)
+        engine.step(rows)
     return counter
 
 
@@ -126,8 +167,8 @@ def test_the_compiled_step_gives_the_eager_steps_tokens(model):
     runs = []
     for compile in (False, True):
         engine = Engine(model, 2, 16, compile=compile, shortcut=False)
-        ids = [engine.prefill(prompts, params)]
+        ids = [engine.admit(range(2), prompts, params)[0]]
         for _ in range(8):
-            ids.append(engine.step(ids[-1], params))
+            ids.append(engine.step(2)[0])
         runs.append(torch.stack(ids, dim=1).tolist())
     assert runs[0] == runs[1]

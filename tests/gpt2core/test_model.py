@@ -60,11 +60,13 @@ def test_kv_cache_decoding_equals_full_forward(model):
     x = torch.randint(0, 97, (2, 20))
     full = model(x)
     cache = KVCache(model.config, batch_size=2, max_len=20)
-    pieces = [model(x[:, :7], kv_cache=cache)]  # prefill 7, then one token at a time
+    pos = torch.arange(20).expand(2, 20)  # positions are the caller's to keep
+    pieces = [model(x[:, :7], kv_cache=cache, input_pos=pos[:, :7])]  # prefill 7, then 1 by 1
     for t in range(7, 20):
-        pieces.append(model(x[:, t:t + 1], kv_cache=cache))
-    assert cache.length == 20
+        pieces.append(model(x[:, t:t + 1], kv_cache=cache, input_pos=pos[:, t:t + 1]))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs input_pos"):
+        model(x[:, :1], kv_cache=cache)
 
 
 def test_left_padded_batch_equals_unpadded_rows(model):
@@ -79,14 +81,17 @@ def test_left_padded_batch_equals_unpadded_rows(model):
     torch.testing.assert_close(out[1, 7:], model(b[None])[0], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(out).all()  # pad queries do not produce NaN
 
-    # and with the cache: continue both rows by one token
+    # and with the cache: rows of different lengths (right-padded), each continued by one
+    # token at its own position, over the pad's stale keys in row 1
     cache = KVCache(model.config, 2, 13)
-    model(ids, attention_mask=mask, kv_cache=cache)
+    right = torch.zeros(2, 12, dtype=torch.long)
+    right[0], right[1, :5] = a, b
+    model(right, kv_cache=cache, input_pos=torch.arange(12).expand(2, 12))
     nxt = torch.tensor([[3], [4]])
-    step = model(nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
-                 kv_cache=cache)
-    torch.testing.assert_close(step[1, 0], model(torch.cat([b, nxt[1]])[None])[0, -1],
-                               atol=1e-5, rtol=1e-5)
+    step = model(nxt, kv_cache=cache, input_pos=torch.tensor([[12], [5]]))
+    for row, seq in enumerate([a, b]):
+        torch.testing.assert_close(step[row, 0], model(torch.cat([seq, nxt[row]])[None])[0, -1],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_too_long_input_is_a_clear_error(model):

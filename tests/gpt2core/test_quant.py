@@ -134,8 +134,10 @@ def test_cached_decode_equals_full_forward_and_the_cache_follows_the_dtype(dtype
     with torch.inference_mode():
         full = model(x).float()
         cache = KVCache(model.config, 2, 12, dtype=next(model.parameters()).dtype)
-        steps = [model(x[:, :5], kv_cache=cache)[:, -1]]
-        steps += [model(x[:, t:t + 1], kv_cache=cache)[:, -1] for t in range(5, 12)]
+        pos = torch.arange(12).expand(2, 12)
+        steps = [model(x[:, :5], kv_cache=cache, input_pos=pos[:, :5])[:, -1]]
+        steps += [model(x[:, t:t + 1], kv_cache=cache, input_pos=pos[:, t:t + 1])[:, -1]
+                  for t in range(5, 12)]
     # int8: rows are quantized one by one, so a row's logits are the same alone or in a prompt
     # (float32 attention sums aside); bf16: the attention sums round to 8 bits
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == "int8" else dict(rtol=0.05, atol=0.05)

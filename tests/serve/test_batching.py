@@ -1,12 +1,11 @@
-"""serve/batching.py without Ray: text release, stop strings, slot cache, continuous batching."""
+"""serve/batching.py without Ray: text release, stop strings, continuous batching on the
+engine's slots."""
 
 import pytest
 import torch
 
 from gpt2core import GPT2, GPT2Config, Tokenizer, generate
-from gpt2core.model import KVCache
-from gpt2core.sampling import decode_head
-from serve.batching import Decoder, Job, SlotCache, TextStream, left_pad
+from serve.batching import Decoder, Job, TextStream
 
 TEXTS = ["ROMEO: What light through yonder window breaks?", "naïve café 你好 🙂",
          "The quick brown fox jumps over the lazy dog."]
@@ -48,12 +47,6 @@ def test_text_stream_cuts_at_a_stop_string_across_tokens(tok):
     assert not any("l" in p for p in pieces)  # the held-back start of the stop never leaked
 
 
-def test_left_pad():
-    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
-    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
 JOBS = [("ROMEO:", 12, 1.0, 0.9, 1), ("The quick brown", 5, 0.7, 1.0, 2),
         ("naïve", 20, 1.0, 0.5, 3), ("What light", 30, 0.0, 1.0, 4),
         ("ROMEO: What light through yonder window", 9, 1.2, 0.8, 5)]
@@ -85,14 +78,12 @@ def decode(decoder: Decoder, schedule: dict[int, list[tuple[int, Job]]]) -> tupl
 def test_a_job_decodes_the_same_alone_or_joining_a_running_batch(tok, model):
     js = jobs(tok)
     alone = [decode(Decoder(model, tok, 1), {0: [(i, j)]})[0][i] for i, j in enumerate(js)]
-    # a small starting capacity forces the cache to grow, shift right for a long newcomer,
-    # and drop columns no row uses any more, while rows come and go
+    # rows come and go: a newcomer takes the lowest free slot, between running rows
     decoder = Decoder(model, tok, 3)
-    decoder.cache = SlotCache(model.config, 3, capacity=4)
     together, sizes = decode(decoder, {0: [(0, js[0]), (1, js[1])], 3: [(2, js[2])],
                                        6: [(3, js[3])], 14: [(4, js[4])]})
     assert [together[i] for i in range(len(js))] == alone
-    assert max(sizes) == 3 and decoder.cache.max_len < model.config.n_positions
+    assert max(sizes) == 3
     ids = generate(model, js[0].prompt_ids, 12, top_p=0.9, seed=[1], eos_id=tok.eos_id)
     assert together[0] == tok.decode(ids)  # and the same as gpt2core's own sampler
 
@@ -103,7 +94,7 @@ def test_finish_reasons_and_cancel(tok, model):
     (_, d), = decoder.step([("a", greedy)])
     assert d.tokens == 1 and d.finish_reason is None and decoder.free == 3
     decoder.cancel("a")
-    assert decoder.rows == [] and decoder.cache.rows == 0 and decoder.free == 4
+    assert decoder.rows == [] and decoder.free == 4
     text, _ = decode(decoder, {0: [("b", greedy)]})
     ids = generate(model, greedy.prompt_ids, 6, temperature=0.0)
     assert text["b"] == tok.decode(ids)
@@ -117,38 +108,3 @@ def test_finish_reasons_and_cancel(tok, model):
     assert (d.text, d.tokens, d.finish_reason) == ("", 0, "stop")
     with pytest.raises(ValueError, match="room for 1"):
         Decoder(model, tok, 1).step([("x", greedy), ("y", greedy)])
-
-
-def test_slot_cache_rows_match_a_full_forward(tok, model):
-    """Logits through the slot cache (rows joining late, removed, shifted) == a plain forward."""
-    a, b = tok.encode("ROMEO: What light"), tok.encode("naïve café")
-    cache = SlotCache(model.config, 2, capacity=2)
-    head = decode_head(model)
-    with torch.inference_mode():
-        ids, mask = left_pad([a], tok.eos_id)
-        pre = model.hidden_states(ids, attention_mask=mask, kv_cache=(k := KVCache(
-            model.config, 1, ids.size(1))))
-        cache.add(k.k, k.v, mask)
-        seq_a = list(a)
-        for t in [5, 7]:  # a alone grows by two tokens
-            seq_a.append(t)
-            h = model.hidden_states(torch.tensor([[t]]), attention_mask=cache.next_mask(),
-                                    kv_cache=cache)
-        ids, mask = left_pad([b], tok.eos_id)
-        model.hidden_states(ids, attention_mask=mask, kv_cache=(k := KVCache(
-            model.config, 1, ids.size(1))))
-        cache.add(k.k, k.v, mask)  # b joins, shorter: left-padded
-        seq_b = list(b)
-        for t in [9, 11, 13]:
-            seq_a.append(t), seq_b.append(t + 1)
-            h = model.hidden_states(torch.tensor([[t], [t + 1]]),
-                                    attention_mask=cache.next_mask(), kv_cache=cache)
-        for row, seq in enumerate([seq_a, seq_b]):
-            full = model(torch.tensor([seq]))[0, -1]
-            assert torch.allclose(h[row, -1] @ head, full, atol=1e-4)
-        cache.remove(0)  # b moves into row 0 and goes on alone
-        seq_b.append(3)
-        h = model.hidden_states(torch.tensor([[3]]), attention_mask=cache.next_mask(),
-                                kv_cache=cache)
-        assert torch.allclose(h[0, -1] @ head, model(torch.tensor([seq_b]))[0, -1], atol=1e-4)
-    assert pre.shape[0] == 1 and cache.rows == 1
