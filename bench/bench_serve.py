@@ -15,6 +15,7 @@ Target at 16 clients: batching >= 4x the tokens/s of max_batch_size=1, and p99 <
 Run:
     .venv/bin/python bench/bench_serve.py               # full, ~3 min on 2 CPU cores
     .venv/bin/python bench/bench_serve.py --smoke-test  # a tiny model, seconds
+    .venv/bin/python bench/bench_serve.py --standin --clients 1 16  # launch-bound stand-in
 It prints a table and writes JSON (default bench/results/bench_serve.json) naming the machine.
 """
 
@@ -43,15 +44,20 @@ def machine() -> dict:
     return machine_info(ray=ray.__version__)
 
 
-def make_model_dir(path: Path, smoke: bool) -> None:
+def make_model_dir(path: Path, smoke: bool, standin: bool = False) -> None:
+    """GPT-2 124M's shape with OpenAI's vocabulary (random weights); `smoke`: 2 x 64 wide;
+    `standin`: launch-bound like a 124M decode step on a GPU, many small kernels (12 layers x
+    64 wide, a 300-token vocabulary trained here on PROMPT)."""
     import torch
 
     from gpt2core import GPT2, GPT2Config, Tokenizer
 
     torch.manual_seed(0)
-    tok = Tokenizer.from_pretrained(ROOT / "tests" / "assets" / "gpt2")
-    shape = dict(n_layer=2, n_head=2, n_embd=64) if smoke else dict(n_layer=12, n_head=12,
-                                                                     n_embd=768)
+    tok = Tokenizer.train([PROMPT] * 8, vocab_size=300) if standin else \
+        Tokenizer.from_pretrained(ROOT / "tests" / "assets" / "gpt2")
+    shape = dict(n_layer=2, n_head=2, n_embd=64) if smoke else \
+        dict(n_layer=12, n_head=4, n_embd=64) if standin else \
+        dict(n_layer=12, n_head=12, n_embd=768)
     GPT2(GPT2Config(vocab_size=tok.vocab_size, n_positions=1024, **shape)).save_pretrained(
         path, tokenizer=tok)
 
@@ -102,6 +108,9 @@ async def level(url: str, clients: int, per_client: int, max_tokens: int) -> dic
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke-test", action="store_true", help="tiny model, few requests")
+    p.add_argument("--standin", action="store_true", help="a launch-bound stand-in for a GPU "
+                   "decode step (12 layers x 64 wide, vocabulary 300): the CPU no-regression "
+                   "line for batching overheads that grow with the rows")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=2,
                    help="requests per client at the highest level (more at lower levels)")
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "gpt2-124m-random"
-        make_model_dir(model_dir, args.smoke_test)
+        make_model_dir(model_dir, args.smoke_test, args.standin)
         urls = {}
         for i, (mode, batch) in enumerate(modes.items()):
             serve.run(app(AppArgs(model_dir=str(model_dir), num_cpus=cpus, max_batch_size=batch,

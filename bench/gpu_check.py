@@ -7,9 +7,10 @@
 2. GPT-2 124M training throughput on random tokens, bf16 autocast (the precision rule's choice),
    torch.compile off and on: tokens/s and MFU against the GPU's datasheet dense bf16 peak
    (gpt2core.training.GPU_PEAK_FLOPS). Target on H100/H200: MFU >= 50 % with compile.
-3. decode tokens/s at batch 1, 8 and 32 (gpt2core.sampling.generate, greedy, bf16 weights and KV
-   cache), beside transformers' generate on the same weights when transformers is installed.
-   Target: batch 32 >= 2x transformers.
+3. inference, in a fresh process (bench/gpu_inference.py): greedy decode tokens/s at batch 1,
+   8, 32 and 128 (gpt2core.generate, a compiled engine, transformers eager and static-cache),
+   a per-step profile (kernels, copies, syncs, ms) of the engine and of Serve's Decoder, and
+   the Serve app on the GPU under 1, 16 and 64 streaming clients (tokens/s, TTFT p50/p99).
 4. evaluate on the GPU (pipelines/evaluate.py --smoke-test: a tiny model with and without Ray)
 5. a Serve completion request to a replica given one GPU
 
@@ -78,65 +79,21 @@ def train_throughput(compile: bool, batch: int, steps: int) -> dict:
     return result
 
 
-def decode_throughput(batches: list[int], new_tokens: int) -> list[dict]:
-    """Greedy decode tokens/s for GPT-2 124M (random weights), ours and transformers'."""
-    import torch
-
-    from gpt2core import GPT2, GPT2Config, precision
-    from gpt2core.sampling import generate
-
-    torch.manual_seed(0)
-    model = GPT2(GPT2Config()).to("cuda").eval()
-    hf = _hf_model(model)
-    model = precision.for_inference(model)
-    rows = []
-    for batch in batches:
-        prompt = torch.randint(0, 50257, (batch, 16))
-        row = {"batch": batch, "dtype": str(next(model.parameters()).dtype)}
-        generate(model, prompt, 8, temperature=0.0)  # warm-up
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        generate(model, prompt, new_tokens, temperature=0.0)
-        torch.cuda.synchronize()
-        row["gpt2core_tok_s"] = batch * new_tokens / (time.perf_counter() - start)
-        row["engine_compiled_tok_s"] = engine_tok_s(model, prompt, new_tokens)
-        if hf is not None:
-            ids = prompt.to("cuda")
-            kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                      pad_token_id=0)
-            hf.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            hf.generate(ids, **kw)
-            torch.cuda.synchronize()
-            row["transformers_tok_s"] = batch * new_tokens / (time.perf_counter() - start)
-            row["ratio"] = row["gpt2core_tok_s"] / row["transformers_tok_s"]
-        rows.append(row)
-    return rows
+def inference(timeout: int, quick: bool) -> dict:
+    """bench/gpu_inference.py in a fresh process (not after the compiled training part):
+    decode, the per-step profile and Serve under streaming clients; its JSON and table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "inference.json"
+        done = subprocess.run([sys.executable, "bench/gpu_inference.py", "--json", str(out),
+                               *(["--quick"] if quick else [])], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)
+        result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update(ok=done.returncode == 0, table=done.stdout.rstrip(),
+                  tail=(done.stdout + done.stderr).strip().splitlines()[-3:])
+    return result
 
 
-def engine_tok_s(model, prompt, new_tokens: int) -> float:
-    """Greedy tokens/s of one gpt2core.engine.Engine with its step compiled (CUDA graphs),
-    kept across runs as Serve keeps its engine: the second run is timed."""
-    import torch
-
-    from gpt2core.engine import Engine, Sampling
-
-    batch = prompt.size(0)
-    engine = Engine(model, batch, prompt.size(1) + new_tokens, compile=True)
-    params = Sampling.of(batch, "cuda", temperature=0.0)
-    prompts = prompt.tolist()
-    for _ in range(2):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.admit(range(batch), prompts, params)
-        for _ in range(new_tokens - 1):
-            engine.step(batch)[0].tolist()  # the one host sync a step makes when it is used
-        torch.cuda.synchronize()
-    return batch * new_tokens / (time.perf_counter() - start)
-
-
-def _hf_model(model):
+def _hf_model(model, device: str = "cuda"):
     """transformers' GPT2LMHeadModel with our weights, in the same inference dtype; None when
     transformers is not installed (it is the bench extra)."""
     try:
@@ -148,7 +105,7 @@ def _hf_model(model):
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         hf = transformers.GPT2LMHeadModel.from_pretrained(d)
-    return hf.to("cuda", precision.inference_dtype(next(model.parameters()).device)).eval()
+    return hf.to(device, precision.inference_dtype(next(model.parameters()).device)).eval()
 
 
 def evaluate_smoke(timeout: int) -> dict:
@@ -206,11 +163,9 @@ def table(results: dict) -> str:
         lines.append(f"  train compile={r['compile']!s:5}  {r['tokens_per_s']:>10,.0f} tok/s  "
                      f"MFU {100 * r['mfu']:5.1f} %  ({r['dtype']}, batch {r['batch']}x1024, "
                      f"{r['max_memory_gb']:.1f} GB)")
-    for r in results.get("decode", []):
-        hf = f"  transformers {r['transformers_tok_s']:>8,.0f}  x{r['ratio']:.2f}" \
-            if "ratio" in r else ""
-        lines.append(f"  decode batch {r['batch']:>2}       {r['gpt2core_tok_s']:>10,.0f} tok/s"
-                     f"{hf}  engine compiled {r['engine_compiled_tok_s']:>8,.0f}")
+    r = results.get("inference")
+    if r:
+        lines.append(r["table"] if r.get("ok") else f"  inference FAIL {r.get('tail')}")
     for name in ("evaluate", "serve"):
         r = results.get(name)
         if r:
@@ -226,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=0,
                    help="training sequences per step (0: 16 on GPUs of 60 GB and more, else 8)")
     p.add_argument("--skip", nargs="*", default=[], help="parts to leave out: tests train "
-                   "decode evaluate serve")
+                   "inference evaluate serve")
     args = p.parse_args(argv)
     import torch
 
@@ -241,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu=props.name, capability=f"{props.major}.{props.minor}",
         gpu_memory_gb=props.total_memory / 1e9, cuda=torch.version.cuda)}
     batch = args.batch or (16 if props.total_memory > 60e9 else 8)
-    steps, new_tokens = (5, 32) if args.quick else (20, 128)
+    steps = 5 if args.quick else 20
 
     def attempt(fn, *a):
         try:
@@ -254,10 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if "train" not in args.skip:
         results["train"] = [attempt(train_throughput, c, batch, steps) | {"compile": c}
                             for c in (False, True)]
-    if "decode" not in args.skip:
-        results["decode"] = attempt(decode_throughput, [1, 8, 32], new_tokens)
-        if isinstance(results["decode"], dict):  # failed
-            results["decode_error"], results["decode"] = results["decode"]["error"], []
+    if "inference" not in args.skip:
+        results["inference"] = attempt(inference, 330, args.quick)
     if "evaluate" not in args.skip:
         results["evaluate"] = attempt(evaluate_smoke, 150)
     if "serve" not in args.skip:

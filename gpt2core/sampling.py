@@ -143,7 +143,8 @@ def stream(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
     A row stops at eos_id (not yielded) or after its max_new_tokens. seed: an int (row i uses
     seed + i) or one seed per row, each row's tokens then the same whatever else is in the
     batch; None draws random seeds from torch's global RNG. compile: the decode step through
-    torch.compile (CUDA graphs on CUDA), the same tokens.
+    torch.compile (CUDA graphs on CUDA; compiled once per batch size in a process), the same
+    tokens.
     """
     from gpt2core.engine import Engine, Sampling
 
@@ -168,7 +169,9 @@ def stream(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
         return
     was_training = model.training
     device = next(model.parameters()).device
-    engine = Engine(model, B, max(len(p) + b for p, b in zip(prompts, budget)), compile=compile)
+    # compiled, the cache is the whole context: one shape for every prompt, compiled once
+    need = max(len(p) + b for p, b in zip(prompts, budget))
+    engine = Engine(model, B, n_positions if compile else need, compile=compile)
     params = Sampling.of(B, device, temperature=temperature, top_p=top_p, top_k=top_k,
                          seed=seed)
     produced, done = [0] * B, [b == 0 for b in budget]
@@ -218,7 +221,8 @@ def decode_head(model: GPT2) -> torch.Tensor:
 def generate(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
              temperature: PerRow = 1.0, top_p: PerRow = 1.0, top_k: int | Sequence[int] = 0,
              eos_id: int | None = None, seed: int | Sequence[int] | None = None,
-             attention_mask: torch.Tensor | None = None) -> list[int] | list[list[int]]:
+             attention_mask: torch.Tensor | None = None,
+             compile: bool = False) -> list[int] | list[list[int]]:
     """The new token ids: a list for one prompt, a list per row for a batch (see `stream`).
 
     A row shorter than its max_new_tokens stopped at eos_id (finish reason "stop").
@@ -227,7 +231,8 @@ def generate(model: GPT2, input_ids, max_new_tokens: int | Sequence[int], *,
     single = ids.dim() == 1
     rows: list[list[int]] = [[] for _ in range(1 if single else ids.size(0))]
     for step in stream(model, ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                       top_k=top_k, eos_id=eos_id, seed=seed, attention_mask=attention_mask):
+                       top_k=top_k, eos_id=eos_id, seed=seed, attention_mask=attention_mask,
+                       compile=compile):
         for row, tok in zip(rows, [step] if single else step):
             if tok is not None:
                 row.append(tok)

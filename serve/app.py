@@ -88,8 +88,9 @@ class GPT2Server:
         self.max_tokens_cap = min(args.max_tokens_cap, self.n_positions - 1)
         BodyLimit.limit = args.body_limit
         self.metrics = metrics()
-        self.scheduler = Scheduler(Decoder(self.model, self.tokenizer, args.max_batch_size),
-                                   args.batch_wait_timeout_s, self.metrics.on_step)
+        compile = device == "cuda" if args.compile == "auto" else args.compile == "on"
+        decoder = Decoder(self.model, self.tokenizer, args.max_batch_size, compile=compile)
+        self.scheduler = Scheduler(decoder, args.batch_wait_timeout_s, self.metrics.on_step)
         self.created = int(time.time())
 
     def check_health(self) -> None:

@@ -32,6 +32,9 @@ class AppArgs(BaseModel):
     """weights for decoding: float32, bfloat16, int8 (CPUs: int8 weights with per-channel
     scales, gpt2core/quant.py) or auto (int8 on x86 CPUs with AVX2, bf16 on CPUs with native
     bf16 and on Ampere+ GPUs); None: float32 on CPUs, bf16/fp16 on GPUs"""
+    compile: str = Field("auto", pattern="^(auto|on|off)$")
+    """decode steps through torch.compile (one CUDA graph per batch size, powers of two, on
+    GPUs): on, off, or auto (on with CUDA, off on CPUs, where eager decoding is as fast)"""
     max_tokens_cap: int = Field(256, ge=1)
     """largest max_tokens a request may ask for, in tokens (also bounded by the context)"""
     max_batch_size: int = Field(16, ge=1)

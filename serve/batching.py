@@ -142,6 +142,15 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int
             for t, lp, ti, tv in zip(ids.tolist(), chosen, top_i.tolist(), top_v.tolist())]
 
 
+class AdmitFailed(Exception):
+    """Admitting new jobs failed: those jobs (`keys`) fail, the running rows go on; `deltas`
+    are the running rows' tokens of the step, already decoded."""
+
+    def __init__(self, keys: list[Hashable], deltas: list[tuple[Hashable, Delta]]):
+        super().__init__(f"admitting {len(keys)} job(s) failed")
+        self.keys, self.deltas = keys, deltas
+
+
 class Decoder:
     """Continuous batching, synchronous: the rows decoding now, advanced one step at a time.
 
@@ -188,7 +197,12 @@ class Decoder:
             ids, logits = self.engine.step(n)
             out += self._deliver(self.rows, ids, logits, [r.slot for r in self.rows])
         if new:
-            out += self._admit(new)
+            try:
+                out += self._admit(new)
+            except Exception as e:  # a bad newcomer (OOM in its prefill, say) fails alone
+                keys = {key for key, _ in new}
+                self.rows = [r for r in self.rows if r.key not in keys]
+                raise AdmitFailed(list(keys), out) from e
         return out
 
     def _admit(self, new: Sequence[tuple[Hashable, Job]]) -> list[tuple[Hashable, Delta]]:

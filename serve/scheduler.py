@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from serve.batching import Decoder, Delta, Job
+from serve.batching import AdmitFailed, Decoder, Delta, Job
 
 
 class Scheduler:
@@ -80,6 +80,11 @@ class Scheduler:
             try:
                 deltas = await asyncio.get_running_loop().run_in_executor(
                     self._thread, self.decoder.step, new)
+            except AdmitFailed as e:  # only the newcomers fail; the running rows go on
+                for key in e.keys:
+                    if key in self.queues:
+                        self.queues[key].put_nowait(e.__cause__)
+                deltas = e.deltas
             except Exception as e:  # fail this batch's requests, keep serving the next ones
                 self.decoder.reset()
                 for key in keys:

@@ -80,6 +80,31 @@ def test_a_failing_step_fails_its_requests_and_the_next_ones_work(tok, model):
     assert asyncio.run(main())[1:] == ("length", 5)
 
 
+def test_a_newcomer_that_fails_to_admit_fails_alone_and_the_running_row_goes_on(tok, model):
+    async def main():
+        s = Scheduler(Decoder(model, tok, 4))
+        running = asyncio.create_task(collect(s, Job(tok.encode("ROMEO:"), 40, seed=1)))
+        while s.steps < 5:
+            await asyncio.sleep(0.001)
+        real = s.decoder.engine.admit
+
+        def broken(*args, **kwargs):  # the newcomer's prefill fails, once (an OOM, say)
+            s.decoder.engine.admit = real
+            raise RuntimeError("CUDA out of memory")
+
+        s.decoder.engine.admit = broken
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await collect(s, Job(tok.encode("What"), 5, seed=2))
+        after = await collect(s, Job(tok.encode("What"), 5, seed=2))
+        alone = await collect(Scheduler(Decoder(model, tok, 4)), Job(tok.encode("ROMEO:"), 40,
+                                                                        seed=1))
+        return await running, after, alone
+
+    running, after, alone = asyncio.run(main())
+    assert running == alone  # not failed, not reset: every token as if alone
+    assert after[1:] == ("length", 5)
+
+
 class _Blocking(Decoder):
     """A real Decoder whose step waits for `release` first: a stuck decode thread."""
 
