@@ -136,6 +136,7 @@ class Engine:
         self.last = torch.zeros(rows, dtype=torch.long, device=self.device)  # next input
         self.params = Sampling.of(rows, self.device, seed=0)
         self.ends = [0] * rows  # self.pos on the host (known without reading the device)
+        self.live = [False] * rows  # slots holding a row someone reads (admit to release)
         self.counts: torch.Tensor | None = None  # (rows, V) tokens sampled, for penalties
         self.bias: torch.Tensor | None = None  # (rows, V) logit_bias
         self.shortcut = shortcut  # draw's CPU shortcuts; False: a GPU's sync-free step on CPU
@@ -180,7 +181,7 @@ class Engine:
         last = torch.as_tensor(lengths, device=self.device) - 1
         self.pos[index], self.counter[index] = last + 1, 0
         for slot, length in zip(slots, lengths):
-            self.ends[slot] = length
+            self.ends[slot], self.live[slot] = length, True
         self.params.put(index, params)
         if self.counts is None and bool(params.penalized.any()):  # host values: no sync
             self.counts = torch.zeros(self.rows, self.head.size(1), device=self.device)
@@ -197,10 +198,15 @@ class Engine:
         logits = h[torch.arange(n, device=self.device), last] @ self.head  # (n, V)
         return self._sample(logits, index), logits, h
 
+    def release(self, slot: int) -> None:
+        """Nobody reads `slot` any more: its length no longer sizes a step's attention."""
+        self.live[slot] = False
+
     @torch.inference_mode()
     def step(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next token of slots [0, n) (n,), and the raw logits (n, V) it came from."""
-        span = self.max_len if self.compiled else min(self.max_len, max(self.ends[:n]) + 1)
+        longest = max((e for e, live in zip(self.ends[:n], self.live) if live), default=0)
+        span = self.max_len if self.compiled else min(self.max_len, longest + 1)
         out = self._step(n, span)
         self.ends[:n] = [min(e + 1, self.max_len - 1) for e in self.ends[:n]]
         return out

@@ -182,7 +182,14 @@ class Decoder:
 
     def cancel(self, key: Hashable) -> None:
         """Drop the row of `key` (its client went away); no-op when it already finished."""
-        self.rows = [r for r in self.rows if r.key != key]
+        self._drop({key})
+
+    def _drop(self, keys: set) -> None:
+        """Rows of `keys` leave the batch; their slots are free for the next admission."""
+        for row in self.rows:
+            if row.key in keys:
+                self.engine.release(row.slot)
+        self.rows = [r for r in self.rows if r.key not in keys]
 
     @torch.inference_mode()
     def step(self, new: Sequence[tuple[Hashable, Job]] = ()) -> list[tuple[Hashable, Delta]]:
@@ -201,7 +208,7 @@ class Decoder:
                 out += self._admit(new)
             except Exception as e:  # a bad newcomer (OOM in its prefill, say) fails alone
                 keys = {key for key, _ in new}
-                self.rows = [r for r in self.rows if r.key not in keys]
+                self._drop(keys)
                 raise AdmitFailed(list(keys), out) from e
         return out
 
@@ -249,6 +256,5 @@ class Decoder:
             out.append((row.key, delta))
             if delta.finish_reason:
                 done.add(row.key)
-        if done:
-            self.rows = [r for r in self.rows if r.key not in done]
+        self._drop(done)
         return out

@@ -91,6 +91,17 @@ def test_slots_joining_late_and_reused_give_a_full_forward_passs_logits(model):
         check({0: c, 1: b}, *engine.step(2))
 
 
+def test_eager_steps_attend_to_the_longest_live_slot_only(model):
+    engine = Engine(model, 2, 40)
+    greedy = Sampling.of(2, "cpu", temperature=0.0)
+    engine.admit([0, 1], [list(range(1, 21)), [1, 2]], greedy)
+    engine.step(2)
+    assert engine.cache.span == 21  # slot 0: 20 cached, its 21st written now
+    engine.release(0)  # slot 0's row finished; slot 1 goes on inside [0, 2)
+    engine.step(2)
+    assert engine.cache.span == 4  # slot 1 alone: 2 + 1 cached, its 4th written now
+
+
 def test_penalties_and_bias_follow_openais_formula_on_the_device(model):
     engine = Engine(model, 1, 24)
     params = Sampling.of(1, "cpu", temperature=0.0, presence=0.5, frequency=2.0)
