@@ -61,7 +61,9 @@ def test_gpt2_serve_runs_until_ctrl_c_and_deletes_only_its_app(server, model_dir
                              "--num_cpus", "0.25", "--name", "cli", "--route_prefix", "/cli",
                              "--address", ray.get_runtime_context().gcs_address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+                            cwd=tmp_path, env={**{k: v for k, v in os.environ.items()
+                                                  if k != "GPT2_VERBOSE"},
+                                               "RAY_DEDUP_LOGS": "0"})
     try:
         wait_for(f"{server}/cli/healthz", proc)
         r = httpx.post(f"{server}/cli/generate", timeout=60,
