@@ -147,6 +147,15 @@ class Engine:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._step = torch.compile(self._eager_step, mode=mode, fullgraph=True,
                                        dynamic=False)
+            self._static(self.cache.k, self.cache.v, self.cache.cols, self.cache.rows,
+                         self.pos, self.counter, self.last, *vars(self.params).values())
+
+    def _static(self, *tensors: torch.Tensor) -> None:
+        """The step's state keeps its address from one call to the next: a CUDA graph reads
+        and writes it in place (cudagraphs would otherwise copy, or skip, mutated inputs)."""
+        if self.compiled:
+            for t in tensors:
+                torch._dynamo.mark_static_address(t)
 
     @property
     def max_len(self) -> int:
@@ -183,12 +192,14 @@ class Engine:
         for slot, length in zip(slots, lengths):
             self.ends[slot], self.live[slot] = length, True
         self.params.put(index, params)
-        if self.counts is None and bool(params.penalized.any()):  # host values: no sync
+        if self.counts is None and bool(params.penalized.any()):  # at admission, not a step
             self.counts = torch.zeros(self.rows, self.head.size(1), device=self.device)
+            self._static(self.counts)
         if self.counts is not None:
             self.counts[index] = 0
         if self.bias is None and any(bias):
             self.bias = torch.zeros(self.rows, self.head.size(1), device=self.device)
+            self._static(self.bias)
         if self.bias is not None:
             self.bias[index] = 0
             for row, pairs in zip(slots, bias):

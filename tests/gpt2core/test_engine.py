@@ -174,11 +174,12 @@ def test_a_step_dispatches_the_same_ops_for_1_or_16_rows_and_reads_nothing_on_th
 @pytest.mark.slow
 def test_the_compiled_step_gives_the_eager_steps_tokens(model):
     prompts = [[5, 6, 7], [8, 9, 10, 11]]
-    params = Sampling.of(2, "cpu", temperature=[0.0, 1.0], top_p=0.9, seed=5)
+    params = Sampling.of(2, "cpu", temperature=[0.0, 1.0], top_p=0.9, seed=5,
+                         frequency=[0.0, 1.5])  # and a penalty and a bias on the device
     runs = []
     for compile in (False, True):
         engine = Engine(model, 2, 16, compile=compile, shortcut=False)
-        ids = [engine.admit(range(2), prompts, params)[0]]
+        ids = [engine.admit(range(2), prompts, params, bias=[[(3, 2.0)], []])[0]]
         for _ in range(8):
             ids.append(engine.step(2)[0])
         runs.append(torch.stack(ids, dim=1).tolist())
