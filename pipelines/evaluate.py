@@ -21,8 +21,7 @@ a smaller stride costs window / stride times the compute for lower, truer loss.
 The job:
   1. Driver: flags, model dir, tokenizer and corpus are checked; a bad one ends here, before Ray
      starts, in one sentence with exit status 2.
-  2. Sequences: Ray Data tasks read and tokenize the text's work items, or read_parquet reads
-     the dataset's val rows.
+  2. Sequences: Ray Data tasks read and tokenize the text, or read_parquet the val rows.
   3. Scoring: map_batches over a pool of Scorer actors, each holding the model once (sent
      through the object store, so nodes need not see the driver's disk), a GPU each when the
      cluster has GPUs. A batch of sequences -> one row of sums. `--no_ray` runs the same
