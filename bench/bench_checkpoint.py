@@ -103,7 +103,7 @@ def main() -> None:
         server, bucket = s3_server(Path(tmp))
         try:
             from pipelines.preparing.config import PrepareConfig
-            from pipelines.preparing.run import prepare
+            from pipelines.preparing.driver import prepare
 
             data = f"{tmp}/data"
             prepare(PrepareConfig(corpus=[TEXT], out=data, seq_len=args.seq_len,

@@ -63,7 +63,7 @@ def decode(device: str, batches: list[int], new_tokens: int, quick: bool) -> lis
     from gpu_check import _hf_model
 
     from gpt2core.engine import Engine, Sampling
-    from gpt2core.sampling import generate
+    from gpt2core.generation import generate
 
     model = make_model(device, quick)
     hf = _hf_model(model, device)

@@ -9,19 +9,21 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 _EXPORTS = {"PRESETS": "config", "GPT2Config": "config", "GPT2": "model", "KVCache": "model",
-            "ModelFileError": "modelfile", "generate": "sampling", "sample": "sampling",
-            "stream": "sampling", "Tokenizer": "tokenizer", "TokenizerError": "tokenizer",
-            "to_inference_dtype": "quant"}
+            "ModelFileError": "modelfile", "generate": "generation", "sample": "sampling",
+            "stream": "generation", "Tokenizer": "tokenizer", "TokenizerError": "tokenizer",
+            "to_inference_dtype": "quant", "UserError": "errors"}
 
 __all__ = ["GPT2", "GPT2Config", "KVCache", "ModelFileError", "PRESETS", "Tokenizer",
-           "TokenizerError", "generate", "sample", "stream", "to_inference_dtype"]
+           "TokenizerError", "UserError", "generate", "sample", "stream", "to_inference_dtype"]
 
 if TYPE_CHECKING:
     from gpt2core.config import PRESETS, GPT2Config
+    from gpt2core.errors import UserError
+    from gpt2core.generation import generate, stream
     from gpt2core.model import GPT2, KVCache
     from gpt2core.modelfile import ModelFileError
     from gpt2core.quant import to_inference_dtype
-    from gpt2core.sampling import generate, sample, stream
+    from gpt2core.sampling import sample
     from gpt2core.tokenizer import Tokenizer, TokenizerError
 
 

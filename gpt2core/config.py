@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from gpt2core.errors import UserError
+
 
 @dataclass
 class GPT2Config:
@@ -29,14 +31,14 @@ class GPT2Config:
             self.n_inner = 4 * self.n_embd
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise ValueError(
+            raise UserError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                 "each head gets n_embd / n_head dimensions"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_dim(self) -> int:
@@ -46,7 +48,7 @@ class GPT2Config:
     def from_preset(cls, name: str, **overrides: Any) -> GPT2Config:
         """A named shape (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `tiny`) with overrides."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     # --- Hugging Face config.json ---------------------------------------------------------
@@ -80,8 +82,8 @@ class GPT2Config:
     def from_hf_dict(cls, d: dict[str, Any]) -> GPT2Config:
         """Read a HF GPT-2 `config.json`; refuse variants whose weights compute differently."""
         if d.get("model_type") != "gpt2":
-            raise ValueError(f"model_type is {d.get('model_type')!r}, not 'gpt2'; "
-                             "only GPT-2 model dirs load here")
+            raise UserError(f"model_type is {d.get('model_type')!r}, not 'gpt2'; "
+                            "only GPT-2 model dirs load here")
         act = d.get("activation_function", "gelu_new")
         unsupported = {
             "activation_function": act not in ("gelu_new", "gelu_pytorch_tanh"),
@@ -92,8 +94,8 @@ class GPT2Config:
         }
         for key, bad in unsupported.items():
             if bad:
-                raise ValueError(f"config.json sets {key}={d.get(key)!r}, "
-                                 "a GPT-2 variant not supported")
+                raise UserError(f"config.json sets {key}={d.get(key)!r}, "
+                                "a GPT-2 variant not supported")
         return cls(
             vocab_size=d.get("vocab_size", 50257),
             n_positions=d.get("n_positions", d.get("n_ctx", 1024)),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2core.errors import UserError
 from gpt2core.model import GPT2, KVCache
 from gpt2core.sampling import decode_head, draw
 
@@ -175,7 +176,7 @@ class Engine:
         n, lengths = len(prompts), [len(p) for p in prompts]
         T = max(lengths)
         if min(lengths) == 0:
-            raise ValueError("a prompt is empty; give at least one token (e.g. <|endoftext|>)")
+            raise UserError("a prompt is empty; give at least one token (e.g. <|endoftext|>)")
         if T > self.max_len:
             raise ValueError(f"a prompt of {T} tokens exceeds the cache's {self.max_len}")
         ids = torch.zeros(n, T, dtype=torch.long)

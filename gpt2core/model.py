@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt2core.config import GPT2Config
+from gpt2core.errors import UserError
 
 
 class KVCache:
@@ -187,8 +188,8 @@ class GPT2(nn.Module):
             cols = kv_cache.cols[:kv_cache.span]
             mask = (cols <= input_pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, span)
         elif T > self.config.n_positions:
-            raise ValueError(f"sequence of {T} tokens exceeds n_positions="
-                             f"{self.config.n_positions}; shorten the input")
+            raise UserError(f"sequence of {T} tokens exceeds n_positions="
+                            f"{self.config.n_positions}; shorten the input")
         elif attention_mask is None:
             pos = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
         else:
@@ -266,7 +267,7 @@ class GPT2(nn.Module):
 
         config = modelfile.read_config(path)
         model = cls(config)
-        model.load_state_dict(modelfile.read_weights(path, config), strict=True)
+        model.load_state_dict(modelfile.read_weights(path, state_shapes(config)), strict=True)
         return model.to(device).to_inference_dtype(dtype)
 
     def to_inference_dtype(self, dtype: str) -> GPT2:
@@ -348,6 +349,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         nll = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
         return nll / (targets != -100).sum().clamp(min=1)
     return _CrossEntropy.apply(logits, targets)
+
+
+def state_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of GPT2(config)'s state dict with its shape: what a model dir's weights must
+    hold (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return {n: tuple(t.shape) for n, t in GPT2(config).state_dict().items()}
 
 
 def _padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt2core import storage
 from gpt2core.config import GPT2Config
+from gpt2core.errors import UserError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -36,7 +37,7 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError):
     """A model dir that is missing, corrupt, or not a GPT-2; the message says which and why."""
 
 
@@ -59,15 +60,16 @@ def read_config(path: str | Path) -> GPT2Config:
         raise ModelFileError(f"{cfg_file}: {e}") from None
 
 
-def read_weights(path: str | Path, config: GPT2Config) -> dict[str, torch.Tensor]:
-    """Load the weights of a model dir as a GPT2 state dict, checking names and shapes."""
+def read_weights(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Load the weights of a model dir as a GPT2 state dict, checking them against `shapes`,
+    every tensor the config implies (gpt2core.model.state_shapes(config))."""
     if storage.is_uri(path):
         with storage.local_copy(path) as local:
-            return read_weights(local, config)
+            return read_weights(local, shapes)
     path = Path(path)
     hf = _read_tensor_files(path)
     state = from_hf_state_dict(hf, where=path)
-    _check_state(state, config, where=path)
+    _check_state(state, shapes, where=path)
     return state
 
 
@@ -181,12 +183,9 @@ def _weight_files(path: Path) -> list[Path]:
                          f"{LEGACY_WEIGHTS_FILE}); the model dir is incomplete")
 
 
-def _check_state(state: dict[str, torch.Tensor], config: GPT2Config, where: Path) -> None:
+def _check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                 where: Path) -> None:
     """Every tensor the config implies, with its shape; nothing else."""
-    from gpt2core.model import GPT2  # late: model.py imports this module lazily too
-
-    with torch.device("meta"):  # shapes only, no memory or init cost
-        expected = {n: tuple(t.shape) for n, t in GPT2(config).state_dict().items()}
     for name, shape in expected.items():
         if name not in state:
             raise ModelFileError(f"{where}: tensor {name!r} is missing; the weights are incomplete "
@@ -196,8 +195,8 @@ def _check_state(state: dict[str, torch.Tensor], config: GPT2Config, where: Path
                                  f"but config.json implies {shape}; config and weights disagree")
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise ModelFileError(f"{where}: unexpected tensors {extra[:3]}; config.json says "
-                             f"n_layer={config.n_layer}, so the weights belong to another model")
+        raise ModelFileError(f"{where}: unexpected tensors {extra[:3]}; config.json implies "
+                             "fewer, so the weights belong to another model")
     for name, t in state.items():
         if not t.is_floating_point():
             raise ModelFileError(f"{where}: tensor {name!r} has dtype {t.dtype}, "

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gpt2core.errors import UserError
 from gpt2core.model import GPT2
 
 STRATEGIES = ("ddp", "fsdp")
@@ -42,7 +43,7 @@ def wrap(model: GPT2, strategy: str, *, device: torch.device, dtype: torch.dtype
     compiled if asked. Without a process group (or with one rank under DDP) it stays as it is.
     Under FSDP the GPT2 itself is sharded in place: `model` is then the module to save from."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"--strategy is one of {', '.join(STRATEGIES)}, got {strategy!r}.")
+        raise UserError(f"--strategy is one of {', '.join(STRATEGIES)}, got {strategy!r}.")
     distributed = dist.is_available() and dist.is_initialized()
     if distributed and strategy == "fsdp":
         shard(model, dtype)

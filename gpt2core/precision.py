@@ -4,7 +4,7 @@
     for_inference(model)               # bf16 / fp16 weights (and so KV cache) on GPUs
     to_device(tensor, device)          # pinned, non-blocking host -> GPU copies
 
-The rule (DESIGN.md, "Defaults that make it run anywhere"):
+The rule (docs/design.md, "Defaults that make it run anywhere"):
 - CUDA GPU with compute capability >= 8.0 (Ampere, Ada, Hopper, Blackwell): bf16. It has
   fp32's exponent range, so gradients need no loss scaling.
 - Older CUDA GPUs (V100 7.0, T4 7.5): fp16 with a GradScaler. Not bf16: there
@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gpt2core.errors import UserError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,8 +41,8 @@ def autocast_dtype(precision: str, device: torch.device | str,
                    use_amp: bool = False) -> torch.dtype | None:
     """The autocast dtype for training or evaluation on `device`; None means plain fp32."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
-                         f"{precision!r}.")
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
+                        f"{precision!r}.")
     device = torch.device(device)
     if precision != "auto":
         return _DTYPES[precision]

@@ -47,6 +47,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2core.errors import UserError
+
 DTYPES = ("float32", "bfloat16", "int8", "auto")
 QUANTIZED = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # in every block
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -78,12 +80,12 @@ def resolve_dtype(dtype: str, device: torch.device | str = "cpu",
                   flags: set[str] | None = None) -> str:
     """The concrete dtype for `dtype` on `device`: "auto" follows the rule in the module doc."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pass --dtype "
-                         "float32 (exact), bfloat16, int8 (fastest on x86 CPUs) or auto")
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pass --dtype "
+                        "float32 (exact), bfloat16, int8 (fastest on x86 CPUs) or auto")
     device = torch.device(device)
     if device.type != "cpu" and dtype == "int8":
-        raise ValueError(f"dtype int8 runs on CPUs only, not on {device.type}; use --dtype "
-                         "bfloat16 (or auto) there")
+        raise UserError(f"dtype int8 runs on CPUs only, not on {device.type}; use --dtype "
+                        "bfloat16 (or auto) there")
     if dtype != "auto":
         return dtype
     if device.type == "cuda":  # the rule of gpt2core/precision.py: bf16 tensor cores only
@@ -119,7 +121,7 @@ def to_inference_dtype(model: nn.Module, dtype: str) -> nn.Module:
     if dtype == current:  # float32 stays as it is, trainable and in its mode
         return model
     if current != "float32":
-        raise ValueError(f"the model is already {current}; load it again to get {dtype}")
+        raise UserError(f"the model is already {current}; load it again to get {dtype}")
     if dtype == "bfloat16":
         return model.to(torch.bfloat16).eval()
     if dtype == "int8":

@@ -28,8 +28,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from gpt2core.errors import UserError
 
-class StorageError(ValueError):
+
+class StorageError(UserError):
     """A path that cannot be read or written; the message names it and the fix."""
 
 

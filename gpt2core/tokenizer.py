@@ -26,6 +26,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from gpt2core.errors import UserError
+
 EOS_TOKEN = "<|endoftext|>"
 # the original WordPiece project puts these three before the words of vocab.txt, in this order
 WORDPIECE_SPECIALS = ("<s>", "</s>", "<pad>")
@@ -39,7 +41,7 @@ EXPECTED = ("tokenizer.json, vocab.json + merges.txt, encoder.json + vocab.bpe, 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".jsonl", ".png")  # not fetched for a tokenizer
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer file or argument is wrong; the message names it and the fix."""
 
 

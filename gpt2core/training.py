@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gpt2core import precision as prec
+from gpt2core.errors import UserError
 from gpt2core.model import GPT2
 
 IGNORE = -100  # targets with this id add nothing to the loss (padding of a split's last row)
@@ -44,7 +45,7 @@ def rows_to_batch(rows: torch.Tensor, lengths: torch.Tensor | None,
     rows = rows.long()
     L = rows.size(1) - 1
     if L % seq_len:
-        raise ValueError(f"seq_len {seq_len} does not divide the dataset's rows of {L} tokens")
+        raise UserError(f"seq_len {seq_len} does not divide the dataset's rows of {L} tokens")
     inputs, targets = rows[:, :-1], rows[:, 1:].clone()
     if lengths is not None:
         valid = torch.arange(L, device=rows.device) < (lengths.to(rows.device).long() - 1)[:, None]
@@ -173,12 +174,12 @@ class TrainState:
 
         if "optimizer" in state:
             if self.sharded:
-                raise ValueError("this checkpoint's optimizer state was saved whole by "
-                                 "--strategy ddp; resume it with --strategy ddp.")
+                raise UserError("this checkpoint's optimizer state was saved whole by "
+                                "--strategy ddp; resume it with --strategy ddp.")
             self.optimizer.load_state_dict(state["optimizer"])
         else:
             if shards is None:
-                raise ValueError("a sharded optimizer state needs the dir of its shards.")
+                raise UserError("a sharded optimizer state needs the dir of its shards.")
             parallel.load_optimizer_shards(self.raw, self.optimizer, shards,
                                            state["optimizer_groups"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gpt2core.errors import UserError
+
 if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
@@ -103,12 +105,12 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
         if not self.smoke_test and not self.model_path:
-            raise ValueError("--model_path is required: the model dir to evaluate.")
+            raise UserError("--model_path is required: the model dir to evaluate.")
         if not self.smoke_test and not self.eval_corpus:
-            raise ValueError("--eval_corpus is required: text files or a dataset dir.")
+            raise UserError("--eval_corpus is required: text files or a dataset dir.")
         for name in ("batch_eval", "max_doc_bytes", "actors", "seq_len", "stride"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
 
 
 # --- scoring: a Ray Data actor over gpt2core.scoring ------------------------------------------
@@ -200,7 +202,7 @@ def _rows(ids, nbytes, documents, errors, invalid) -> dict[str, np.ndarray]:
 # --- driver ---------------------------------------------------------------------------------
 
 @dataclass
-class Job:
+class EvalPlan:
     """What the driver worked out before scoring starts."""
 
     config: GPT2Config
@@ -213,19 +215,20 @@ class Job:
     val_files: list[str] = field(default_factory=list)  # its parquet shards (paths or URIs)
 
 
-def plan(cfg: EvaluateConfig) -> Job:
+def plan(cfg: EvaluateConfig) -> EvalPlan:
     """Check everything that can be checked before Ray starts."""
     from gpt2core import TokenizerError
+    from gpt2core.model import state_shapes
     from gpt2core.modelfile import read_weights
     from pipelines.common.modeldir import context_length, dir_tokenizer, open_model, same_vocabulary
 
     config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
-    weights = read_weights(cfg.model_path, config)  # corrupt weights end here, not in an actor
+    weights = read_weights(cfg.model_path, state_shapes(config))  # bad ones end here, not in Ray
     window = context_length(config, cfg.seq_len)
     stride = cfg.stride or max(1, window // 2)
     if stride > window:
-        raise ValueError(f"--stride {stride} is longer than the window ({window} tokens) and "
-                         "would skip tokens; pass at most the window.")
+        raise UserError(f"--stride {stride} is longer than the window ({window} tokens) and "
+                        "would skip tokens; pass at most the window.")
     first = storage.resolve(cfg.eval_corpus[0])
     if len(cfg.eval_corpus) == 1 and storage.is_file(storage.join(first, dataset.MANIFEST)):
         val = dataset.load_manifest(first).splits["val"]
@@ -236,17 +239,17 @@ def plan(cfg: EvaluateConfig) -> Job:
         if val.tokens == 0:
             raise corpus.CorpusError(f"the evaluation corpus is empty: dataset {first} has no "
                                      "val rows.")
-        return Job(config, tokenizer, window, stride, weights, [], val,
+        return EvalPlan(config, tokenizer, window, stride, weights, [], val,
                    [storage.join(first, s.file) for s in val.shards])
     sources = corpus.resolve(cfg.eval_corpus, role="val", per_line=cfg.doc_per_line,
                              text_field=cfg.text_field)
     if not any(s.size for s in sources):
         raise corpus.CorpusError("the evaluation corpus is empty: every --eval_corpus file is "
                                  "empty.")
-    return Job(config, tokenizer, window, stride, weights, sources)
+    return EvalPlan(config, tokenizer, window, stride, weights, sources)
 
 
-def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
+def evaluate(cfg: EvaluateConfig, job: EvalPlan | None = None) -> dict:
     """Score the corpus; returns the results (see `summarize`). Raises on bad input."""
     job = job or plan(cfg)
     start = time.perf_counter()
@@ -283,7 +286,7 @@ def evaluate(cfg: EvaluateConfig, job: Job | None = None) -> dict:
     return summarize(parts, job, cfg, mode, time.perf_counter() - start)
 
 
-def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> tuple[list[str], dict]:
+def _text_items(cfg: EvaluateConfig, job: EvalPlan, cpus: int) -> tuple[list[str], dict]:
     """Work items (their segments as JSON) and text_sequences' keyword arguments."""
     from pipelines.text.encoding import encoder_spec
 
@@ -294,7 +297,7 @@ def _text_items(cfg: EvaluateConfig, job: Job, cpus: int) -> tuple[list[str], di
         encoder=spec, text_field=cfg.text_field, max_doc_bytes=cfg.max_doc_bytes)
 
 
-def _local_sequences(cfg: EvaluateConfig, job: Job) -> Iterator[dict[str, np.ndarray]]:
+def _local_sequences(cfg: EvaluateConfig, job: EvalPlan) -> Iterator[dict[str, np.ndarray]]:
     """The same sequences as the Ray path, batch_eval at a time, read in this process."""
     if job.val is not None:
         batches = (row_sequences({"tokens": tokens, "length": lengths})
@@ -307,7 +310,7 @@ def _local_sequences(cfg: EvaluateConfig, job: Job) -> Iterator[dict[str, np.nda
             yield {k: v[i:i + cfg.batch_eval] for k, v in rows.items()}
 
 
-def summarize(parts: list[dict], job: Job, cfg: EvaluateConfig, mode: str,
+def summarize(parts: list[dict], job: EvalPlan, cfg: EvaluateConfig, mode: str,
               seconds: float) -> dict:
     """Per-batch sums -> loss, perplexity, bits per byte, accuracy, counts."""
     from gpt2core.training import bits_per_byte
@@ -333,7 +336,7 @@ def summarize(parts: list[dict], job: Job, cfg: EvaluateConfig, mode: str,
             "mode": mode, "seconds": seconds}
 
 
-def scoring(job: Job, windows: int) -> str:
+def scoring(job: EvalPlan, windows: int) -> str:
     """How the tokens were scored, in words: a dataset's rows each on its own, text documents
     in sliding windows."""
     if job.val is not None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from gpt2core.errors import UserError
+
 if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
@@ -63,21 +65,21 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         if not self.model_path:
-            raise ValueError("--model_path is required: the model dir to sample from.")
+            raise UserError("--model_path is required: the model dir to sample from.")
         if not 0.0 < self.nucleus_prob <= 1.0:
-            raise ValueError(f"--nucleus_prob must be in (0, 1], got {self.nucleus_prob}.")
+            raise UserError(f"--nucleus_prob must be in (0, 1], got {self.nucleus_prob}.")
         if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}.")
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}.")
         if self.top_k < 0:
-            raise ValueError(f"--top_k must be >= 0, got {self.top_k}.")
+            raise UserError(f"--top_k must be >= 0, got {self.top_k}.")
         if self.max_tokens < 1:
-            raise ValueError(f"--max_tokens must be at least 1, got {self.max_tokens}.")
+            raise UserError(f"--max_tokens must be at least 1, got {self.max_tokens}.")
         if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"--seq_len must be at least 2, got {self.seq_len}.")
+            raise UserError(f"--seq_len must be at least 2, got {self.seq_len}.")
         check_dtype(self.dtype)
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(UserError):
     """The prompt leaves no room for a continuation within --seq_len."""
 
 
@@ -91,8 +93,8 @@ def load(cfg: GenerateConfig) -> tuple[GPT2, Tokenizer, int]:
     config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
     limit = context_length(config, cfg.seq_len)
     if cfg.use_gpu and not torch.cuda.is_available():
-        raise ValueError("--use_gpu: no CUDA device is visible; leave --use_gpu off to run on "
-                         "the CPU.")
+        raise UserError("--use_gpu: no CUDA device is visible; leave --use_gpu off to run on "
+                        "the CPU.")
     from gpt2core.precision import for_inference
 
     device = "cuda" if cfg.use_gpu else "cpu"

@@ -23,7 +23,7 @@ The job, top to bottom:
   3. Tokenizer: --vocab_path, or a byte-level BPE trained on a sample of the train split that
      sample tasks read on their own (each item's share of --tokenizer_sample_bytes, from its
      start): a sliver of a big corpus is read twice, never all of it.
-  4. Tokenize (pipelines/preparing/tasks.py; tiktoken when the vocabulary converts): each task
+  4. Tokenize (pipelines/preparing/worker.py; tiktoken when the vocabulary converts): each task
      reads its item once, splits its documents by hash as they come, packs its own rows and
      writes its own shards straight to --out, then its record. The driver adds up the records
      (counts, shard names, checksums; never ids) and writes manifest.json last.
@@ -47,7 +47,7 @@ from pipelines.common import dataset
 from pipelines.common.entry import stage_main
 from pipelines.common.flags import parse
 from pipelines.preparing.config import PrepareConfig
-from pipelines.preparing.run import prepare
+from pipelines.preparing.driver import prepare
 from pipelines.text import corpus, sample_corpus
 
 

@@ -82,15 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from gpt2core.errors import UserError
     from pipelines.common.entry import Failure
     from pipelines.common.ray_session import init_ray
 
     app_args = args_cls(**{**args, "model_dir": storage.resolve(model_dir)})
     try:
         init_ray(flags.address, workers_print=False)  # code shipped to replicas; -v: logs
-    except (ValueError, Failure) as e:
+    except (UserError, Failure) as e:
         print(f"gpt2 serve: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ValueError) else 1
+        return 2 if isinstance(e, UserError) else 1
     if not verbose():  # Serve's own INFO lines on the driver ("Started Serve", "is ready")
         logging.getLogger("ray.serve").setLevel("WARNING")
     serve.start(http_options={"host": flags.host, "port": flags.port})

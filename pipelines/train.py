@@ -12,10 +12,12 @@ Given text (--train_corpus) it prepares the dataset dir first (pipelines/prepare
 --data it uses data/dataset, preparing the sample corpus there when it does not exist.
 
 The job, top to bottom:
-  1. Driver: flags, the dataset's manifest and the model's shape are checked together (vocab,
-     seq_len, batch against the data, GPUs); a bad one ends here in one sentence, exit 2.
-  2. Ray Train: `num_workers` workers each run train_loop_per_worker (training/loop.py) with
-     this config and the driver's RunContext (training/job.py). Each streams its
+  1. Driver: the run is resolved once (training/driver.py, plan_job): the MLflow store, the
+     run's name and dir, the checkpoint it resumes, and the flags, the dataset's manifest and
+     the model's shape checked together (vocab, seq_len, batch against the data, GPUs); bad
+     input ends there in one sentence, exit 2.
+  2. Ray Train: `num_workers` workers each run train_loop_per_worker (training/worker.py) with
+     this config and the RunContext the driver resolved (training/driver.py). Each streams its
      equal share of the train rows (`get_dataset_shard`): row groups in an order --seed
      shuffles across the split, then a shuffle buffer seeded per epoch;
      AdamW with warm-up + cosine, grad accumulation and clipping, AMP, DDP across workers.
@@ -38,39 +40,28 @@ if __name__ == "__main__":  # as a file (python, ray job submit): import pipelin
 from gpt2core import storage
 from pipelines.common.entry import stage_main
 from pipelines.common.flags import parse
-from pipelines.common.tracking import check_experiment, run_page, tracking_uri, train_run
+from pipelines.common.tracking import run_page, train_run
 from pipelines.training import checkpoint
 from pipelines.training.config import TrainConfig
-from pipelines.training.job import make_trainer, newest_run, plan_job, run_name
+from pipelines.training.driver import make_trainer, plan_job
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Check, prepare if asked, train, export; returns where things went and the last metrics."""
-    check_experiment(tracking_uri(cfg.tracking_uri), cfg.experiment)  # before Ray starts
-    job = plan_job(cfg)
-    cfg = job.cfg
-    name = run_name(cfg.name or (newest_run(job.storage, "gpt2") if cfg.resume else None), "gpt2")
-    run_dir = job.run_dir(name)
-    if cfg.resume and storage.exists(run_dir):  # Ray Train restores it from its latest checkpoint
-        try:
-            ckpt = checkpoint.find(run_dir)
-        except ValueError:
-            ckpt = None
-        if ckpt:
-            checkpoint.check_strategy(ckpt, cfg.strategy)
-            print(f"resuming {name} from {ckpt}")
-        else:
-            print(f"resuming {name}: no complete checkpoint yet, so from the start")
-    print(f"training {name}: {job.workers} worker(s) x {job.cpus:g} CPU"
-          f"{' + 1 GPU' if cfg.gpus else ''} ({job.context.threads} torch thread(s) each), "
-          f"{cfg.total_steps} steps -> {run_dir}")
-    resumed = checkpoint.run_id(run_dir, cfg.from_checkpoint)
-    with train_run(job.tracking_uri, cfg, name, resumed) as run:  # MLflow: common/tracking.py
+    """Resolve, prepare if asked, train, export; returns where things went and the last
+    metrics."""
+    job = plan_job(cfg)  # the one place a run is resolved: training/driver.py
+    if job.cfg.resume:
+        print(f"resuming {job.name} from {job.resumes}" if job.resumes else
+              f"resuming {job.name}: no complete checkpoint yet, so from the start")
+    print(f"training {job.name}: {job.workers} worker(s) x {job.cpus:g} CPU"
+          f"{' + 1 GPU' if job.cfg.gpus else ''} ({job.context.threads} torch thread(s) each), "
+          f"{job.cfg.total_steps} steps -> {job.run_dir}")
+    with train_run(job.tracking_uri, job.cfg, job.name, job.resumed_run_id) as run:  # MLflow
         job = replace(job, context=replace(job.context, mlflow_run_id=run.run_id))
-        result = make_trainer(job, name, callbacks=[run.callback]).fit()
-    out = storage.resolve(cfg.save_model_path or storage.join(run_dir, "model"))
+        result = make_trainer(job, callbacks=[run.callback]).fit()
+    out = storage.resolve(job.cfg.save_model_path or storage.join(job.run_dir, "model"))
     checkpoint.export_model(result.checkpoint, out)
-    return {"name": name, "model_dir": out, "run_dir": run_dir, "data": cfg.data,
+    return {"name": job.name, "model_dir": out, "run_dir": job.run_dir, "data": job.cfg.data,
             "checkpoint": result.checkpoint.path, "metrics": dict(result.metrics),
             "tracking_uri": job.tracking_uri}
 

@@ -38,6 +38,8 @@ import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from gpt2core.errors import UserError
+
 if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
@@ -45,10 +47,9 @@ from gpt2core import storage
 from pipelines.common import placement
 from pipelines.common.entry import stage_main
 from pipelines.common.flags import option, parse, verbose
-from pipelines.common.tracking import check_experiment, tracking_uri
 from pipelines.training import checkpoint
 from pipelines.training.config import TrainConfig
-from pipelines.training.job import Job, make_trainer, plan_job, run_name
+from pipelines.training.driver import TrainJob, make_trainer, plan_job, run_name
 from pipelines.training.plan import make_plan
 from pipelines.tuning import report as tune_report
 from pipelines.tuning import space as tune_space
@@ -77,17 +78,17 @@ class SweepConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_samples < 1 or self.max_concurrent < 0 or self.grace_period < 0:
-            raise ValueError("--num_samples must be at least 1, --max_concurrent and "
-                             "--grace_period not negative.")
+            raise UserError("--num_samples must be at least 1, --max_concurrent and "
+                            "--grace_period not negative.")
         if self.scheduler not in ("asha", "fifo"):
-            raise ValueError(f"--scheduler is asha or fifo, got {self.scheduler}.")
+            raise UserError(f"--scheduler is asha or fifo, got {self.scheduler}.")
         if self.metric not in METRICS:
-            raise ValueError(f"--metric {self.metric} is not reported; use one of "
-                             f"{', '.join(METRICS)}.")
+            raise UserError(f"--metric {self.metric} is not reported; use one of "
+                            f"{', '.join(METRICS)}.")
         if self.reduction_factor <= 1:
-            raise ValueError(f"--reduction_factor must be above 1, got {self.reduction_factor}.")
+            raise UserError(f"--reduction_factor must be above 1, got {self.reduction_factor}.")
         if self.resume and not self.name:
-            raise ValueError("--resume needs --name: the sweep to finish.")
+            raise UserError("--resume needs --name: the sweep to finish.")
 
     def train_config(self) -> TrainConfig:
         """The trials' base config: this config's TrainConfig fields."""
@@ -96,7 +97,7 @@ class SweepConfig(TrainConfig):
 
 # --- one trial ----------------------------------------------------------------------------------
 
-def run_trial(config: dict, job: Job, sweep: dict) -> None:
+def run_trial(config: dict, job: TrainJob, sweep: dict) -> None:
     """A Tune function trainable: train.py's TorchTrainer with the trial's fields replaced."""
     import ray.tune
     from ray.util.queue import Queue
@@ -108,9 +109,9 @@ def run_trial(config: dict, job: Job, sweep: dict) -> None:
     stop = _abort_on_stop(controller)
     # no MLflow here: this runs on any node; the Tune driver logs the trial's run
     # (tune_report.trial_runs) from the results EvalReport sends it
-    trainer = make_trainer(replace(job, cfg=cfg), name,
+    trainer = make_trainer(replace(job, cfg=cfg),
                            callbacks=[_eval_report(sweep["metric"], controller)],
-                           storage_path=sweep["train_storage"])
+                           name=name, storage_path=sweep["train_storage"])
     try:
         result = trainer.fit()
     except Exception:
@@ -211,7 +212,7 @@ def trial_name(trial) -> str:
 
 # --- driver -------------------------------------------------------------------------------------
 
-def size_trials(job: Job, cfg: SweepConfig, trials: int) -> tuple[int, Job]:
+def size_trials(job: TrainJob, cfg: SweepConfig, trials: int) -> tuple[int, TrainJob]:
     """(trials at once, the job with each worker's CPUs and threads for that many).
 
     plan_job sized the workers for one trial; here the cluster is shared between the trials
@@ -245,14 +246,13 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
     space = tune_space.check_space(space, cfg.train_config())
     name = run_name(cfg.name, "tune")
     if not saved and storage.exists(storage.join(cfg.storage_path, name)):
-        raise ValueError(f"{storage.join(cfg.storage_path, name)} exists; finish that sweep with "
-                         "--resume, or pass another --name.")
+        raise UserError(f"{storage.join(cfg.storage_path, name)} exists; finish that sweep with "
+                        "--resume, or pass another --name.")
     trials = tune_space.count_trials(space, cfg.num_samples)
-    check_experiment(tracking_uri(cfg.tracking_uri), cfg.experiment)  # before Ray starts
-    job = plan_job(cfg.train_config())  # starts Ray
+    job = plan_job(cfg.train_config(), name)  # as `gpt2 train` resolves a run; starts Ray
     tune_space.check_against_data(space, job)
     k, job = size_trials(job, cfg, trials)
-    where = job.run_dir(name)
+    where = job.run_dir
     parent = saved["parent_run_id"] if saved else tune_report.start_parent_run(
         job.tracking_uri, cfg.experiment, name,
         {**asdict(cfg), "name": name, "search_space": space})
@@ -274,8 +274,8 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
                                     {"cpu": TRIAL_CPUS})
     if saved:
         if not tune.Tuner.can_restore(where):
-            raise ValueError(f"sweep {name} stopped before its first trial; start it again "
-                             f"after deleting {where}.")
+            raise UserError(f"sweep {name} stopped before its first trial; start it again "
+                            f"after deleting {where}.")
         tuner = tune.Tuner.restore(where, trainable, resume_unfinished=True, resume_errored=True)
     else:
         max_t = max(tune_space.values_of(space.get("total_steps", cfg.total_steps)))
@@ -300,14 +300,14 @@ def sweep(cfg: SweepConfig, callbacks: list | None = None) -> dict:
     return _report(grid, cfg, space, job, name, parent, trials)
 
 
-def _report(grid, cfg: SweepConfig, space: dict, job: Job, name: str, parent: str,
+def _report(grid, cfg: SweepConfig, space: dict, job: TrainJob, name: str, parent: str,
             trials: int) -> dict:
     """Table (printed, CSV), curves PNG, MLflow parent run and, once every trial is over,
     the best trial's model dir."""
     rows, curves = tune_report.summarise(grid, space, cfg.metric, cfg.total_steps)
     best = tune_report.best_row(rows, cfg.metric)
     complete = len(rows) == trials and all(r["status"] != "unfinished" for r in rows)
-    where = job.run_dir(name)
+    where = job.run_dir
     # the table and curves are drawn here, then land in the sweep's dir (uploaded to a URI)
     tmp = tempfile.TemporaryDirectory(prefix="gpt2ray-sweep-")
     out_dir = Path(tmp.name if storage.is_uri(where) else where)
@@ -338,8 +338,8 @@ def _read_record(cfg: SweepConfig) -> dict:
     try:
         return json.loads(storage.read_text(storage.join(cfg.storage_path, cfg.name, RECORD)))
     except FileNotFoundError:
-        raise ValueError(f"no sweep {cfg.name!r} in {cfg.storage_path} (no {RECORD}); pass the "
-                         "--name and --storage_path it ran with.") from None
+        raise UserError(f"no sweep {cfg.name!r} in {cfg.storage_path} (no {RECORD}); pass the "
+                        "--name and --storage_path it ran with.") from None
 
 
 @stage_main("gpt2 tune")

@@ -9,9 +9,9 @@
 Sources: a model dir's metrics.jsonl (training writes the run's history there); a run dir
 (<storage_path>/<name>: its latest checkpoint_*/model/metrics.jsonl, else model/metrics.jsonl);
 or an MLflow run's metric history (MLFLOW_TRACKING_URI, else ./mlflow.db, or --tracking_uri).
-The figure is gpt2core.plots.metrics_figure: the whole run on a log-scale step axis, the last
-90 % of steps zoomed in, the last 30 % with a smoothed eval curve, and eval bits per byte with
-the learning rate; tokens seen on a top axis.
+The figure is pipelines.common.plots.metrics_figure: the whole run on a log-scale step axis, the
+last 90 % of steps zoomed in, the last 30 % with a smoothed eval curve, and eval bits per byte
+with the learning rate; tokens seen on a top axis.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from gpt2core.errors import UserError
 
 if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -50,10 +52,10 @@ class VisualizeConfig:
     def __post_init__(self) -> None:
         given = [n for n in ("model_path", "run_dir", "run_id") if getattr(self, n)]
         if len(given) != 1:
-            raise ValueError("pass exactly one of --model_path, --run_dir or --run_id "
-                             f"(got {', '.join('--' + n for n in given) or 'none'}).")
+            raise UserError("pass exactly one of --model_path, --run_dir or --run_id "
+                            f"(got {', '.join('--' + n for n in given) or 'none'}).")
         if not 0.0 <= self.smooth < 1.0:
-            raise ValueError(f"--smooth must be in [0, 1), got {self.smooth}.")
+            raise UserError(f"--smooth must be in [0, 1), got {self.smooth}.")
 
 
 # --- sources --------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def run_dir_metrics(run_dir: str) -> str:
 
 
 def file_records(path: str) -> list[dict]:
-    from gpt2core.plots import read_metrics
+    from pipelines.common.plots import read_metrics
 
     try:
         with storage.local_copy(path) as local:
@@ -128,7 +130,7 @@ def load_records(cfg: VisualizeConfig) -> tuple[list[dict], str]:
 
 @stage_main("gpt2 visualize")
 def main(argv: list[str] | None = None) -> int:
-    from gpt2core.plots import metrics_figure, save_figure
+    from pipelines.common.plots import metrics_figure, save_figure
 
     cfg = parse(VisualizeConfig, argv, prog="gpt2 visualize", description=__doc__)
     records, title = load_records(cfg)
@@ -148,7 +150,7 @@ def _show(records: list[dict], title: str, cfg: VisualizeConfig) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.backends import BackendFilter, backend_registry
 
-    from gpt2core.plots import metrics_figure, save_figure
+    from pipelines.common.plots import metrics_figure, save_figure
 
     backend = plt.get_backend().lower()
     if backend not in backend_registry.list_builtin(BackendFilter.INTERACTIVE):

@@ -10,8 +10,8 @@ logit_bias; `stream: true` for Server-Sent Events), GET /v1/models[/{model}], PO
 swagger-ui-bundle package, so it works offline) and /openapi.json, which declares every body.
 
 One deployment, `GPT2Server`, loads the model dir in its constructor. Requests are validated
-by FastAPI against serve/openai.py's models and become `Job`s (one per prompt x best_of); a
-replica decodes its jobs together with continuous batching (serve/scheduler.py,
+by FastAPI against serve/openai.py's models and become `Generation`s (one per prompt x
+best_of); a replica decodes them together with continuous batching (serve/scheduler.py,
 serve/batching.py). Over capacity Serve answers 503 with Retry-After. Every error is OpenAI's
 error JSON, {"error": {"message", "type", "param", "code"}}; one after a stream has started is
 an SSE `data: {"error": ...}` event followed by `data: [DONE]`.
@@ -31,11 +31,12 @@ from ray import serve
 from ray.serve import Application
 
 from gpt2core import storage
+from gpt2core.errors import UserError
 from gpt2core.quant import inference_dtype
 from serve import completions as cmpl
 from serve.args import AppArgs
-from serve.batching import Job
-from serve.http import BodyLimit, app, sse_events
+from serve.batching import Generation
+from serve.http import BodyLimit, api, sse_events
 from serve.metrics import metrics
 from serve.openai import (
     ERRORS,
@@ -60,7 +61,7 @@ MAX_JOBS = 128  # prompts x best_of in one request: beyond it, a 400 rather than
 @serve.deployment(
     backpressure_config={"status_code": 503, "retry_after_s": 1},
 )
-@serve.ingress(app)
+@serve.ingress(api)
 class GPT2Server:
     """One replica: the model, its tokenizer, and the batched decoder."""
 
@@ -100,8 +101,9 @@ class GPT2Server:
     # --- decoding ---
 
     def _jobs(self, prompts: list[list[int]], max_tokens: int, n: int = 1,
-              seed: int | None = None, **sampling) -> list[Job]:
-        """n Jobs per prompt, checked against the context and the cap. Job i gets seed + i."""
+              seed: int | None = None, **sampling) -> list[Generation]:
+        """n Generations per prompt, checked against the context and the cap; the i-th gets
+        seed + i."""
         if max_tokens > self.max_tokens_cap:
             raise APIError(400, f"max_tokens is {max_tokens}, over this server's cap of "
                            f"{self.max_tokens_cap}; ask for fewer", param="max_tokens")
@@ -117,11 +119,11 @@ class GPT2Server:
                                f"{max_tokens}: {len(ids) + max_tokens} in all, over the model's "
                                f"context of {self.n_positions} tokens; shorten the prompt or "
                                "lower max_tokens", param="prompt", code="context_length_exceeded")
-            jobs += [Job(ids, max_tokens, seed=(base + len(jobs) + j) & SEED_MAX, **sampling)
-                     for j in range(n)]
+            jobs += [Generation(ids, max_tokens, seed=(base + len(jobs) + j) & SEED_MAX,
+                                **sampling) for j in range(n)]
         return jobs
 
-    async def _run(self, job: Job, arrived: float) -> cmpl.Finished:
+    async def _run(self, job: Generation, arrived: float) -> cmpl.Finished:
         """All of one job."""
         out = cmpl.Finished()
         text = []
@@ -141,11 +143,11 @@ class GPT2Server:
 
     # --- endpoints ---
 
-    @app.get("/", include_in_schema=False)
+    @api.get("/", include_in_schema=False)
     async def playground(self) -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/healthz")
+    @api.get("/healthz")
     async def healthz(self) -> dict:
         """Liveness; rows decoding and jobs waiting; rows per recent decode step."""
         self.check_health()
@@ -159,16 +161,16 @@ class GPT2Server:
                 "batches": {"count": self.scheduler.steps, "max_size": max(sizes, default=0),
                             "recent": sizes[-32:]}}
 
-    @app.get("/v1/models", response_model=ModelList)
+    @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
 
-    @app.get("/v1/models/{model}", response_model=ModelCard, responses=ERRORS)
+    @api.get("/v1/models/{model}", response_model=ModelCard, responses=ERRORS)
     async def model(self, model: str) -> ModelCard:
         self._check_model(model)
         return ModelCard(id=self.model_name, created=self.created)
 
-    @app.post("/generate", response_model=GenerateResponse, responses=ERRORS)
+    @api.post("/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
         arrived = time.monotonic()
         ids = self.tokenizer.encode(body.prompt) or [self.tokenizer.eos_id]
@@ -179,7 +181,7 @@ class GPT2Server:
         return GenerateResponse(text=done.text, tokens=done.last.tokens,
                                 finish_reason=done.last.finish_reason)
 
-    @app.post("/v1/completions", response_model=CompletionResponse,
+    @api.post("/v1/completions", response_model=CompletionResponse,
               responses={**ERRORS, 200: {"content": {"text/event-stream": {}},
                                          "description": "JSON, or SSE chunks when streaming"}})
     async def completions(self, body: CompletionRequest, request: Request):
@@ -249,7 +251,7 @@ class GPT2Server:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                 "total_tokens": prompt_tokens + generated}
 
-    async def _chunks(self, body: CompletionRequest, jobs: list[Job], prompts: list,
+    async def _chunks(self, body: CompletionRequest, jobs: list[Generation], prompts: list,
                       head: dict, request: Request, arrived: float) -> AsyncIterator[dict]:
         """Chunks of every choice as they come, interleaved; then a usage chunk if asked."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -257,7 +259,7 @@ class GPT2Server:
         results = [cmpl.Finished() for _ in jobs]
         texts = [None] * len(jobs)  # each choice's LogprobsText, made on its first delta
 
-        async def pump(index: int, job: Job) -> None:
+        async def pump(index: int, job: Generation) -> None:
             try:
                 async for delta in self.scheduler.run(job):
                     await queue.put((index, delta))
@@ -310,8 +312,8 @@ def app(args: AppArgs) -> Application:
     """Build the application; Serve validates `args` into AppArgs (typed builder)."""
     model_dir = storage.resolve(args.model_dir)  # a local dir or a URI each replica reads
     if not storage.is_file(storage.join(model_dir, "config.json")):
-        raise ValueError(f"model_dir {args.model_dir!r} has no config.json; point model_dir at a "
-                         "model dir written by `gpt2 train` or save_pretrained")
+        raise UserError(f"model_dir {args.model_dir!r} has no config.json; point model_dir at a "
+                        "model dir written by `gpt2 train` or save_pretrained")
     options: dict = {"max_ongoing_requests": args.ongoing_requests,
                      "max_queued_requests": args.max_queued_requests,
                      "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}}

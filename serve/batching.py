@@ -1,6 +1,6 @@
 """Continuous batching for the server: requests join and leave a running decode batch.
 
-`Decoder` holds the rows being decoded now, one per `Job` (a prompt with its own sampling
+`Decoder` holds the rows being decoded now, one per `Generation` (a prompt with its own sampling
 parameters, seed and stop strings), each in a slot of one gpt2core.engine.Engine: a static KV
 cache with positions, sampling parameters, penalties and logit_bias per slot on the device.
 Each `step` advances every running row by one token in a single forward pass (one host read:
@@ -31,7 +31,7 @@ TOP_LOGPROBS = 5  # most alternatives a token's logprobs list (OpenAI's limit)
 
 
 @dataclass(frozen=True)
-class Job:
+class Generation:
     """One completion to produce: prompt ids and how to sample the continuation."""
 
     prompt_ids: list[int]
@@ -108,7 +108,7 @@ class TextStream:
 class _Row:
     """One job being decoded, in engine slot `slot`: its text and tokens so far."""
 
-    def __init__(self, key: Hashable, job: Job, tokenizer: Tokenizer, slot: int,
+    def __init__(self, key: Hashable, job: Generation, tokenizer: Tokenizer, slot: int,
                  prompt_logprobs: tuple[TokenLogprob, ...] = ()):
         self.key, self.job, self.slot = key, job, slot
         self.text = TextStream(tokenizer, job.stop)
@@ -192,7 +192,7 @@ class Decoder:
         self.rows = [r for r in self.rows if r.key not in keys]
 
     @torch.inference_mode()
-    def step(self, new: Sequence[tuple[Hashable, Job]] = ()) -> list[tuple[Hashable, Delta]]:
+    def step(self, new: Sequence[tuple[Hashable, Generation]] = ()) -> list[tuple[Hashable, Delta]]:
         """One token for every running row, then admit `new` (at most `free` of them)."""
         if len(new) > self.free:
             raise ValueError(f"{len(new)} new jobs but room for {self.free}")
@@ -212,7 +212,7 @@ class Decoder:
                 raise AdmitFailed(list(keys), out) from e
         return out
 
-    def _admit(self, new: Sequence[tuple[Hashable, Job]]) -> list[tuple[Hashable, Delta]]:
+    def _admit(self, new: Sequence[tuple[Hashable, Generation]]) -> list[tuple[Hashable, Delta]]:
         used = {r.slot for r in self.rows}
         slots = [s for s in range(self.max_rows) if s not in used][:len(new)]
         jobs = [job for _, job in new]
@@ -228,7 +228,7 @@ class Decoder:
         self.rows = sorted(self.rows + rows, key=lambda r: r.slot)
         return self._deliver(rows, ids, logits, list(range(len(rows))))
 
-    def _prompt_logprobs(self, h: torch.Tensor, job: Job) -> tuple[TokenLogprob, ...]:
+    def _prompt_logprobs(self, h: torch.Tensor, job: Generation) -> tuple[TokenLogprob, ...]:
         """The prompt's tokens scored by the prefill's hidden states h (T, C), right-padded."""
         ids = job.prompt_ids
         first = TokenLogprob(ids[0], None)  # nothing before it to condition on

@@ -1,7 +1,8 @@
-"""The HTTP edges of the app: the body limit, OpenAI-shaped errors, the offline /docs, and
-Server-Sent Events. serve/app.py imports `app` from here and adds the deployment's routes.
+"""The HTTP edges of the server: the body limit, OpenAI-shaped errors, the offline /docs, and
+Server-Sent Events. serve/app.py imports `api`, the FastAPI object, from here and adds the
+deployment's routes. (`app` is one thing only: serve/app.py's Serve application builder.)
 
-Everything is registered on `app` at import, before serve/app.py's `@serve.ingress(app)`
+Everything is registered on `api` at import, before serve/app.py's `@serve.ingress(api)`
 freezes a copy of it for the replicas.
 """
 
@@ -47,12 +48,12 @@ class BodyLimit:
         await RequestBodyLimitResponder(self.app, BodyLimit.limit)(scope, receive, send)
 
 
-app = FastAPI(title="gpt2-ray", description="GPT-2 on Ray Serve, OpenAI-compatible",
+api = FastAPI(title="gpt2-ray", description="GPT-2 on Ray Serve, OpenAI-compatible",
               # /docs below: Swagger UI's assets from the package, not a CDN; a body without
               # a content-type is read as JSON too
               docs_url=None, strict_content_type=False)
-app.add_middleware(BodyLimit)
-app.add_middleware(RequestLog)  # added last: outermost, so it sees 413s and 400s too
+api.add_middleware(BodyLimit)
+api.add_middleware(RequestLog)  # added last: outermost, so it sees 413s and 400s too
 
 
 def _error(status: int, message: str, param: str | None = None,
@@ -61,12 +62,12 @@ def _error(status: int, message: str, param: str | None = None,
     return APIError(status, message, param, code, kind).response()
 
 
-@app.exception_handler(APIError)
+@api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return exc.response()
 
 
-@app.exception_handler(RequestValidationError)
+@api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 as OpenAI's 400, naming the top-level field and what was wrong."""
     err = exc.errors()[0]
@@ -82,7 +83,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return _error(400, f"{param or 'body'}: {err['msg']}{got}", param, "invalid_value")
 
 
-@app.exception_handler(HTTPException)
+@api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     if exc.status_code == 413:
         return _error(413, f"request body is over this server's limit of {BodyLimit.limit} "
@@ -92,7 +93,7 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail))
 
 
-@app.get("/docs", include_in_schema=False)
+@api.get("/docs", include_in_schema=False)
 async def docs(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "").rstrip("/")
     return get_swagger_ui_html(
@@ -102,7 +103,7 @@ async def docs(request: Request) -> HTMLResponse:
         swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png")
 
 
-@app.get("/docs/assets/{name}", include_in_schema=False)
+@api.get("/docs/assets/{name}", include_in_schema=False)
 async def docs_asset(name: str) -> FileResponse:
     import swagger_ui_bundle  # here: the replica's own install, wherever it runs
 

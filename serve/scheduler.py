@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from serve.batching import AdmitFailed, Decoder, Delta, Job
+from serve.batching import AdmitFailed, Decoder, Delta, Generation
 
 
 class Scheduler:
@@ -32,7 +32,7 @@ class Scheduler:
         self.on_step = on_step  # called with (rows decoding, jobs waiting) after every step
         self.step_started: float | None = None  # monotonic time of the step running now
         self.batch_wait_timeout_s = batch_wait_timeout_s
-        self.waiting: deque[tuple[object, Job]] = deque()
+        self.waiting: deque[tuple[object, Generation]] = deque()
         self.queues: dict[object, asyncio.Queue] = {}
         self.cancelled: set[object] = set()
         self.batch_sizes: deque[int] = deque(maxlen=256)  # rows of recent steps, for /healthz
@@ -44,7 +44,7 @@ class Scheduler:
         # teams competing for the cores (measured: 200 vs 140 ms a step, 16 rows, 2 cores).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="decode")
 
-    async def run(self, job: Job) -> AsyncIterator[Delta]:
+    async def run(self, job: Generation) -> AsyncIterator[Delta]:
         """The Deltas of one job, as they are decoded; the last has a finish_reason."""
         key, queue = object(), asyncio.Queue()
         self.queues[key] = queue
@@ -112,7 +112,7 @@ class Scheduler:
             raise RuntimeError(f"a decode step has run {time.monotonic() - started:.0f} s, "
                                f"over {stuck_after_s} s: the decode thread is stuck")
 
-    def _admit(self) -> list[tuple[object, Job]]:
+    def _admit(self) -> list[tuple[object, Generation]]:
         """Drop cancelled rows and jobs, then take waiting jobs into the free rows."""
         cancelled, self.cancelled = self.cancelled, set()
         for key in cancelled:

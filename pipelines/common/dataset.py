@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2core import storage
+from gpt2core.errors import UserError
 
 FORMAT = "gpt2-ray-dataset"
 FORMAT_VERSION = 2
@@ -58,7 +59,7 @@ STATE = ".prepare/state.json"  # an unfinished prepare: {fingerprint, config}
 SPLITS = ("train", "val")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset dir is missing or wrong; the message names it and the fix."""
 
 
@@ -244,16 +245,6 @@ def read_shard(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     column = table.column("tokens").combine_chunks()
     width = column.type.list_size
     return column.flatten().to_numpy().reshape(-1, width), table.column("length").to_numpy()
-
-
-def __getattr__(name: str):
-    """The writing side (RowPacker, ShardWriter, PackWriter, DatasetWriter) lives in
-    pipelines/common/packing.py; its names are importable from here too."""
-    if name in ("RowPacker", "ShardWriter", "PackWriter", "DatasetWriter"):
-        from pipelines.common import packing
-
-        return getattr(packing, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def row_groups(manifest: Manifest, split: str, root: str | os.PathLike,

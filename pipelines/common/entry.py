@@ -1,5 +1,6 @@
-"""What every stage's `main()` shares: bad input ends in one sentence and exit status 2, a
-`Failure` in one sentence and exit status 1; `one_document` keeps `--json` output clean.
+"""What every stage's `main()` shares: bad input (a UserError) ends in one sentence and exit
+status 2, a `Failure` in one sentence and exit status 1, anything else with its traceback;
+`one_document` keeps `--json` output clean.
 
 Run as a file (`python pipelines/train.py`, `ray job submit -- python pipelines/train.py`), a
 stage first puts the repository root in place of its own folder at sys.path[0], so it imports
@@ -16,32 +17,29 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
+from gpt2core.errors import UserError
+
 
 class Failure(Exception):
     """A failure that is not the user's input but is understood (a bug of ours found early, a
     broken node): one line on stderr, exit status 1."""
 
 
-def user_error(prog: str, e: ValueError) -> int:
-    """Bad input (gpt2core's and the pipelines' errors are all ValueErrors): one line on
-    stderr, exit status 2. A ValueError raised inside Ray is not the user's: it goes on, with
-    its traceback."""
-    if type(e).__module__.startswith("ray"):
-        raise e
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
-
-
 def stage_main(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Decorates a stage's `main(argv=None) -> int`: bad input raised anywhere in it ends as
-    user_error says, with exit status 2."""
+    """Decorates a stage's `main(argv=None) -> int`: a UserError raised anywhere in it (bad
+    input, gpt2core/errors.py) ends as one line on stderr and exit status 2, a Failure as one
+    line and exit status 1. Anything else, a ValueError from inside a library included, is not
+    the user's: it goes on, with its traceback (exit status 1)."""
     def decorate(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
             try:
                 return main(argv)
-            except ValueError as e:
-                return user_error(prog, e)
+            except UserError as e:
+                if type(e).__module__.startswith("ray"):  # a Ray task's error, wrapped: a
+                    raise  # worker's input check that failed there is a bug of ours
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 2
             except Failure as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 return 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpt2core.errors import UserError
+
 if TYPE_CHECKING:
     from gpt2core import GPT2Config, Tokenizer
 
@@ -19,7 +21,7 @@ DTYPES = ("float32", "bfloat16", "int8", "auto")  # gpt2core.quant.DTYPES, witho
 def check_dtype(dtype: str | None) -> None:
     """--dtype: one of DTYPES, or None (float32 on CPUs, bf16/fp16 on GPUs)."""
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype is one of {', '.join(DTYPES)}, got {dtype}.")
+        raise UserError(f"--dtype is one of {', '.join(DTYPES)}, got {dtype}.")
 
 
 def open_model(model_path: str, vocab_path: str | None) -> tuple[GPT2Config, Tokenizer]:
@@ -78,6 +80,6 @@ def context_length(config: GPT2Config, seq_len: int | None) -> int:
     """--seq_len, else the model's n_positions; ValueError when it exceeds the model's context."""
     length = seq_len or config.n_positions
     if length > config.n_positions:
-        raise ValueError(f"--seq_len {length} exceeds the model's context of "
-                         f"{config.n_positions} tokens; pass at most that.")
+        raise UserError(f"--seq_len {length} exceeds the model's context of "
+                        f"{config.n_positions} tokens; pass at most that.")
     return length

@@ -1,8 +1,8 @@
 """Writing a dataset dir's rows: token streams packed into rows, rows into Parquet shards.
 
-The format is pipelines/common/dataset.py's. A prepare task (pipelines/preparing/tasks.py) holds one
-PackWriter for its work item: per split, a RowPacker cuts the item's stream into rows and a
-ShardWriter writes them, straight to the dataset dir (local or object storage).
+The format is pipelines/common/dataset.py's. A prepare task (pipelines/preparing/worker.py)
+holds one PackWriter for its work item: per split, a RowPacker cuts the item's stream into rows
+and a ShardWriter writes them, straight to the dataset dir (local or object storage).
 """
 
 from __future__ import annotations

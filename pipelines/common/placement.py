@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt2core.errors import UserError
+
 DATA_CPUS = 1.0  # kept free of training workers: Ray Data's 1-CPU tasks (ListFiles) must fit
 DEFAULT_GPU_WORKER_CPUS = 1.0  # no GPU node up or known: a CPU any GPU node can spare
 MIN_AUTO_CPUS = 0.25  # fewer CPUs per worker than this: run fewer trials at once instead
@@ -124,11 +126,11 @@ def worker_share(nodes: Sequence[dict], workers: int, gpus: int = 0,
                                                total - DATA_CPUS - trials * trial_cpus)
     if cpus <= 0:
         if trials == 1:
-            raise ValueError(f"the cluster has {total:g} CPUs: too few for {workers} training "
-                             "worker(s) plus Ray Data; use fewer workers or --cpus_per_worker.")
-        raise ValueError(f"{trials} trial(s) x {workers} worker(s) do not fit in {total:g} CPUs "
-                         f"with {DATA_CPUS:g} kept for Ray Data; lower --max_concurrent or "
-                         "--num_workers.")
+            raise UserError(f"the cluster has {total:g} CPUs: too few for {workers} training "
+                            "worker(s) plus Ray Data; use fewer workers or --cpus_per_worker.")
+        raise UserError(f"{trials} trial(s) x {workers} worker(s) do not fit in {total:g} CPUs "
+                        f"with {DATA_CPUS:g} kept for Ray Data; lower --max_concurrent or "
+                        "--num_workers.")
     return Share(cpus, max(1, math.floor(max(min(total / n, largest), cpus) + 1e-9)))
 
 
@@ -149,8 +151,8 @@ def _gpu_share(nodes: Sequence[dict], n: int, cpus_per_worker: float,
     cpus = cpus_per_worker or min(floor20((x.get("CPU", 0) - DATA_CPUS) / x["GPU"])
                                   for x in shapes)
     if cpus <= 0:
-        raise ValueError(f"a GPU node has {per_gpu:g} CPU(s) per GPU: too few for a GPU worker "
-                         f"plus Ray Data's {DATA_CPUS:g}; pass --cpus_per_worker.")
+        raise UserError(f"a GPU node has {per_gpu:g} CPU(s) per GPU: too few for a GPU worker "
+                        f"plus Ray Data's {DATA_CPUS:g}; pass --cpus_per_worker.")
     return Share(cpus, max(1, math.floor(max(per_gpu, cpus) + 1e-9)), note)
 
 
@@ -223,12 +225,12 @@ def check_gpus(needed: int, up: float, autoscaler: Autoscaler | None) -> bool:
     if needed <= up:
         return False
     if autoscaler is None or autoscaler.max_gpus <= up:
-        raise ValueError(f"--gpus {needed} asks for more GPUs than the cluster has ({up:g}); "
-                         f"pass --gpus {int(up)} or join a cluster with more (--address).")
+        raise UserError(f"--gpus {needed} asks for more GPUs than the cluster has ({up:g}); "
+                        f"pass --gpus {int(up)} or join a cluster with more (--address).")
     if needed > autoscaler.max_gpus:
-        raise ValueError(f"--gpus {needed} asks for more GPUs than the cluster can grow to "
-                         f"({autoscaler.max_gpus:g}, per {autoscaler.source}); pass --gpus "
-                         f"{int(autoscaler.max_gpus)} or raise its GPU node type's max_workers.")
+        raise UserError(f"--gpus {needed} asks for more GPUs than the cluster can grow to "
+                        f"({autoscaler.max_gpus:g}, per {autoscaler.source}); pass --gpus "
+                        f"{int(autoscaler.max_gpus)} or raise its GPU node type's max_workers.")
     return True
 
 
@@ -240,8 +242,8 @@ def gpu_wait_s(default: float = GPU_WAIT_S) -> float:
     except ValueError:
         value = -1.0
     if not value >= 0:  # also NaN
-        raise ValueError(f"{GPU_WAIT_ENV}={raw!r} is not a number of seconds; set it to, "
-                         f"e.g., {GPU_WAIT_S:g}.")
+        raise UserError(f"{GPU_WAIT_ENV}={raw!r} is not a number of seconds; set it to, "
+                        f"e.g., {GPU_WAIT_S:g}.")
     return value
 
 
@@ -261,7 +263,7 @@ def wait_for_gpus(needed: int, gpus_up: Callable[[], float], timeout_s: float, *
             say(f"GPUs up: {up:g}/{needed} after {elapsed:.0f} s.")
             return up
         if elapsed >= timeout_s:
-            raise ValueError(
+            raise UserError(
                 f"--gpus {needed}: only {up:g} of {needed} GPUs came up in {timeout_s:g} s of "
                 f"waiting for the autoscaler; see `ray status` for failed launches (quota, "
                 f"capacity), wait longer with {GPU_WAIT_ENV}=SECONDS, or pass --gpus {int(up)}.")

@@ -26,6 +26,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+from gpt2core.errors import UserError
 from pipelines.common.flags import verbose
 
 
@@ -101,22 +102,22 @@ def check_workers(timeout_s: float = 45) -> None:
     except r.exceptions.GetTimeoutError:
         for ref in refs:
             r.cancel(ref, force=True)
-        raise ValueError(f"no Ray worker started within {timeout_s:.0f} s; see the raylet and "
-                         "worker logs in the session's logs folder (/tmp/ray/session_latest/"
-                         "logs) and check the job's runtime_env") from None
+        raise UserError(f"no Ray worker started within {timeout_s:.0f} s; see the raylet and "
+                        "worker logs in the session's logs folder (/tmp/ray/session_latest/"
+                        "logs) and check the job's runtime_env") from None
     except r.exceptions.RuntimeEnvSetupError as e:
-        raise ValueError(f"Ray could not set up the workers' runtime_env ({cause(e)}); fix "
-                         "the runtime_env given to the job (ray job submit --runtime-env-json)"
-                         ) from None
+        raise UserError(f"Ray could not set up the workers' runtime_env ({cause(e)}); fix "
+                        "the runtime_env given to the job (ray job submit --runtime-env-json)"
+                        ) from None
     except r.exceptions.WorkerCrashedError as e:  # in its setup hook: Ray has the traceback
         why = cause(e, crashed_worker())
     except r.exceptions.RayTaskError as e:  # it started, but a package is missing
         why = cause(e)
     if re.match(r"(ModuleNotFound|Import)Error\b", why):
-        raise ValueError(f"Ray workers cannot import this project ({why}); install the project "
-                         "and its dependencies on every node, or let it ship its code (unset "
-                         f"{SHIP_CODE}; under `ray job submit`, pass --working-dir . from the "
-                         "checkout)")
+        raise UserError(f"Ray workers cannot import this project ({why}); install the project "
+                        "and its dependencies on every node, or let it ship its code (unset "
+                        f"{SHIP_CODE}; under `ray job submit`, pass --working-dir . from the "
+                        "checkout)")
     raise Failure(f"Ray workers cannot start: their setup failed ({why}); this is a bug, "
                   "please report it with the worker logs (/tmp/ray/session_latest/logs)")
 
@@ -269,7 +270,7 @@ def check_shared(path: str, flag: str, marker: str | None = None) -> None:
     fix = (f"pass {flag} s3://bucket/… (or gs://), or a directory on a mount that every "
            "node shares")
     if marker is None and "/ray/session_" in path:
-        raise ValueError(f"{flag} {path} is inside Ray's temporary dir, which Ray deletes; {fix}.")
+        raise UserError(f"{flag} {path} is inside Ray's temporary dir, which Ray deletes; {fix}.")
     r = ray()
     nodes = [n for n in r.nodes() if n["Alive"]]
     if len(nodes) < 2:
@@ -287,5 +288,5 @@ def check_shared(path: str, flag: str, marker: str | None = None) -> None:
             probe.unlink()
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, found) if not ok]
     if blind:
-        raise ValueError(f"{flag} {path} is a local path that {len(blind)} of the cluster's "
-                         f"{len(nodes)} nodes cannot see (e.g. {blind[0]}); {fix}.")
+        raise UserError(f"{flag} {path} is a local path that {len(blind)} of the cluster's "
+                        f"{len(nodes)} nodes cannot see (e.g. {blind[0]}); {fix}.")

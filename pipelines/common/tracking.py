@@ -1,6 +1,6 @@
 """A training run's record: MLflow params/metrics/artifacts, and metrics.jsonl.
 
-Who writes what (DESIGN.md "Tracking"): the Ray Train workers never talk to MLflow. Rank 0
+Who writes what (docs/design.md, "Tracking"): the Ray Train workers never talk to MLflow. Rank 0
 keeps its records (`History`): all of them go to metrics.jsonl in each checkpoint's model dir
 (`gpt2 visualize` and the loss-curve PNG need no MLflow), and those since its last report ride
 with its `ray.train.report` (key RECORDS). MLflow is written from beside the driver: the run is
@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from gpt2core.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 RECORDS = "records"  # in rank 0's reports: its records since its previous report
 RESTORED = "restored_records"  # in its first: the resumed checkpoint's history
@@ -31,7 +33,7 @@ RAY_TEMP = ("/tmp/ray/", "/ray/session_")  # Ray's temp dirs: deleted with the s
 PARAM_LIMIT = 6000  # MLflow's longest param value
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A run (dir, id or MLflow store) that is missing or holds no metrics."""
 
 
@@ -320,7 +322,7 @@ class History:
 
 def read_history(model_dir: str | Path, up_to_step: int) -> list[dict]:
     """A checkpoint's history, without records past its step (a restarted run redoes those)."""
-    from gpt2core.plots import read_metrics
+    from pipelines.common.plots import read_metrics
 
     path = Path(model_dir) / METRICS_FILE
     return [r for r in read_metrics(path) if r["step"] <= up_to_step] if path.is_file() else []

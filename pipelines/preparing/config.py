@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpt2core.errors import UserError
 from pipelines.common.flags import option
 from pipelines.text import corpus
 
@@ -54,21 +55,21 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         if not self.corpus:
-            raise ValueError("--corpus needs at least one path (or 'sample').")
+            raise UserError("--corpus needs at least one path (or 'sample').")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"--val_fraction must be between 0 and 1, got {self.val_fraction}.")
+            raise UserError(f"--val_fraction must be between 0 and 1, got {self.val_fraction}.")
         if self.seq_len < 2:
-            raise ValueError(f"--seq_len must be at least 2 (one input, one target), "
-                             f"got {self.seq_len}.")
+            raise UserError(f"--seq_len must be at least 2 (one input, one target), "
+                            f"got {self.seq_len}.")
         if self.vocab_path is None and not 257 < self.vocab_size <= 1 << 20:
-            raise ValueError(f"--vocab_size {self.vocab_size} is out of range: a byte-level BPE "
-                             "needs more than 257 (256 bytes + <|endoftext|>) and at most "
-                             f"{1 << 20}.")
+            raise UserError(f"--vocab_size {self.vocab_size} is out of range: a byte-level BPE "
+                            "needs more than 257 (256 bytes + <|endoftext|>) and at most "
+                            f"{1 << 20}.")
         if self.pretokenized and self.vocab_path is None:
-            raise ValueError("--pretokenized needs --vocab_path, the vocabulary the corpus was "
-                             "tokenized with.")
+            raise UserError("--pretokenized needs --vocab_path, the vocabulary the corpus was "
+                            "tokenized with.")
         for name in ("tokenizer_sample_bytes", "max_doc_bytes", "shard_mb"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
         if not 0.0 <= self.max_invalid_utf8 <= 1.0:
-            raise ValueError(f"--max_invalid_utf8 must be in [0, 1], got {self.max_invalid_utf8}.")
+            raise UserError(f"--max_invalid_utf8 must be in [0, 1], got {self.max_invalid_utf8}.")

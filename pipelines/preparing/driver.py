@@ -11,7 +11,7 @@ from dataclasses import asdict
 from gpt2core import storage
 from pipelines.common import dataset, ray_session
 from pipelines.preparing.config import NOT_FINGERPRINTED, PrepareConfig
-from pipelines.preparing.job import Job, listing, tidy
+from pipelines.preparing.passes import Passes, listing, tidy
 from pipelines.text import corpus
 from pipelines.text.encoding import encoder_spec
 
@@ -51,13 +51,13 @@ def prepare(cfg: PrepareConfig) -> dict:
     print(f"{inputs.files} files, {inputs.bytes / 1e6:.2f} MB, in work items of "
           f"{target / 2**20:.2f} MiB on {cpus} CPUs (Ray start-up {ray_s:.1f} s)"
           + ("; resuming an interrupted run" if state == "resume" else ""))
-    job = Job(cfg, out, target, IN_FLIGHT_PER_CPU * cpus, inputs, fingerprint,
+    passes = Passes(cfg, out, target, IN_FLIGHT_PER_CPU * cpus, inputs, fingerprint,
               NOT_FINGERPRINTED)
     try:
-        tokenizer, sample_s = job.tokenizer(tokenizer, config, resume=state == "resume")
+        tokenizer, sample_s = passes.tokenizer(tokenizer, config, resume=state == "resume")
         t2 = time.perf_counter()
-        records, invalid = job.tokenize(None)
-        manifest = job.manifest(records, invalid)
+        records, invalid = passes.tokenize(None)
+        manifest = passes.manifest(records, invalid)
         storage.write_text(storage.join(out, dataset.MANIFEST), manifest.to_json())
     except (corpus.CorpusError, TokenizerError):
         storage.delete(out) if fresh else dataset.clear(out)  # bad input: nothing to resume
@@ -75,7 +75,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     return {"up_to_date": False, "out": str(out), "bytes": inputs.bytes, **times,
             "encoder": manifest.source["encoder"], "items": len(records), "reused": reused,
             "task_s": sum(r.seconds for r in records.values() if not r.reused),
-            "redone": job.redone,
+            "redone": passes.redone,
             "padding": {k: s.padding for k, s in manifest.splits.items()}}
 
 

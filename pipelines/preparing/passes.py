@@ -1,13 +1,13 @@
 """The Ray side of the prepare job (pipelines/prepare.py): passes over the work items.
 
-    job = Job(cfg, out, target, window, listing(cfg), fingerprint, NOT_FINGERPRINTED)
-    tokenizer, sample_s = job.tokenizer(given, config, resume=False)   # sample pass (+ BPE)
-    records, invalid = job.tokenize(None)                              # tokenize pass
-    manifest = job.manifest(records, invalid)                          # split rules, counts
+    passes = Passes(cfg, out, target, window, listing(cfg), fingerprint, NOT_FINGERPRINTED)
+    tokenizer, sample_s = passes.tokenizer(given, config, resume=False)   # sample pass (+ BPE)
+    records, invalid = passes.tokenize(None)                              # tokenize pass
+    manifest = passes.manifest(records, invalid)                          # split rules, counts
 
 Work items are planned from a fresh, streamed listing each pass (`items`), so the driver holds
 no list of files or items; `run` keeps at most `window` tasks in flight and hands back their
-small results as they finish. What the tasks do is pipelines/preparing/tasks.py.
+small results as they finish. What the tasks do is pipelines/preparing/worker.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from gpt2core import storage
 from pipelines.common import dataset, ray_session
 from pipelines.preparing.config import PrepareConfig
-from pipelines.preparing.tasks import RECORDS, ItemRecord, TaskSpec, sample_item, tokenize_item
+from pipelines.preparing.worker import RECORDS, ItemRecord, TaskSpec, sample_item, tokenize_item
 from pipelines.text import corpus
 from pipelines.text.encoding import encoder_spec
 
@@ -82,7 +82,7 @@ def _digested(sources: Iterator[corpus.Source], into: Listing) -> Iterator[corpu
 
 
 @dataclass
-class Job:
+class Passes:
     """The Ray part of one prepare: the passes over the work items, as tasks."""
 
     cfg: PrepareConfig

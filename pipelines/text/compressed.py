@@ -17,11 +17,13 @@ import lzma
 import zlib
 from collections.abc import Iterator
 
+from gpt2core.errors import UserError
+
 CODECS = (".gz", ".zst", ".xz", ".bz2")
 CHUNK = 1 << 20  # decompressed bytes per read
 
 
-class DecompressError(ValueError):
+class DecompressError(UserError):
     """A compressed file that cannot be decoded; the message names it and the byte offset."""
 
 

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from gpt2core.errors import UserError
 from pipelines.text import listing
 from pipelines.text import sample_corpus as sample
 from pipelines.text.compressed import CODECS, DecompressError, decompressed, head, line_pieces
@@ -45,7 +46,7 @@ SAMPLE_SCHEME = "sample://"  # a sample file, found (or fetched) in each node's 
 REMOTE = listing.REMOTE
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A corpus input is wrong; the message is one sentence naming it and the fix."""
 
 

@@ -18,12 +18,15 @@ import os
 import re
 from collections.abc import Iterator
 
+from gpt2core.errors import UserError
+
 # read through pyarrow's filesystems; file:// takes the same path, so tests cover it
 REMOTE = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "file://")
 
 
-class ListingError(ValueError):
-    """A path that does not exist, or matches nothing; one sentence."""
+class ListingError(UserError):
+    """A path that does not exist, or matches nothing, or the sample corpus that cannot be
+    fetched; one sentence."""
 
 
 def walk(arg: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, int, int]]:

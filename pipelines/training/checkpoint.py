@@ -1,4 +1,4 @@
-"""Training checkpoints (DESIGN.md): a model dir plus the state that resumes the run exactly.
+"""Training checkpoints (docs/design.md): a model dir plus the state that resumes the run exactly.
 
     checkpoint_0000250/
         model/            a Hugging Face GPT-2 model dir: config.json, model.safetensors,
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from gpt2core import storage
+from gpt2core.errors import UserError
 from gpt2core.modelfile import CONFIG_FILE, WEIGHTS_FILE
 from pipelines.common import dataset
 
@@ -82,13 +83,13 @@ def find(path: str) -> str:
     cut short is passed over, with one warning line)."""
     path = storage.resolve(path)
     if not storage.exists(path):
-        raise ValueError(f"--from_checkpoint {path} does not exist; pass a checkpoint dir "
-                         f"({PREFIX}*) or the run dir that holds them.")
+        raise UserError(f"--from_checkpoint {path} does not exist; pass a checkpoint dir "
+                        f"({PREFIX}*) or the run dir that holds them.")
     present = storage.files(path)  # one listing: the dir itself and every checkpoint in it
     if STATE_FILE in present:
         if not _complete(present) or truncated(path):
-            raise ValueError(f"checkpoint {path} is incomplete: it lacks {MODEL_DIR}/"
-                             f"{CONFIG_FILE} or its {WEIGHTS_FILE} is cut short.")
+            raise UserError(f"checkpoint {path} is incomplete: it lacks {MODEL_DIR}/"
+                            f"{CONFIG_FILE} or its {WEIGHTS_FILE} is cut short.")
         return path
     by_dir: dict[str, set[str]] = {}
     for f in present:
@@ -100,8 +101,8 @@ def find(path: str) -> str:
             return storage.join(path, name)
         print(f"warning: {storage.join(path, name)} is incomplete ({short}); trying the one "
               "before it.", file=sys.stderr)
-    raise ValueError(f"--from_checkpoint {path} is not a checkpoint (no {STATE_FILE}) "
-                     f"and holds no complete {PREFIX}* dirs; pass one of those.")
+    raise UserError(f"--from_checkpoint {path} is not a checkpoint (no {STATE_FILE}) "
+                    f"and holds no complete {PREFIX}* dirs; pass one of those.")
 
 
 def check_strategy(ckpt: str, strategy: str) -> None:
@@ -109,8 +110,8 @@ def check_strategy(ckpt: str, strategy: str) -> None:
     optimizer state (fsdp) is read by either strategy, a whole one (ddp) by ddp only."""
     if strategy == "fsdp" and not any(f.startswith(f"{SHARDS_DIR}/")
                                       for f in storage.files(ckpt)):
-        raise ValueError(f"{ckpt} was saved by --strategy ddp (its optimizer state whole, "
-                         "keyed by parameter order); resume it with --strategy ddp.")
+        raise UserError(f"{ckpt} was saved by --strategy ddp (its optimizer state whole, "
+                        "keyed by parameter order); resume it with --strategy ddp.")
 
 
 def _complete(files: set[str]) -> bool:
@@ -192,15 +193,17 @@ def load_state(path: str | Path) -> dict:
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def run_id(run_dir: str, from_checkpoint: str | None) -> str | None:
-    """The MLflow run id in the checkpoint Ray Train resumes from: the latest of `run_dir` (a
-    reused --name), else `from_checkpoint`; None when it starts afresh."""
+def resumed(run_dir: str, from_checkpoint: str | None) -> str | None:
+    """The checkpoint a run starts from, as Ray Train picks it: the run dir's latest complete
+    one (a reused --name, --resume), else `from_checkpoint`; None: a fresh start."""
     try:
-        path = find(run_dir)
-    except ValueError:  # no run dir, or no complete checkpoint in it: Ray starts afresh
-        path = from_checkpoint
-    if path is None:
-        return None
+        return find(run_dir)
+    except ValueError:  # no run dir, or no complete checkpoint in it
+        return from_checkpoint
+
+
+def run_id(path: str) -> str | None:
+    """The MLflow run id saved in checkpoint `path` (None: a Tune trial's)."""
     state = storage.join(path, STATE_FILE)
     if not storage.is_uri(state):  # memory-mapped: only the run id's bytes are read
         saved = torch.load(state, map_location="cpu", weights_only=True, mmap=True)

@@ -1,4 +1,5 @@
-"""TrainConfig: every flag of `gpt2 train` (and the base of each `gpt2 tune` trial).
+"""TrainConfig: every flag of `gpt2 train` (and the base of each `gpt2 tune` trial); RunContext:
+what the driver resolved for the workers beside it.
 
 One dataclass feeds the CLI (pipelines/common/flags.py), Tune's trial overrides
 (`dataclasses.replace(cfg, **trial)`), the workers and MLflow's params; a field the user did not
@@ -10,8 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from gpt2core.errors import UserError
 from pipelines.common.flags import option
+
+if TYPE_CHECKING:
+    from pipelines.common.dataset import Manifest
+    from pipelines.training.data import TokenizerSpec
 
 DEFAULT_DATA = "data/dataset"  # where the demo prepares the sample corpus
 # gpt2core.precision.PRECISIONS, spelled here so that parsing flags imports no torch (a test
@@ -103,37 +110,50 @@ class TrainConfig:
         for name in ("batch_train", "batch_eval", "grad_accum", "total_steps", "eval_steps",
                      "save_steps", "log_steps", "num_workers", "rate", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("layers", "heads", "dims", "seq_len"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}.")
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}.")
         if self.base_lr <= 0 or not 0 <= (self.min_lr or 0) <= self.base_lr:
-            raise ValueError("--base_lr must be positive and --min_lr in [0, base_lr].")
+            raise UserError("--base_lr must be positive and --min_lr in [0, base_lr].")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision is one of {', '.join(PRECISIONS)}, got "
-                             f"{self.precision}.")
+            raise UserError(f"--precision is one of {', '.join(PRECISIONS)}, got "
+                            f"{self.precision}.")
         if self.use_amp and self.precision == "fp32":
-            raise ValueError("--use_amp asks for mixed precision and --precision fp32 for "
-                             "none; pass one of them.")
+            raise UserError("--use_amp asks for mixed precision and --precision fp32 for "
+                            "none; pass one of them.")
         if self.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"--strategy is ddp or fsdp, got {self.strategy}.")
+            raise UserError(f"--strategy is ddp or fsdp, got {self.strategy}.")
         if self.checkpoint_upload_mode not in ("async", "sync"):
-            raise ValueError("--checkpoint_upload_mode is async or sync, got "
-                             f"{self.checkpoint_upload_mode}.")
+            raise UserError("--checkpoint_upload_mode is async or sync, got "
+                            f"{self.checkpoint_upload_mode}.")
         top = self.gpus or self.num_workers
         if self.min_workers:
             if not 1 <= self.min_workers <= top:
-                raise ValueError(f"--min_workers must be between 1 and {top} (the most "
-                                 f"workers), got {self.min_workers}.")
+                raise UserError(f"--min_workers must be between 1 and {top} (the most "
+                                f"workers), got {self.min_workers}.")
             lcm = math.lcm(*range(self.min_workers, top + 1))
             step = lcm // math.gcd(lcm, top)
             if self.grad_accum % step:
-                raise ValueError(
+                raise UserError(
                     f"with {self.min_workers} to {top} workers the global batch stays the "
                     f"same only if every worker count divides --grad_accum x {top}; pass "
                     f"--grad_accum {step} (or a multiple of it).")
         if self.gpus < 0 or self.cpus_per_worker < 0 or self.max_failures < -1:
-            raise ValueError("--gpus and --cpus_per_worker cannot be negative, "
-                             "--max_failures not below -1 (no limit).")
+            raise UserError("--gpus and --cpus_per_worker cannot be negative, "
+                            "--max_failures not below -1 (no limit).")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every worker gets beside its TrainConfig, as training/driver.py resolved it:
+    train_loop_config["context"]."""
+
+    manifest: Manifest  # the dataset's
+    tokenizer: TokenizerSpec  # the dataset's, saved into every checkpoint's model dir
+    threads: int  # torch threads per worker (Ray sets OMP_NUM_THREADS=1)
+    model_dir: str | None  # the model to start from: a checkpoint's, or --from_pretrained
+    mlflow_run_id: str | None = None  # None in a Tune trial: its driver logs the trial's run
+    verbose: bool = False  # --verbose: a console line at every --log_steps, not every ~10 %

@@ -66,7 +66,7 @@ def batches(shard, plan: Plan, cfg: TrainConfig, epoch: int, rank: int, skip: in
     """This worker's micro-batches of an epoch as (inputs, targets), the first `skip` dropped.
 
     The order is fixed by the seed: the split's row groups come in an order shuffled across the
-    whole split by --seed (train_plan.train_rows), Ray Data splits them in that order among
+    whole split by --seed (plan.train_rows), Ray Data splits them in that order among
     the workers (preserve_order), and each worker's shuffle buffer mixes them further, seeded
     by (seed, epoch, rank); so a resumed run skips exactly what the interrupted one had
     consumed. The skipped batches are counted as numpy rows, never collated into tensors.

@@ -1,11 +1,13 @@
-"""The training job that `gpt2 train` runs and each `gpt2 tune` trial runs a variant of.
+"""The train driver: resolve a run once, then make its TorchTrainer.
 
-    job = plan_job(cfg)                     # checks, prepares if asked, sizes workers; starts Ray
-    make_trainer(job, name, callbacks).fit()
+    job = plan_job(cfg)              # everything resolved, before Ray starts where it can be
+    make_trainer(job, callbacks).fit()
 
-`plan_job` resolves on the driver everything a worker needs beside its TrainConfig into a
-`RunContext` (typed, pickled once into train_loop_config), so a worker reads no flags twice and
-finds no key missing on a cluster.
+`plan_job` is the one place that resolves a run: the tracking store (checked once), the run's
+name and dir, the checkpoint it resumes from (found and checked once) with its MLflow run, the
+`Plan` for this data and model, the workers' share of the cluster, and the datasets. It hands
+each worker a `RunContext` (training/config.py), so a worker reads no flags twice and finds no
+key missing on a cluster. `gpt2 train` and every `gpt2 tune` trial use it.
 """
 
 from __future__ import annotations
@@ -17,35 +19,28 @@ from typing import TYPE_CHECKING
 
 from gpt2core import storage
 from pipelines.common import dataset, placement, ray_session
-from pipelines.common.dataset import Manifest
 from pipelines.common.flags import verbose
-from pipelines.common.tracking import check_server, tracking_uri
+from pipelines.common.tracking import check_experiment, tracking_uri
 from pipelines.training import checkpoint
-from pipelines.training.config import DEFAULT_DATA, TrainConfig
+from pipelines.training.config import DEFAULT_DATA, RunContext, TrainConfig
 from pipelines.training.data import TokenizerSpec
-from pipelines.training.plan import make_plan, prepare_data, train_rows, validation_rows
+from pipelines.training.plan import Plan, make_plan, prepare_data, train_rows, validation_rows
 
 if TYPE_CHECKING:
     from ray.data.dataset import Dataset, MaterializedDataset
 
 
-@dataclass(frozen=True)
-class RunContext:
-    """What every worker gets beside its TrainConfig: train_loop_config["context"]."""
-
-    manifest: Manifest  # the dataset's
-    tokenizer: TokenizerSpec  # the dataset's, saved into every checkpoint's model dir
-    threads: int  # torch threads per worker (Ray sets OMP_NUM_THREADS=1)
-    model_dir: str | None  # the model to start from: a checkpoint's, or --from_pretrained
-    mlflow_run_id: str | None = None  # None in a Tune trial: its driver logs the trial's run
-    verbose: bool = False  # --verbose: a console line at every --log_steps, not every ~10 %
-
-
 @dataclass
-class Job:
-    """What the driver resolved before any worker starts."""
+class TrainJob:
+    """A training run as the driver resolved it, before any worker starts."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # as given, with --from_checkpoint resolved to a checkpoint dir
+    name: str
+    run_dir: str  # where its checkpoints go: Ray Train's RunConfig storage_path/name
+    resumes: str | None  # the checkpoint it continues from: its run dir's latest (a reused
+    #                      --name, --resume), else --from_checkpoint; None: a fresh start
+    resumed_run_id: str | None  # the MLflow run of that checkpoint, which this run continues
+    plan: Plan
     context: RunContext
     workers: int
     cpus: float  # reserved per worker
@@ -53,10 +48,6 @@ class Job:
     tracking_uri: str
     train: Dataset  # the train split, streamed or cached (plan.train_rows)
     val: MaterializedDataset  # the val split, read once (plan.validation_rows)
-
-    def run_dir(self, name: str) -> str:
-        """Where run `name` keeps its checkpoints (Ray Train's RunConfig storage_path/name)."""
-        return storage.join(self.storage, name)
 
 
 def run_name(given: str | None, prefix: str) -> str:
@@ -71,33 +62,43 @@ def newest_run(storage_path: str, prefix: str) -> str | None:
     return max(runs, default=None)
 
 
-def plan_job(cfg: TrainConfig) -> Job:
-    """Check flags, data and model (ValueError & co. name the problem), prepare if asked, and
-    size the workers. Bad input found without Ray fails before Ray starts."""
+def plan_job(cfg: TrainConfig, name: str | None = None) -> TrainJob:
+    """Resolve the run `cfg` asks for (named `name`, else --name, else the newest gpt2-* run
+    with --resume, else a new gpt2-<time>). Bad input (ValueError & co., one sentence) found
+    without Ray fails before Ray starts."""
     workers = cfg.gpus or cfg.num_workers
     uri = tracking_uri(cfg.tracking_uri)
-    check_server(uri)
+    check_experiment(uri, cfg.experiment)
     for flag in ("data", "storage_path", "save_model_path", "from_checkpoint", "from_pretrained"):
         if getattr(cfg, flag):  # a bucket that is missing or refuses us: one sentence, now
             storage.check_bucket(getattr(cfg, flag), f"--{flag}")
+    where = storage.resolve(cfg.storage_path)
+    name = name or run_name(cfg.name or (newest_run(where, "gpt2") if cfg.resume else None),
+                            "gpt2")
+    run_dir = storage.join(where, name)
     if cfg.from_checkpoint:
         cfg = replace(cfg, from_checkpoint=checkpoint.find(cfg.from_checkpoint))
-        checkpoint.check_strategy(cfg.from_checkpoint, cfg.strategy)
+    resumes = checkpoint.resumed(run_dir, cfg.from_checkpoint)
+    if resumes:
+        checkpoint.check_strategy(resumes, cfg.strategy)
     model_dir = storage.join(cfg.from_checkpoint, checkpoint.MODEL_DIR) if cfg.from_checkpoint \
         else cfg.from_pretrained
     if model_dir:
         from gpt2core.modelfile import read_config
 
         read_config(model_dir)  # a missing or broken model dir fails here
-    given = cfg.data != DEFAULT_DATA or storage.is_file(storage.join(cfg.data, dataset.MANIFEST))
-    if given and not cfg.corpus:
-        make_plan(cfg, dataset.load_manifest(cfg.data), workers, model_dir)
-    ray_session.init_ray(cfg.address)
-    manifest = prepare_data(cfg, model_dir, cfg.address)
-    plan = make_plan(cfg, manifest, workers, model_dir)
+    ready = not cfg.corpus and (cfg.data != DEFAULT_DATA or storage.is_file(
+        storage.join(cfg.data, dataset.MANIFEST)))  # else text is prepared first, on Ray
+    if ready:  # the data and model checked against the flags before Ray starts
+        manifest = dataset.load_manifest(cfg.data)
+        plan = make_plan(cfg, manifest, workers, model_dir)
+        ray_session.init_ray(cfg.address)
+    else:
+        manifest = prepare_data(cfg, model_dir, cfg.address)  # starts Ray
+        plan = make_plan(cfg, manifest, workers, model_dir)
     share = placement.place(workers, 1 if cfg.gpus else 0, cfg.cpus_per_worker)  # waits for GPUs
     cluster = ray_session.ray().cluster_resources()  # after any GPU nodes the autoscaler added
-    data_dir, where = storage.resolve(cfg.data), storage.resolve(cfg.storage_path)
+    data_dir = storage.resolve(cfg.data)
     # every node reads the data and the model, and writes checkpoints, itself
     ray_session.check_shared(data_dir, "--data", dataset.MANIFEST)
     if model_dir:
@@ -107,19 +108,21 @@ def plan_job(cfg: TrainConfig) -> Job:
     context = RunContext(manifest, TokenizerSpec.read(storage.join(data_dir,
                                                                    manifest.tokenizer["file"])),
                          share.threads, model_dir, verbose=verbose())
-    return Job(cfg, context, workers, share.cpus, where, uri,
-               train_rows(cfg, manifest, data_dir, cluster),
-               validation_rows(cfg, manifest, data_dir, plan.eval_rows_per_batch * workers))
+    return TrainJob(cfg, name, run_dir, resumes, checkpoint.run_id(resumes) if resumes else None,
+                    plan, context, workers, share.cpus, where, uri,
+                    train_rows(cfg, manifest, data_dir, cluster),
+                    validation_rows(cfg, manifest, data_dir, plan.eval_rows_per_batch * workers))
 
 
-def make_trainer(job: Job, name: str, callbacks: list | None = None,
+def make_trainer(job: TrainJob, callbacks: list | None = None, name: str | None = None,
                  storage_path: str | None = None):
-    """The TorchTrainer of `job` (a Tune trial's: the job with the trial's cfg), run `name`."""
+    """The TorchTrainer of `job`; a Tune trial's: the job with the trial's cfg, under the
+    trial's `name` in the sweep's `storage_path`."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.training.loop import train_loop_per_worker
+    from pipelines.training.worker import train_loop_per_worker
 
     cfg = job.cfg
     return TorchTrainer(
@@ -132,7 +135,7 @@ def make_trainer(job: Job, name: str, callbacks: list | None = None,
             use_gpu=cfg.gpus > 0,
             resources_per_worker={"CPU": job.cpus, **({"GPU": 1} if cfg.gpus else {})}),
         run_config=RunConfig(
-            name=name, storage_path=storage_path or job.storage, callbacks=callbacks,
+            name=name or job.name, storage_path=storage_path or job.storage, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             logging_config=ray_session.train_logging()),  # its INFO lines: --verbose

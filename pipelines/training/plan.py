@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpt2core import storage
+from gpt2core.errors import UserError
 from pipelines.common import dataset, ray_session
 from pipelines.common.dataset import Manifest
 from pipelines.training.config import DEFAULT_DATA, TrainConfig
@@ -45,7 +46,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, model_dir: str | None) -> GP
     if model_dir:
         config = read_config(model_dir)
         if config.vocab_size != vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"the model in {model_dir} has a vocabulary of {config.vocab_size} tokens but the "
                 f"dataset's has {vocab_size}; prepare the dataset with the model's tokenizer "
                 f"(gpt2 prepare --vocab_path {model_dir}).")
@@ -59,7 +60,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, model_dir: str | None) -> GP
         return GPT2Config.from_preset(cfg.preset, **overrides, vocab_size=vocab_size,
                                       n_inner=cfg.rate * width, n_positions=positions)
     except ValueError as e:  # unknown preset, heads not dividing dims, ...
-        raise ValueError(f"{e}.") from None
+        raise UserError(f"{e}.") from None
 
 
 def make_plan(cfg: TrainConfig, manifest: Manifest, world: int,
@@ -70,17 +71,17 @@ def make_plan(cfg: TrainConfig, manifest: Manifest, world: int,
     seq_len = cfg.seq_len or max(d for d in range(1, min(L, config.n_positions) + 1)
                                  if L % d == 0)
     if seq_len > config.n_positions:
-        raise ValueError(f"--seq_len {seq_len} is longer than the model's context "
-                         f"(n_positions {config.n_positions}); pass --seq_len "
-                         f"{config.n_positions} or less.")
+        raise UserError(f"--seq_len {seq_len} is longer than the model's context "
+                        f"(n_positions {config.n_positions}); pass --seq_len "
+                        f"{config.n_positions} or less.")
     if seq_len > L or L % seq_len:
-        raise ValueError(f"--seq_len {seq_len} does not fit the dataset's rows of {L} tokens; "
-                         f"pass a divisor of {L}, or prepare the dataset with --seq_len "
-                         f"{seq_len}.")
+        raise UserError(f"--seq_len {seq_len} does not fit the dataset's rows of {L} tokens; "
+                        f"pass a divisor of {L}, or prepare the dataset with --seq_len "
+                        f"{seq_len}.")
     k = L // seq_len  # sequences per dataset row
     if cfg.batch_train % k:
-        raise ValueError(f"--batch_train {cfg.batch_train} must be a multiple of {k}: each "
-                         f"dataset row of {L} tokens makes {k} sequences of {seq_len}.")
+        raise UserError(f"--batch_train {cfg.batch_train} must be a multiple of {k}: each "
+                        f"dataset row of {L} tokens makes {k} sequences of {seq_len}.")
     rows_per_batch = cfg.batch_train // k
     splits = manifest.splits
     train_rows, val_rows = splits["train"].rows // world, splits["val"].rows // world
@@ -89,13 +90,13 @@ def make_plan(cfg: TrainConfig, manifest: Manifest, world: int,
         else cfg.grad_accum  # micro-batches, for the same global batch
     steps = train_rows // rows_per_batch // grad_accum
     if steps == 0:
-        raise ValueError(
+        raise UserError(
             f"the batch is larger than the data: each of {world} worker(s) gets {train_rows} "
             f"train row(s) of {L} tokens, a step needs {rows_per_batch * grad_accum}; lower "
             "--batch_train, --grad_accum or --num_workers, or prepare more text.")
     if val_rows == 0:
-        raise ValueError(f"the val split has {splits['val'].rows} row(s), fewer than the "
-                         f"{world} workers; use fewer workers or a larger --eval_corpus.")
+        raise UserError(f"the val split has {splits['val'].rows} row(s), fewer than the "
+                        f"{world} workers; use fewer workers or a larger --eval_corpus.")
     return Plan(config, model_dir if model_dir and not cfg.from_checkpoint else None, seq_len,
                 rows_per_batch, grad_accum, max(1, math.ceil(cfg.batch_eval / k)), steps)
 
@@ -108,7 +109,7 @@ def prepare_data(cfg: TrainConfig, model_dir: str | None, address: str | None) -
     """
     from pipelines.common.modeldir import has_tokenizer
     from pipelines.preparing.config import PrepareConfig
-    from pipelines.preparing.run import prepare
+    from pipelines.preparing.driver import prepare
 
     corpus = list(cfg.corpus)
     if not corpus and cfg.data == DEFAULT_DATA and \

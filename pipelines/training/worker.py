@@ -28,8 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from gpt2core.training import TrainState
-    from pipelines.training.config import TrainConfig
-    from pipelines.training.job import RunContext
+    from pipelines.training.config import RunContext, TrainConfig
 
 SHOWN = ("train/loss", "train/lr", "train/tokens_per_sec", "eval/loss", "eval/bpb")
 
@@ -182,7 +181,7 @@ class Worker:
         import ray.train
 
         from gpt2core import parallel
-        from gpt2core.plots import loss_curve
+        from pipelines.common.plots import loss_curve
 
         run_id = self.run.mlflow_run_id
         metrics = {**metrics, "step": pos.step, "mlflow_run_id": run_id or ""}

@@ -21,9 +21,12 @@ import typing
 from dataclasses import fields, replace
 from pathlib import Path
 
+from gpt2core.errors import UserError
 from pipelines.training.config import TrainConfig
-from pipelines.training.job import Job
 from pipelines.training.plan import make_plan
+
+if typing.TYPE_CHECKING:
+    from pipelines.training.driver import TrainJob
 
 # Fields a trial may not vary: where data, runs and workers are, and how results are measured.
 FIXED = ("data", "corpus", "eval_corpus", "vocab_path", "vocab_size", "from_pretrained", "name",
@@ -50,19 +53,19 @@ def load_space(path: str | None) -> dict:
         return dict(DEFAULT_SPACE)
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"--search_space {path} does not exist.")
+        raise UserError(f"--search_space {path} does not exist.")
     if p.suffix not in (".yaml", ".yml", ".json"):
-        raise ValueError(f"--search_space {path}: give a .yaml, .yml or .json file.")
+        raise UserError(f"--search_space {path}: give a .yaml, .yml or .json file.")
     import yaml  # a dependency of Ray
 
     try:
         text = p.read_text(encoding="utf-8")
         space = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"--search_space {path} is not valid {p.suffix[1:]}: "
-                         f"{str(e).splitlines()[0]}") from None
+        raise UserError(f"--search_space {path} is not valid {p.suffix[1:]}: "
+                        f"{str(e).splitlines()[0]}") from None
     if not isinstance(space, dict) or not space:
-        raise ValueError(f"--search_space {path} must map TrainConfig field names to values.")
+        raise UserError(f"--search_space {path} must map TrainConfig field names to values.")
     return space
 
 
@@ -74,20 +77,20 @@ def check_space(space: dict, base: TrainConfig) -> dict:
     hints, typed = typing.get_type_hints(TrainConfig), {}
     for name, spec in space.items():
         if name not in TUNABLE:
-            raise ValueError(f"search space: {name!r} is not a field a trial can vary; valid: "
-                             f"{', '.join(sorted(TUNABLE))}.")
+            raise UserError(f"search space: {name!r} is not a field a trial can vary; valid: "
+                            f"{', '.join(sorted(TUNABLE))}.")
         kind = next(a for a in typing.get_args(hints[name]) or (hints[name],)
                     if a is not type(None))  # int | None -> int
         how, values = _sampler(name, kind, spec)
         values = [_coerce(name, kind, v) for v in values]
         if how in RANGES and not (values[0] < values[1] and (how != "loguniform" or values[0] > 0)):
-            raise ValueError(f"search space: {name}: {how} needs low < high (and low > 0 for "
-                             f"loguniform), got {values}.")
+            raise UserError(f"search space: {name}: {how} needs low < high (and low > 0 for "
+                            f"loguniform), got {values}.")
         for v in values:
             try:
                 replace(base, **{name: v})
             except ValueError as e:
-                raise ValueError(f"search space: {name}={v}: {e}") from None
+                raise UserError(f"search space: {name}={v}: {e}") from None
         typed[name] = values[0] if how == "fixed" else {how: values}
     return typed
 
@@ -96,16 +99,16 @@ def _sampler(name: str, kind: type, spec) -> tuple[str, list]:
     if not isinstance(spec, dict):
         return "fixed", [spec]
     if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
-        raise ValueError(f"search space: {name}: give a value or one of {', '.join(SAMPLERS)} "
-                         f"(as in {{choice: [1, 2]}}), got {spec}.")
+        raise UserError(f"search space: {name}: give a value or one of {', '.join(SAMPLERS)} "
+                        f"(as in {{choice: [1, 2]}}), got {spec}.")
     ((how, values),) = spec.items()
     if not isinstance(values, list) or not values or (how in RANGES and len(values) != 2):
-        raise ValueError(f"search space: {name}: {how} takes "
-                         f"{'[low, high]' if how in RANGES else 'a list of values'}.")
+        raise UserError(f"search space: {name}: {how} takes "
+                        f"{'[low, high]' if how in RANGES else 'a list of values'}.")
     if how in RANGES and (kind not in (int, float) or (kind is int) != (how == "randint")):
         fits = {int: "randint, ", float: "uniform, loguniform, "}.get(kind, "")
-        raise ValueError(f"search space: {name} takes {kind.__name__} values: use {fits}"
-                         "choice or grid.")
+        raise UserError(f"search space: {name} takes {kind.__name__} values: use {fits}"
+                        "choice or grid.")
     return how, values
 
 
@@ -123,15 +126,15 @@ def _coerce(name: str, kind: type, value):
             raise ValueError
         return int(number) if kind is int else number
     except (TypeError, ValueError):
-        raise ValueError(f"search space: {name} takes {kind.__name__} values, "
-                         f"got {value!r}.") from None
+        raise UserError(f"search space: {name} takes {kind.__name__} values, "
+                        f"got {value!r}.") from None
 
 
 def values_of(spec) -> list:
     return next(iter(spec.values())) if isinstance(spec, dict) else [spec]
 
 
-def check_against_data(space: dict, job: Job) -> None:
+def check_against_data(space: dict, job: TrainJob) -> None:
     """Each value with the dataset and the model: batch vs rows, heads vs dims, seq_len, ..."""
     for name, spec in space.items():
         for v in values_of(spec):
@@ -139,7 +142,7 @@ def check_against_data(space: dict, job: Job) -> None:
                 make_plan(replace(job.cfg, **{name: v}), job.context.manifest, job.workers,
                           job.context.model_dir)
             except ValueError as e:
-                raise ValueError(f"search space: {name}={v}: {e}") from None
+                raise UserError(f"search space: {name}={v}: {e}") from None
 
 
 def param_space(space: dict) -> dict:

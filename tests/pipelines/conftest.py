@@ -11,7 +11,7 @@ SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinysha
 def train_data(tmp_path_factory, ray_local) -> Path:
     """150 kB of Shakespeare prepared with a 300-token BPE into rows of 32 tokens."""
     from pipelines.preparing.config import PrepareConfig
-    from pipelines.preparing.run import prepare
+    from pipelines.preparing.driver import prepare
 
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent")

@@ -14,7 +14,7 @@ from gpt2core import GPT2, GPT2Config, Tokenizer
 from gpt2core.training import evaluate as train_evaluate
 from gpt2core.training import rows_to_batch
 from pipelines import evaluate as ev
-from pipelines.common import dataset
+from pipelines.common import dataset, packing
 
 DOCS = ["ROMEO: What light through yonder window breaks?",
         "JULIET: O Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy "
@@ -44,7 +44,7 @@ def files(tmp_path_factory, tok):
     out = root / "data"
     tok.save(out)
     dtype = dataset.dtype_for(tok.vocab_size)
-    writer = dataset.DatasetWriter(out, seq_len=64, eos_id=tok.eos_id, dtype=dtype, shard_mb=1)
+    writer = packing.DatasetWriter(out, seq_len=64, eos_id=tok.eos_id, dtype=dtype, shard_mb=1)
     for split in dataset.SPLITS:
         for d in DOCS:
             writer.add(split, np.array(tok.encode(d) + [tok.eos_id]), 1, len(d.encode()))

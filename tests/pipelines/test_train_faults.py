@@ -56,7 +56,8 @@ def test_a_killed_driver_resumes_when_the_same_command_runs_again(tmp_path, trai
     assert steps == list(range(5, 61, 5))  # continuous: nothing lost, nothing twice
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("gpt2").experiment_id])
-    assert run.info.run_id == checkpoint.run_id(str(run_dir), None)  # the same run continued
+    # the same run continued
+    assert run.info.run_id == checkpoint.run_id(checkpoint.find(str(run_dir)))
     assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
 
 

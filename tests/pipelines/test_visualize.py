@@ -89,7 +89,7 @@ def test_run_dir_and_model_dir_on_s3(bucket, tmp_path):
 
 
 def test_mlflow_run_gives_the_same_records_and_a_png(mlflow_run, tmp_path):
-    from gpt2core.plots import metrics_figure
+    from pipelines.common.plots import metrics_figure
 
     uri, run_id = mlflow_run
     records = vis.mlflow_records(run_id, uri)

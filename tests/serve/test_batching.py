@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt2core import GPT2, GPT2Config, Tokenizer, generate
-from serve.batching import Decoder, Job, TextStream
+from serve.batching import Decoder, Generation, TextStream
 
 TEXTS = ["ROMEO: What light through yonder window breaks?", "naïve café 你好 🙂",
          "The quick brown fox jumps over the lazy dog."]
@@ -53,10 +53,11 @@ JOBS = [("ROMEO:", 12, 1.0, 0.9, 1), ("The quick brown", 5, 0.7, 1.0, 2),
 
 
 def jobs(tok):
-    return [Job(tok.encode(p), n, t, top_p, seed) for p, n, t, top_p, seed in JOBS]
+    return [Generation(tok.encode(p), n, t, top_p, seed) for p, n, t, top_p, seed in JOBS]
 
 
-def decode(decoder: Decoder, schedule: dict[int, list[tuple[int, Job]]]) -> tuple[dict, list]:
+def decode(decoder: Decoder, schedule: dict[int, list[tuple[int, Generation]]]
+           ) -> tuple[dict, list]:
     """Run `decoder`, admitting schedule[s] before step s; texts, finish reasons, batch sizes."""
     text, finish, sizes, s = {}, {}, [], 0
     while decoder.rows or any(k >= s for k in schedule):
@@ -90,7 +91,7 @@ def test_a_job_decodes_the_same_alone_or_joining_a_running_batch(tok, model):
 
 def test_finish_reasons_and_cancel(tok, model):
     decoder = Decoder(model, tok, 4)
-    greedy = Job(tok.encode("ROMEO:"), 6, 0.0)
+    greedy = Generation(tok.encode("ROMEO:"), 6, 0.0)
     (_, d), = decoder.step([("a", greedy)])
     assert d.tokens == 1 and d.finish_reason is None and decoder.free == 3
     decoder.cancel("a")

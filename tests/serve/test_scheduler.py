@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt2core import GPT2, GPT2Config, Tokenizer
-from serve.batching import Decoder, Job
+from serve.batching import Decoder, Generation
 from serve.scheduler import Scheduler
 
 
@@ -22,7 +22,7 @@ def model(tok):
                            n_head=2)).eval()
 
 
-async def collect(scheduler: Scheduler, job: Job) -> tuple[str, str, int]:
+async def collect(scheduler: Scheduler, job: Generation) -> tuple[str, str, int]:
     text, last = "", None
     async for last in scheduler.run(job):
         text += last.text
@@ -32,13 +32,13 @@ async def collect(scheduler: Scheduler, job: Job) -> tuple[str, str, int]:
 def test_a_late_request_joins_the_running_batch(tok, model):
     async def main():
         s = Scheduler(Decoder(model, tok, 4))
-        long = asyncio.create_task(collect(s, Job(tok.encode("ROMEO:"), 100, seed=1)))
+        long = asyncio.create_task(collect(s, Generation(tok.encode("ROMEO:"), 100, seed=1)))
         while s.steps < 10:  # the first request is well under way
             await asyncio.sleep(0.001)
-        late = await collect(s, Job(tok.encode("What"), 5, seed=2))
+        late = await collect(s, Generation(tok.encode("What"), 5, seed=2))
         assert not long.done(), "the late request waited for the running one to end"
         first = await long
-        alone = await collect(Scheduler(Decoder(model, tok, 4)), Job(tok.encode("What"), 5,
+        alone = await collect(Scheduler(Decoder(model, tok, 4)), Generation(tok.encode("What"), 5,
                                                                         seed=2))
         return s, first, late, alone
 
@@ -52,10 +52,10 @@ def test_a_late_request_joins_the_running_batch(tok, model):
 def test_a_reader_that_goes_away_frees_its_row(tok, model):
     async def main():
         s = Scheduler(Decoder(model, tok, 2))
-        stream = s.run(Job(tok.encode("ROMEO:"), 100, seed=1))
+        stream = s.run(Generation(tok.encode("ROMEO:"), 100, seed=1))
         await anext(stream)
         await stream.aclose()  # the client disconnected
-        text = await collect(s, Job(tok.encode("What"), 3, seed=2))
+        text = await collect(s, Generation(tok.encode("What"), 3, seed=2))
         return s, text
 
     s, text = asyncio.run(main())
@@ -74,8 +74,8 @@ def test_a_failing_step_fails_its_requests_and_the_next_ones_work(tok, model):
 
         s.decoder.step = broken
         with pytest.raises(RuntimeError, match="out of memory"):
-            await collect(s, Job(tok.encode("ROMEO:"), 5, seed=1))
-        return await collect(s, Job(tok.encode("ROMEO:"), 5, seed=1))
+            await collect(s, Generation(tok.encode("ROMEO:"), 5, seed=1))
+        return await collect(s, Generation(tok.encode("ROMEO:"), 5, seed=1))
 
     assert asyncio.run(main())[1:] == ("length", 5)
 
@@ -83,7 +83,7 @@ def test_a_failing_step_fails_its_requests_and_the_next_ones_work(tok, model):
 def test_a_newcomer_that_fails_to_admit_fails_alone_and_the_running_row_goes_on(tok, model):
     async def main():
         s = Scheduler(Decoder(model, tok, 4))
-        running = asyncio.create_task(collect(s, Job(tok.encode("ROMEO:"), 40, seed=1)))
+        running = asyncio.create_task(collect(s, Generation(tok.encode("ROMEO:"), 40, seed=1)))
         while s.steps < 5:
             await asyncio.sleep(0.001)
         real = s.decoder.engine.admit
@@ -94,10 +94,10 @@ def test_a_newcomer_that_fails_to_admit_fails_alone_and_the_running_row_goes_on(
 
         s.decoder.engine.admit = broken
         with pytest.raises(RuntimeError, match="out of memory"):
-            await collect(s, Job(tok.encode("What"), 5, seed=2))
-        after = await collect(s, Job(tok.encode("What"), 5, seed=2))
-        alone = await collect(Scheduler(Decoder(model, tok, 4)), Job(tok.encode("ROMEO:"), 40,
-                                                                        seed=1))
+            await collect(s, Generation(tok.encode("What"), 5, seed=2))
+        after = await collect(s, Generation(tok.encode("What"), 5, seed=2))
+        alone = await collect(Scheduler(Decoder(model, tok, 4)),
+                              Generation(tok.encode("ROMEO:"), 40, seed=1))
         return await running, after, alone
 
     running, after, alone = asyncio.run(main())
@@ -124,7 +124,7 @@ def test_check_fails_while_a_step_is_stuck_and_recovers(tok, model):
         decoder = _Blocking(model, tok, 2)
         s = Scheduler(decoder)
         s.check(stuck_after_s=0.05)  # idle: healthy
-        task = asyncio.create_task(collect(s, Job(tok.encode("ROMEO:"), 3, seed=1)))
+        task = asyncio.create_task(collect(s, Generation(tok.encode("ROMEO:"), 3, seed=1)))
         await asyncio.sleep(0.3)
         with pytest.raises(RuntimeError, match="stuck"):
             s.check(stuck_after_s=0.05)

@@ -1,5 +1,6 @@
 """What every stage's main() shares: one_document keeps stdout to the one JSON document while
-Ray forwards its workers' lines; Failure ends in one line with exit status 1."""
+Ray forwards its workers' lines; Failure ends in one line with exit status 1, a UserError
+in one line with 2, any other error with its traceback."""
 
 import json
 import subprocess
@@ -61,3 +62,38 @@ def test_failure_is_one_line_and_exit_1(capsys):
     assert main([]) == 1
     assert capsys.readouterr().err == \
         "gpt2 x: error: the setup hook failed (KeyError: 'x'); this is a bug\n"
+
+
+INTERNAL = """
+import sys
+from pipelines.common import plots
+
+def broken(*args, **kwargs):  # a bug inside a library: numpy's own ValueError
+    raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+plots.metrics_figure = broken
+from pipelines.visualize import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_user_error_is_one_line_and_exit_2_and_an_internal_value_error_keeps_its_traceback(
+        tmp_path, capsys):
+    """On one stage, gpt2 visualize: bad input (a UserError) is one sentence and exit status 2;
+    a ValueError from inside a library is not the user's: its traceback, exit status 1."""
+    from pipelines.visualize import main
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/lr": 0.001}\n')
+    assert main(["--model_path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2 visualize: error: ") and err.endswith(
+        "has no train/loss or eval/loss recorded yet; nothing to plot.\n") and err.count("\n") == 1
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 5.0}\n')
+    done = subprocess.run([sys.executable, "-c", INTERNAL, "--model_path", str(tmp_path),
+                           "--output", str(tmp_path / "fig.png")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" in done.stderr and "in broken" in done.stderr
+    assert done.stderr.rstrip().endswith("ValueError: operands could not be broadcast together "
+                                         "with shapes (3,) (4,)")
+    assert not (tmp_path / "fig.png").exists()

@@ -138,17 +138,18 @@ def test_checking_a_store_that_does_not_exist_creates_none(tmp_path):
 def test_a_resumed_fit_continues_the_run_its_checkpoint_belongs_to(tmp_path, make_checkpoint):
     run_dir = tmp_path / "runs" / "run"
     elsewhere = make_checkpoint(tmp_path / "copied", 20, run_id="aaa")
-    assert checkpoint.run_id(str(run_dir), None) is None  # a new run
-    assert checkpoint.run_id(str(run_dir), elsewhere) == "aaa"  # --from_checkpoint
-    make_checkpoint(run_dir, 20, run_id="bbb")  # a reused --name
-    assert checkpoint.run_id(str(run_dir), elsewhere) == "bbb"
+    assert checkpoint.resumed(str(run_dir), None) is None  # a new run
+    assert checkpoint.run_id(checkpoint.resumed(str(run_dir), elsewhere)) == "aaa"
+    make_checkpoint(run_dir, 20, run_id="bbb")  # a reused --name: its own, not the flag's
+    assert checkpoint.run_id(checkpoint.resumed(str(run_dir), elsewhere)) == "bbb"
 
     uri = store(tmp_path)
     first = tracking.RunLog(uri, "exp", "run", {"a": 1})
     cfg = TrainConfig(experiment="exp",  # as plan_job resolved it
                       from_checkpoint=make_checkpoint(tmp_path / "second", 20,
                                                       run_id=first.run_id))
-    resumed = checkpoint.run_id(str(tmp_path / "runs" / "again"), cfg.from_checkpoint)
+    resumed = checkpoint.run_id(checkpoint.resumed(str(tmp_path / "runs" / "again"),
+                                                   cfg.from_checkpoint))
     with tracking.train_run(uri, cfg, "again", resumed) as run:
         assert run.run_id == first.run_id
 
@@ -179,10 +180,10 @@ def test_history_writes_everything_and_reports_what_is_new(tmp_path):
 
 
 def test_a_workers_modules_import_no_mlflow():
-    """What train_loop_per_worker imports (pipelines.training.loop and what it calls) leaves
+    """What train_loop_per_worker imports (pipelines.training.worker and what it calls) leaves
     MLflow out: a worker may run on a node without the store."""
-    code = ("import sys, ray.train, ray.train.torch, pipelines.training.loop, "
-            "pipelines.training.job, gpt2core.training, gpt2core.plots; "
+    code = ("import sys, ray.train, ray.train.torch, pipelines.training.worker, "
+            "pipelines.training.driver, gpt2core.training, pipelines.common.plots; "
             "print('mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)

@@ -1,4 +1,4 @@
-"""pipelines/preparing/job.py: a prepare killed midway resumes, reusing the items that finished,
+"""pipelines/preparing/passes.py: a prepare killed midway resumes, reusing the items that finished,
 and ends with what an uninterrupted run makes; locally and on object storage."""
 
 import os

@@ -76,9 +76,10 @@ def test_best_is_the_lowest_metric_at_a_checkpoints_own_step(root, make_checkpoi
 def test_the_position_round_trips_through_the_train_state(tmp_path, make_checkpoint):
     d = make_checkpoint(tmp_path, 20, run_id="abc")
     assert checkpoint.Position.of(checkpoint.load_state(d)) == checkpoint.Position(step=20)
-    assert checkpoint.run_id(str(tmp_path), None) == "abc"
-    assert checkpoint.run_id(str(tmp_path / "other"), d) == "abc"  # --from_checkpoint's
-    assert checkpoint.run_id(str(tmp_path / "other"), None) is None  # a new run
+    assert checkpoint.run_id(d) == "abc"
+    assert checkpoint.resumed(str(tmp_path), None) == d  # a reused --name: its latest
+    assert checkpoint.resumed(str(tmp_path / "other"), d) == d  # --from_checkpoint
+    assert checkpoint.resumed(str(tmp_path / "other"), None) is None  # a new run
 
 
 def test_a_position_moves_to_another_worker_count_keeping_the_share_consumed():

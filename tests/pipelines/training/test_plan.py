@@ -163,7 +163,7 @@ def test_two_sources_mix_from_the_first_batches_of_an_epoch(ray_local, tmp_path,
     from gpt2core.tokenizer import EOS_TOKEN
     from pipelines import prepare
     from pipelines.common import dataset
-    from pipelines.preparing import job as prepare_job
+    from pipelines.preparing import passes as prepare_passes
     from pipelines.text import corpus
     from pipelines.training import data as train_data
 
@@ -174,7 +174,7 @@ def test_two_sources_mix_from_the_first_batches_of_an_epoch(ray_local, tmp_path,
             words = ("".join(rng.choices(letters, k=rng.randint(2, 7))) for _ in range(700))
             (tmp_path / source / f"{i:02d}.txt").write_text(" ".join(words) + "\n")
     monkeypatch.setattr(corpus, "ITEM_BYTES", (8 << 10, 8 << 10))  # 40 work items
-    monkeypatch.setattr(prepare_job, "GROUP_BYTES", 32 * 17 * 2)  # row groups of 32 rows
+    monkeypatch.setattr(prepare_passes, "GROUP_BYTES", 32 * 17 * 2)  # row groups of 32 rows
     # a block per row group: Ray's shuffle buffer mixes whole blocks, and at real sizes a
     # block (8 MiB) is a sliver of the split; here one would hold all of it
     monkeypatch.setattr(train_plan, "READ_TASK_BYTES", 32 * 17 * 2)

@@ -1,4 +1,4 @@
-"""pipelines/training/loop.py: the Meter (no host sync per step), and two gloo workers on a
+"""pipelines/training/worker.py: the Meter (no host sync per step), and two gloo workers on a
 local Ray cluster training with --compile after DDP, and with --strategy fsdp (save in
 shards, resume on another number of workers)."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.training import checkpoint
-from pipelines.training.loop import Meter
+from pipelines.training.worker import Meter
 
 
 def test_meter_sums_device_tensors_and_reads_them_once():

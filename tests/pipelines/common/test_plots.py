@@ -1,4 +1,4 @@
-"""gpt2core.plots: the 2x2 run overview draws every series, labelled, in the right views."""
+"""pipelines.common.plots: the 2x2 run overview draws every series, labelled, in the right views."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from gpt2core import plots
+from pipelines.common import plots
 
 
 def run_records(steps: int = 200, every: int = 10, eval_every: int = 50) -> list[dict]:
