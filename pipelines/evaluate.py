@@ -44,12 +44,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gpt2core.errors import UserError
-
 if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from gpt2core import storage
+from gpt2core.errors import UserError
 from pipelines.common import dataset, placement, ray_session
 from pipelines.common.entry import one_document, stage_main
 from pipelines.common.flags import option, parse

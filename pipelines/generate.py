@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from gpt2core.errors import UserError
-
 if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from gpt2core.errors import UserError
 from pipelines.common.entry import stage_main
 from pipelines.common.flags import option, parse
 from pipelines.common.modeldir import check_dtype

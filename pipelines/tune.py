@@ -38,12 +38,11 @@ import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from gpt2core.errors import UserError
-
 if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from gpt2core import storage
+from gpt2core.errors import UserError
 from pipelines.common import placement
 from pipelines.common.entry import stage_main
 from pipelines.common.flags import option, parse, verbose

@@ -21,12 +21,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2core.errors import UserError
-
 if __name__ == "__main__":  # as a file (python, ray job submit): import pipelines by package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from gpt2core import storage
+from gpt2core.errors import UserError
 from pipelines.common.entry import stage_main
 from pipelines.common.flags import option, parse
 from pipelines.common.tracking import METRICS_FILE, RunError, open_run

@@ -89,6 +89,23 @@ def test_no_entry_point_imports_another(stage):
     assert not reachable(f"pipelines.{stage}") & others
 
 
+@pytest.mark.parametrize("stage", ENTRY_POINTS)
+def test_an_entry_point_run_as_a_file_fixes_sys_path_before_importing_the_project(stage):
+    """`python pipelines/<stage>.py` (and `ray job submit -- python ...`) from a checkout that
+    is not installed: the project imports only after the stage puts the repo root on sys.path."""
+    tree = ast.parse((ROOT / "pipelines" / f"{stage}.py").read_text(encoding="utf-8"))
+    fix = next(i for i, n in enumerate(tree.body) if isinstance(n, ast.If)
+               and "sys.path[0]" in ast.unparse(n))
+    early = [ast.unparse(n) for n in tree.body[:fix] if isinstance(n, (ast.Import, ast.ImportFrom))
+             and (roots_of(n) & set(PACKAGES))]
+    assert not early, f"imported before sys.path is fixed: {early}"
+
+
+def roots_of(node: ast.Import | ast.ImportFrom) -> set[str]:
+    names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+    return {n.split(".")[0] for n in names}
+
+
 def test_the_rule_sees_an_import_inside_a_function(tmp_path):
     src = tmp_path / "x.py"
     src.write_text("def f():\n    from pipelines.train import main\n")

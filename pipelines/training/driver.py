@@ -92,9 +92,9 @@ def plan_job(cfg: TrainConfig, name: str | None = None) -> TrainJob:
     if ready:  # the data and model checked against the flags before Ray starts
         manifest = dataset.load_manifest(cfg.data)
         plan = make_plan(cfg, manifest, workers, model_dir)
-        ray_session.init_ray(cfg.address)
-    else:
-        manifest = prepare_data(cfg, model_dir, cfg.address)  # starts Ray
+    ray_session.init_ray(cfg.address)
+    if not ready:  # text to prepare first (a Ray job of its own; a no-op when up to date)
+        manifest = prepare_data(cfg, model_dir, cfg.address)
         plan = make_plan(cfg, manifest, workers, model_dir)
     share = placement.place(workers, 1 if cfg.gpus else 0, cfg.cpus_per_worker)  # waits for GPUs
     cluster = ray_session.ray().cluster_resources()  # after any GPU nodes the autoscaler added
