@@ -21,8 +21,6 @@ clients >= 8,000 tokens/s, TTFT p50 at 1 client <= 30 ms. Prints a table, writes
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
@@ -208,31 +206,15 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda", help="cuda, or cpu to try the script")
-    p.add_argument("--quick", action="store_true", help="a tiny model, few tokens")
-    p.add_argument("--skip", nargs="*", default=[], help="parts to leave out: decode profile "
-                   "serve")
-    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "gpu_inference.json"))
-    args = p.parse_args(argv)
+    from gpu_check import part_parser, run_parts
+
+    args = part_parser(__doc__, "gpu_inference", "decode profile serve").parse_args(argv)
     new_tokens = 16 if args.quick else 128
     parts = {"decode": lambda: decode(args.device, [1, 8, 32, 128], new_tokens, args.quick),
              "profile": lambda: profile_step(args.device, args.quick),
              "serve": lambda: serve_levels(args.device, [1, 16, 64], args.quick)}
-    results: dict = {"device": args.device}
-    for name, run in parts.items():
-        if name in args.skip:
-            continue
-        try:
-            results[name] = run()
-        except Exception as e:  # noqa: BLE001 - one part failing leaves the others' numbers
-            results[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    print(table(results))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return 0
-
+    parts = {k: v for k, v in parts.items() if k not in args.skip}
+    return run_parts(parts, {"device": args.device}, Path(args.json), table)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,8 +6,12 @@
   gradients in buckets while backward runs.
 - fsdp: FSDP2 (`torch.distributed.fsdp.fully_shard`) on each transformer block, then on the
   whole model: parameters, gradients and AdamW state are sharded over the ranks, a block's
-  weights all-gathered just before it runs and freed after. With a mixed precision dtype the
-  all-gather moves bf16/fp16 (MixedPrecisionPolicy) and gradients are reduced in fp32.
+  weights all-gathered just before it runs and freed after (but the last block's, which
+  backward needs at once: torchtitan's choice). With a mixed precision dtype the all-gather
+  moves bf16/fp16 (MixedPrecisionPolicy) and gradients are reduced in fp32. With one rank
+  there is nothing to shard and the model stays whole, as under ddp: on an H200, FSDP2 with
+  compile on one GPU ran at 0.5x ddp without it, its per-block casts and gathers all cost
+  (issue 27).
   gpt2-xl (1.56B parameters) needs ~25 GB for fp32 weights, gradients and AdamW state under
   DDP; sharded over 4 GPUs, ~6 GB each.
 
@@ -40,14 +44,14 @@ STRATEGIES = ("ddp", "fsdp")
 def wrap(model: GPT2, strategy: str, *, device: torch.device, dtype: torch.dtype | None,
          compile: bool = False) -> nn.Module:
     """`model` (already on `device`) made data-parallel over the default process group, then
-    compiled if asked. Without a process group (or with one rank under DDP) it stays as it is.
-    Under FSDP the GPT2 itself is sharded in place: `model` is then the module to save from."""
+    compiled if asked. Without a process group, or with one rank, it stays as it is. Under
+    FSDP the GPT2 itself is sharded in place: `model` is then the module to save from."""
     if strategy not in STRATEGIES:
         raise UserError(f"--strategy is one of {', '.join(STRATEGIES)}, got {strategy!r}.")
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed and strategy == "fsdp":
+    ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if ranks > 1 and strategy == "fsdp":
         shard(model, dtype)
-    elif distributed and dist.get_world_size() > 1:
+    elif ranks > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
@@ -62,8 +66,9 @@ def shard(model: GPT2, dtype: torch.dtype | None = None) -> GPT2:
 
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) \
         if dtype is not None else MixedPrecisionPolicy()
-    for block in model.transformer.h:
-        fully_shard(block, mp_policy=policy)
+    last = len(model.transformer.h) - 1
+    for i, block in enumerate(model.transformer.h):  # the last block's weights stay gathered
+        fully_shard(block, mp_policy=policy, reshard_after_forward=i < last)
     fully_shard(model, mp_policy=policy)
     return model
 

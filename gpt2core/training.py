@@ -11,14 +11,18 @@ process as the reference. Nothing here knows about Ray or MLflow.
         loss, grad_norm = state.step([(inputs, targets)], grad_clip=1.0)  # 0-d tensors
 
 Which dtype autocast uses (bf16, fp16 + GradScaler, fp32 with TF32) is gpt2core/precision.py's
-rule. `step` never waits for the GPU: its loss and gradient norm stay tensors on the device
-until the caller reads them (the training loop, on its logging steps).
+rule. `step` never waits for the GPU after the first (timed) one: its loss and gradient norm
+stay tensors on the device until the caller reads them (the training loop, on its logging
+steps).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,7 @@ from torch import nn
 
 from gpt2core import precision as prec
 from gpt2core.errors import UserError
-from gpt2core.model import GPT2
+from gpt2core.model import GPT2, choose_loss
 
 IGNORE = -100  # targets with this id add nothing to the loss (padding of a split's last row)
 
@@ -87,17 +91,23 @@ class TrainState:
     dtype: torch.dtype | None
     step_count: int = 0
     sharded: bool = False  # FSDP: saving and loading the optimizer state are collectives
+    loss_impl: str | None = None  # the cross-entropy the steps run: chosen at the first one
+    first_step_s: float | None = None  # the first step's seconds (compilation, warm-up)
+    compile_error: str | None = None  # why torch.compile fell back to eager, if it did
 
     @classmethod
     def create(cls, model: GPT2, *, lr: float, weight_decay: float, warmup_steps: int,
                total_steps: int, min_lr: float | None, device: torch.device | str,
                precision: str = "auto", use_amp: bool = False,
-               wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
+               wrap: Callable[[nn.Module], nn.Module] | None = None,
+               sharded_state: bool = False) -> TrainState:
         """Move the model to `device`, wrap it (DDP/FSDP, compile) and build the optimizer
         around it. The LR warms up to `lr`, then decays along a cosine to `min_lr` (None:
         lr / 10). `precision` and `use_amp` pick the autocast dtype (gpt2core/precision.py).
 
-        The optimizer is built after `wrap`: FSDP replaces the parameters with shards."""
+        The optimizer is built after `wrap`: FSDP replaces the parameters with shards.
+        `sharded_state`: save and load the optimizer state in shards even when `wrap` left the
+        model whole (--strategy fsdp on one worker), so more workers can resume it sharded."""
         device = torch.device(device)
         min_lr = lr / 10 if min_lr is None else min_lr
         raw = model.to(device)
@@ -110,7 +120,7 @@ class TrainState:
         # Loss scaling only for fp16: bf16 has fp32's exponent range and does not underflow.
         scaler = torch.amp.GradScaler(device.type, enabled=prec.needs_scaler(dtype))
         return cls(wrapped, raw, optimizer, scheduler, scaler, device, dtype,
-                   sharded=is_sharded(raw))
+                   sharded=sharded_state or is_sharded(raw))
 
     def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
              grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +129,34 @@ class TrainState:
 
         Each micro-batch's loss is divided by their number, so the gradient is that of the
         mean. Under DDP only the last backward all-reduces (no_sync on the others).
+
+        The first step picks the loss (gpt2core.model.choose_loss, for this batch and the free
+        memory) and is timed (`first_step_s`: compilation or warm-up). A compiled model whose
+        compilation fails there trains eagerly instead, after one warning line on stderr.
         """
+        if self.first_step_s is not None:
+            return self._step(micro_batches, grad_clip)
+        inputs = micro_batches[0][0]
+        self.loss_impl = self.raw.loss_impl = choose_loss(
+            inputs.numel(), self.raw.config.vocab_size, self.dtype, free_memory(self.device))
+        start = time.perf_counter()
+        try:
+            out = self._step(micro_batches, grad_clip)
+        except Exception as e:
+            if not hasattr(self.model, "_orig_mod"):  # not torch.compile's: not ours to catch
+                raise
+            self.compile_error = _first_line(e)
+            print(f"warning: torch.compile failed at the first step ({self.compile_error}); "
+                  "training eagerly instead.", file=sys.stderr, flush=True)
+            self.model = self.model._orig_mod
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self._step(micro_batches, grad_clip)
+        float(out[0])  # once: the first step's time is the device's too
+        self.first_step_s = time.perf_counter() - start
+        return out
+
+    def _step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+              grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.train()
         total = torch.zeros((), device=self.device)
         for i, (inputs, targets) in enumerate(micro_batches):
@@ -188,6 +225,25 @@ class TrainState:
         self.step_count = state["step"]
 
 
+def _first_line(e: BaseException) -> str:
+    """An error and what it wraps (BackendCompilerFailed: RuntimeError: ...), in one line."""
+    root = e
+    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+        root = inner
+    said = (str(root).strip() or "?").splitlines()[0]
+    return f"{type(e).__name__}: " + (f"{type(root).__name__}: " if root is not e else "") + said
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device now: the GPU's, else the host's available RAM (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether FSDP sharded the model (its parameters are DTensors)."""
     from gpt2core.parallel import is_sharded
@@ -242,7 +298,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None = None) -> float:
     a @ b  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    import time
     start, reps = time.perf_counter(), 8
     for _ in range(reps):
         a @ b

@@ -1,6 +1,7 @@
 """bench/gpu_check.py (make gpu-check): without CUDA it says so and exits 0, having run
 nothing; on a GPU it is the prepared check itself (not run by the test suite)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def test_the_table_shows_every_part():
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_check
     import gpu_inference
+    import gpu_training
 
     inference = {"decode": [{"batch": 32, "generate_tok_s": 9e3, "engine_compiled_tok_s": 2e4,
                              "transformers_tok_s": 3e3, "transformers_static_tok_s": 5e3,
@@ -35,16 +37,47 @@ def test_the_table_shows_every_part():
                  "serve": [{"clients": 16, "tokens_per_s": 4000.0, "ttft_p50_s": 0.02,
                             "ttft_p99_s": 0.05, "p50_s": 0.3}],
                  "profile_error": "RuntimeError: y"}
+    training = {"step": [{"batch": 16, "seq": 1024, "compile": False, "shard": False,
+                          "loss_impl": "torch", "tokens_per_s": 4e5, "mfu": 0.3,
+                          "first_step_s": 2.0, "max_memory_gb": 30.0},
+                         {"batch": 32, "seq": 1024, "compile": True, "error": "RuntimeError: x"}],
+                "pipeline": [{"compile": True, "ratio": 0.97,
+                              "pipeline": {"tokens_per_s": 5e5, "mfu": 0.45, "windows": 6,
+                                           "seconds": 90},
+                              "bare": {"tokens_per_s": 5.15e5, "vocab": 8192}}]}
     results = {"machine": {"gpu": "NVIDIA H200", "capability": "9.0"},
                "gpu_tests": {"ok": True, "summary": "4 passed"},
-               "train": [{"compile": False, "tokens_per_s": 4e5, "mfu": 0.3, "dtype": "bf16",
-                          "batch": 16, "max_memory_gb": 30.0},
-                         {"compile": True, "ok": False, "error": "RuntimeError: x"}],
+               "train": {"ok": True, "table": gpu_training.table(training)},
                "inference": {"ok": True, "table": gpu_inference.table(inference)},
                "evaluate": {"ok": True, "seconds": 20}, "serve": {"ok": True, "seconds": 30}}
     text = gpu_check.table(results)
-    for part in ("H200", "4 passed", "MFU  30.0 %", "FAIL RuntimeError: x", "x3.00 / x6.67",
+    for part in ("H200", "4 passed", "eager    16x1024", "400,000 tok/s  MFU  30.0 %",
+                 "loss torch    first step 2.0 s, 30.0 GB", "compiled 32x1024",
+                 "FAIL RuntimeError: x", "pipeline compiled", "= x0.97 the bare step (515,000",
+                 "x3.00 / x6.67",
                  "static    5,000", "engine compiled    20,000", "3 kernels, 1 D2H, 1 syncs",
                  "16 clients      4,000 tok/s  TTFT p50 20 ms", "profile: FAIL RuntimeError: y",
                  "evaluate", "serve"):
         assert part in text, part
+
+
+@pytest.mark.slow
+def test_the_training_part_runs_end_to_end_on_a_cpu(tmp_path):
+    """bench/gpu_training.py --device cpu --quick: every bare-step shape (compiled ones too)
+    and the pipeline run beside its bare step, tiny, so the GPU run has no surprise of ours."""
+    out = tmp_path / "training.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_training.py"), "--device",
+                           "cpu", "--quick", "--json", str(out)], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "step_error" not in result and "pipeline_error" not in result, result
+    steps = result["step"]
+    assert [("error" in r) for r in steps] == [False] * 5, steps
+    assert [r["loss_impl"] for r in steps[:2]] == ["torch", "chunked"]  # chosen; forced
+    assert all(r["tokens_per_s"] > 0 and r["first_step_s"] > 0 for r in steps)
+    assert not any(r["compile_error"] for r in steps)
+    (row,) = result["pipeline"]
+    assert "error" not in row, row
+    assert row["pipeline"]["windows"] >= 2 and 0 < row["ratio"] < 10
+    assert "pipeline compiled" in done.stdout

@@ -4,7 +4,8 @@ twice.
 Each field becomes `--<name>`; its help line is a dataclass field's `metadata["help"]` (see
 `option`) or a pydantic field's description, and its default is the flag's default, shown once
 by the help formatter. A field without a default is a required flag. Types: `str`, `int`,
-`float`, `X | None`, `bool` (`--x`, plus `--no-x` when it defaults to on) and `list[str]`
+`float`, `X | None`, `bool` (`--x`, plus `--no-x` when it defaults to on), `bool | None`
+(`--x` and `--no-x`; None when neither is given) and `list[str]`
 (several values: `--corpus a.txt b.txt`). A pydantic model serves flags for a class this package
 may not import by name (`gpt2 serve` loads the Serve app's args model by import path).
 
@@ -110,6 +111,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type,
             kwargs["default"] = default
         if kind is bool:  # --x; a flag that defaults to on also gets --no-x
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        elif kind == bool | None:  # --x / --no-x, None (decided later) when neither is given
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is list:
             kwargs.update(nargs="+", type=typing.get_args(kind)[0], metavar="PATH")
         else:

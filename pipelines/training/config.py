@@ -73,10 +73,13 @@ class TrainConfig:
     use_amp: bool = option(False, "the original project's mixed precision flag: with "
                            "--precision auto, bf16 on CPUs too (GPUs are mixed already)")
     use_grad_ckpt: bool = option(False, "recompute activations in backward (less memory)")
-    compile: bool = option(False, "torch.compile the model (after the DDP/FSDP wrap)")
+    compile: bool | None = option(None, "torch.compile the model (after the DDP/FSDP wrap); "
+                                  "default: on with --gpus, off on CPUs. A compilation that "
+                                  "fails falls back to eager with one warning")
     strategy: str = option("ddp", "ddp: every worker holds the whole model and optimizer; "
                            "fsdp: FSDP2 shards parameters, gradients and AdamW state over the "
-                           "workers, per block (for gpt2-large/xl on 24 GB GPUs)")
+                           "workers, per block (for gpt2-large/xl on 24 GB GPUs); with one "
+                           "worker it runs as ddp, saving the optimizer state in shards")
     # run
     name: str | None = option(None, "run name (default gpt2-<time>); reusing one resumes it")
     resume: bool = option(False, "continue the newest gpt2-<time> run in --storage_path (or "

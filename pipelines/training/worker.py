@@ -50,16 +50,19 @@ def train_loop_per_worker(config: dict) -> None:
     plan = make_plan(cfg, run.manifest, world, run.model_dir)
 
     # --- Model, optimizer and where to start ---
+    compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+
     def wrap(m):  # DDP (or FSDP) first, then compile: DDP's all-reduce then overlaps backward
         dtype = precision.autocast_dtype(cfg.precision, device, cfg.use_amp)
-        return parallel.wrap(m, cfg.strategy, device=device, dtype=dtype, compile=cfg.compile)
+        return parallel.wrap(m, cfg.strategy, device=device, dtype=dtype, compile=compile)
 
     with checkpoint.opened(cfg) as resume:  # None: a fresh start
         model, saved, history = checkpoint.load_model(cfg, plan, resume)
         state = training.TrainState.create(
             model, lr=cfg.base_lr, weight_decay=cfg.wd_rate, warmup_steps=cfg.warmup_steps,
             total_steps=cfg.total_steps, min_lr=cfg.min_lr, device=device,
-            precision=cfg.precision, use_amp=cfg.use_amp, wrap=wrap)
+            precision=cfg.precision, use_amp=cfg.use_amp, wrap=wrap,
+            sharded_state=cfg.strategy == "fsdp")  # so more workers can resume it sharded
         start = Position()
         if saved is not None:  # FSDP: each rank reads its part of the optimizer's shards
             state.load_state_dict(saved, shards=resume / checkpoint.SHARDS_DIR)
@@ -69,7 +72,10 @@ def train_loop_per_worker(config: dict) -> None:
         log = History(history, num_params=model.num_params(), world_size=world)
         say(f"[rank 0] {model.num_params() / 1e6:.2f}M parameters, seq_len {plan.seq_len}, "
             f"{world} worker(s), {plan.steps_per_epoch} steps per epoch, start step "
-            f"{start.step}")
+            f"{start.step}" + (", compiled" if compile else ""))
+        if cfg.strategy == "fsdp" and world == 1:
+            say("[rank 0] --strategy fsdp with 1 worker: nothing to shard, so the model runs "
+                "whole as under ddp; the optimizer state is still saved in shards")
     worker = Worker(cfg, run, plan, state, run.tokenizer.load(), log, world,
                     ray.train.get_dataset_shard("val"),
                     Meter(peak=training.peak_flops(device, state.dtype)))
@@ -78,7 +84,12 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     for micro_batches, pos in data.step_batches(train_shard, plan, cfg, start, world, rank):
         torch.manual_seed(cfg.seed * 1_000_003 + pos.step * world + rank)  # dropout: resumable
+        first = state.first_step_s is None
         worker.meter.add(*state.step(micro_batches, cfg.grad_clip))
+        if first and rank == 0:  # its time is in the first throughput figure too
+            say(f"[rank 0] first step {state.first_step_s:.1f} s ("
+                + ("compiling" if compile and not state.compile_error else "warm-up")
+                + f"); loss: {state.loss_impl} cross-entropy")
         worker.after_step(pos)
 
 

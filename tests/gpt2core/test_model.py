@@ -183,6 +183,40 @@ def test_cross_entropy_matches_torch_value_and_gradient():
     assert torch.autograd.gradcheck(lambda x: cross_entropy(x, targets[:4]), (small,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_both_losses_agree_with_float64_on_fp32_and_bf16_logits(impl, dtype):
+    """PyTorch's loss (on an fp32 copy) and the chunked one, against float64 on the same
+    rounded logits: the loss in fp32, the gradient in the logits' dtype."""
+    from gpt2core.model import cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 300) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 300, (64,))
+    targets[[3, 7]] = -100
+    loss = cross_entropy(logits, targets, impl)
+    (grad,) = torch.autograd.grad(loss, logits)
+    exact = logits.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(exact, targets, ignore_index=-100)
+    (g_ref,) = torch.autograd.grad(ref, exact)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(grad.double(), g_ref, **tol)  # bf16: 8 bits of mantissa
+    assert grad[3].abs().sum() == 0
+
+
+def test_the_loss_is_pytorchs_where_its_fp32_copies_fit_and_chunked_where_not():
+    from gpt2core.model import LOSS_BYTES, choose_loss
+
+    rows, vocab = 16 * 1024, 50304  # GPT-2 124M at 16 x 1024: 9.9 GB of fp32 copies
+    need = rows * vocab * LOSS_BYTES
+    assert choose_loss(rows, vocab, torch.bfloat16, 4 * need) == "torch"
+    assert choose_loss(rows, vocab, torch.bfloat16, 4 * need - 4) == "chunked"
+    assert choose_loss(rows, vocab, torch.float16, None) == "chunked"  # free memory unknown
+    assert choose_loss(rows, vocab, None, 0) == "torch"  # fp32 logits: there is no copy
+
+
 def test_set_dropout_reaches_every_dropout_including_attention():
     model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8))
     model.set_dropout(0.3)

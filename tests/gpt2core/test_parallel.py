@@ -1,7 +1,8 @@
-"""gpt2core.parallel: the wrap order (DDP/FSDP, then compile), FSDP2 on a one-rank gloo group
-(torch 2.13 runs FSDP2 on CPUs over gloo), gathering a sharded model to save; the optimizer
-state saved in shards by 2 ranks (spawned processes) and read back by 1, 2 or 3 ranks, sharded
-or not. Through Ray Train: tests/pipelines/training/test_worker.py."""
+"""gpt2core.parallel: the wrap order (DDP/FSDP, then compile), fsdp on one rank left whole (its
+optimizer state still in shards), FSDP2 on a one-rank gloo group (torch 2.13 runs FSDP2 on CPUs
+over gloo), the last block kept gathered after forward, gathering a sharded model to save; the
+optimizer state saved in shards by 2 ranks (spawned processes) and read back by 1, 2 or 3 ranks,
+sharded or not. Through Ray Train: tests/pipelines/training/test_worker.py."""
 
 import gc
 from pathlib import Path
@@ -44,21 +45,31 @@ def test_without_a_process_group_the_model_stays_and_compile_comes_last():
         parallel.wrap(model, "zero", device=CPU, dtype=None)
 
 
-def test_fsdp_shards_every_block_then_compile_wraps_the_sharded_model(group):
+def test_fsdp_with_one_rank_leaves_the_model_whole_as_ddp_does(group):
+    """Nothing to shard: FSDP2 on one GPU only adds its casts and gathers (0.5x on an H200)."""
     model = tiny()
     wrapped = parallel.wrap(model, "fsdp", device=CPU, dtype=None, compile=True)
-    assert parallel.is_sharded(model) and wrapped._orig_mod is model
+    assert not parallel.is_sharded(model) and wrapped._orig_mod is model
+
+
+def test_shard_makes_every_block_a_unit_the_last_kept_gathered_after_forward(group):
     from torch.distributed.fsdp import FSDPModule
 
+    model = parallel.shard(tiny())
+    assert parallel.is_sharded(model) and isinstance(model, FSDPModule)
     assert all(isinstance(b, FSDPModule) for b in model.transformer.h)
-    assert isinstance(model, FSDPModule)
+    x = torch.randint(0, 64, (2, 16))
+    model(x)  # after forward: every block's weights freed (sharded) but the last one's
+    from torch.distributed.tensor import DTensor
+
+    kept = [not isinstance(b.attn.c_attn.weight, DTensor) for b in model.transformer.h]
+    assert kept == [False, True]
 
 
 def test_fsdp_trains_like_the_plain_model_gathers_and_resumes_from_shards(group, tmp_path):
     data = torch.randint(0, 64, (8, 17))
     plain = state_for(tiny())
-    sharded = state_for(tiny(), wrap=lambda m: parallel.wrap(m, "fsdp", device=CPU,
-                                                             dtype=None))
+    sharded = state_for(tiny(), wrap=parallel.shard)  # FSDP2's numerics, on one rank
     assert sharded.sharded and not plain.sharded
     for _ in range(3):
         a, na = plain.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
@@ -76,13 +87,41 @@ def test_fsdp_trains_like_the_plain_model_gathers_and_resumes_from_shards(group,
     assert [p.name for p in (tmp_path / "shards").iterdir()] == ["rank-00000-of-00001.safetensors"]
     fresh = tiny(1)
     fresh.load_state_dict(copy.state_dict())  # as a resumed worker: weights first, then shard
-    again = state_for(fresh, wrap=lambda m: parallel.wrap(m, "fsdp", device=CPU, dtype=None))
+    again = state_for(fresh, wrap=parallel.shard)
     again.load_state_dict(saved, shards=tmp_path / "shards")
     c, _ = again.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
     d, _ = sharded.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
     assert float(c) == pytest.approx(float(d), rel=1e-5)  # resumed: the same next step
     with pytest.raises(ValueError, match="resume it with --strategy ddp"):
         again.load_state_dict(plain.state_dict())  # a whole state, keyed by parameter order
+
+
+def test_fsdp_on_one_rank_still_saves_shards_that_resume_it(group, tmp_path):
+    """--strategy fsdp with one worker trains the whole model but keeps the optimizer state in
+    shards, so a run on more workers resumes it sharded (and a ddp checkpoint is refused)."""
+    data = torch.randint(0, 64, (8, 17))
+
+    def fsdp(seed):
+        return TrainState.create(tiny(seed), lr=1e-2, weight_decay=0.01, warmup_steps=2,
+                                 total_steps=20, min_lr=1e-3, device="cpu", precision="fp32",
+                                 wrap=lambda m: parallel.wrap(m, "fsdp", device=CPU, dtype=None),
+                                 sharded_state=True)
+    one = fsdp(0)
+    assert one.sharded and not parallel.is_sharded(one.raw)
+    for _ in range(2):
+        one.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
+    saved = one.state_dict()
+    assert "optimizer" not in saved
+    one.save_shards(tmp_path / "shards")
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == ["rank-00000-of-00001.safetensors"]
+    again = fsdp(3)
+    again.raw.load_state_dict(one.raw.state_dict())
+    again.load_state_dict(saved, shards=tmp_path / "shards")
+    c, _ = again.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
+    d, _ = one.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
+    assert float(c) == pytest.approx(float(d), rel=1e-5)
+    with pytest.raises(ValueError, match="resume it with --strategy ddp"):
+        again.load_state_dict(state_for(tiny()).state_dict())
 
 
 def full_state(model, optimizer):

@@ -140,3 +140,31 @@ def test_min_lr_defaults_to_a_tenth_of_the_peak_at_the_schedule():
             state.scheduler.step()
         lrs[min_lr] = state.lr
     assert lrs[None] == pytest.approx(1e-3) == lrs[1e-3]  # lr 1e-2 / 10
+
+
+def test_a_compile_that_fails_falls_back_to_eager_with_one_warning(capsys):
+    """A backend that cannot compile (as inductor without a C compiler, or a graph break it
+    cannot take) costs one warning line, never the run: the same loss as eager, step after
+    step. The first step is timed and picks the loss."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    data = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    eager = state_for(tiny())
+    failing = state_for(tiny(), wrap=lambda m: torch.compile(m, backend=broken))
+    for _ in range(2):
+        a, _ = eager.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
+        b, _ = failing.step([rows_to_batch(data, None, 16)], grad_clip=1.0)
+        assert float(b) == float(a)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "warning: torch.compile failed at the first step (BackendCompilerFailed") \
+        and "no compiler here" in err and err.endswith("training eagerly instead.\n")
+    assert type(failing.model) is GPT2 and failing.compile_error.startswith("BackendCompiler")
+    assert failing.first_step_s > 0 and failing.loss_impl == eager.loss_impl == "torch"
+
+
+def test_an_error_outside_compilation_is_raised():
+    state = state_for(tiny())
+    with pytest.raises(IndexError):  # token 99 is not in a 64-token vocabulary
+        state.step([rows_to_batch(torch.full((2, 17), 99), None, 16)], grad_clip=1.0)

@@ -55,6 +55,17 @@ def test_required_flags_are_marked_and_refused_when_absent(capsys):
     assert "required, except with --smoke-test" in blocks["--eval_corpus"]
 
 
+def test_a_bool_or_none_flag_is_on_off_or_left_to_decide():
+    """`gpt2 train --compile / --no-compile`; neither: None, decided by the device."""
+    from pipelines.training.config import TrainConfig
+
+    assert [parse(TrainConfig, a, prog="gpt2 train").compile
+            for a in ([], ["--compile"], ["--no-compile"])] == [None, True, False]
+    blocks = flag_blocks(build_parser(TrainConfig, "gpt2 train", "x").format_help())
+    assert blocks["--compile"].startswith("--compile, --no-compile torch.compile the model")
+    assert "default: on with --gpus, off on CPUs" in blocks["--compile"]
+
+
 def test_verbose_is_recorded_for_ray_session(monkeypatch):
     from dataclasses import dataclass
 

@@ -64,3 +64,8 @@ def test_two_workers_fsdp_save_a_model_dir_and_resume(tmp_path, train_data):
     resumed = train(run_config(tmp_path, train_data, strategy="fsdp", name="again",
                                num_workers=1, from_checkpoint=out["run_dir"]))  # 2 parts -> 1
     assert resumed["metrics"]["step"] == 10 and evals(resumed["model_dir"])[-1] < math.log(300)
+    # one worker trained the model whole (as ddp), yet saved its optimizer state in shards,
+    # so more workers can resume it sharded
+    shards = Path(resumed["checkpoint"], checkpoint.SHARDS_DIR)
+    assert [p.name for p in shards.iterdir()] == ["rank-00000-of-00001.safetensors"]
+    assert "optimizer" not in checkpoint.load_state(resumed["checkpoint"])
