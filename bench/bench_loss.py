@@ -36,7 +36,7 @@ def measure(vocab: int, args) -> dict:
                               total_steps=1000, min_lr=None, device=args.device,
                               precision=args.precision)
         s.step(batch, 1.0)  # the first step chooses; then the implementation is forced
-        s.loss_impl = s.raw.loss_impl = loss
+        s.raw.loss_impl = loss
         s.step(batch, 1.0)
         return s
 

@@ -66,7 +66,7 @@ def bare_step(device: str, *, vocab: int, batch: int, compile: bool, steps: int,
     micro = [training.rows_to_batch(ids, None, seq)]
     state.step(micro, 1.0)  # the first step: the loss is chosen, compilation happens
     if loss:
-        state.loss_impl = state.raw.loss_impl = loss
+        state.raw.loss_impl = loss
     for _ in range(2):
         state.step(micro, 1.0)
     if device == "cuda":
@@ -80,7 +80,7 @@ def bare_step(device: str, *, vocab: int, batch: int, compile: bool, steps: int,
     tps = steps * batch * seq / seconds
     peak = training.peak_flops(dev, state.dtype)
     result = {"vocab": vocab, "batch": batch, "seq": seq, "compile": compile, "shard": shard,
-              "loss_impl": state.loss_impl, "dtype": str(state.dtype), "tokens_per_s": tps,
+              "loss_impl": state.raw.loss_impl, "dtype": str(state.dtype), "tokens_per_s": tps,
               "mfu": model.estimate_mfu(tps, peak, seq), "first_step_s": state.first_step_s,
               "compile_error": state.compile_error,
               "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9

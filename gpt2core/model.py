@@ -363,10 +363,9 @@ def choose_loss(rows: int, vocab: int, dtype: torch.dtype | None,
                 free_bytes: int | None) -> str:
     """The cross-entropy a training step runs on (rows, vocab) logits of `dtype`: "torch"
     (PyTorch's) wherever its extra LOSS_BYTES per logit take at most a quarter of the device's
-    free memory, else "chunked". Measured on an H200 (issue 27): with the chunked loss the eager
-    124M step at 16 x 1024 ran at 0.76x the speed of nanoGPT's, which uses PyTorch's, and took
-    10.8 GB against 17.2; so PyTorch's where memory allows, the chunked one where it would
-    not fit (a large vocabulary or batch on a small GPU). fp32 logits: PyTorch's (no copy)."""
+    free memory, else "chunked": PyTorch's is the faster one (issue 27 from a GPU session;
+    bench/bench_loss.py on CPUs), the chunked one is kept for where the copies would not fit
+    (a large vocabulary or batch on a small GPU). fp32 logits: PyTorch's (no copy)."""
     if dtype in (None, torch.float32):
         return "torch"
     if free_bytes is None:

@@ -9,9 +9,8 @@
   weights all-gathered just before it runs and freed after (but the last block's, which
   backward needs at once: torchtitan's choice). With a mixed precision dtype the all-gather
   moves bf16/fp16 (MixedPrecisionPolicy) and gradients are reduced in fp32. With one rank
-  there is nothing to shard and the model stays whole, as under ddp: on an H200, FSDP2 with
-  compile on one GPU ran at 0.5x ddp without it, its per-block casts and gathers all cost
-  (issue 27).
+  there is nothing to shard and the model stays whole, as under ddp: FSDP2 on one GPU only
+  adds its per-block casts and gathers (issue 27).
   gpt2-xl (1.56B parameters) needs ~25 GB for fp32 weights, gradients and AdamW state under
   DDP; sharded over 4 GPUs, ~6 GB each.
 

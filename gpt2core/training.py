@@ -91,7 +91,6 @@ class TrainState:
     dtype: torch.dtype | None
     step_count: int = 0
     sharded: bool = False  # FSDP: saving and loading the optimizer state are collectives
-    loss_impl: str | None = None  # the cross-entropy the steps run: chosen at the first one
     first_step_s: float | None = None  # the first step's seconds (compilation, warm-up)
     compile_error: str | None = None  # why torch.compile fell back to eager, if it did
 
@@ -130,14 +129,15 @@ class TrainState:
         Each micro-batch's loss is divided by their number, so the gradient is that of the
         mean. Under DDP only the last backward all-reduces (no_sync on the others).
 
-        The first step picks the loss (gpt2core.model.choose_loss, for this batch and the free
-        memory) and is timed (`first_step_s`: compilation or warm-up). A compiled model whose
-        compilation fails there trains eagerly instead, after one warning line on stderr.
+        The first step picks the loss (`raw.loss_impl`: gpt2core.model.choose_loss, for this
+        batch and the free memory) and is timed (`first_step_s`: compilation or warm-up). A
+        compiled model whose compilation fails there trains eagerly instead, after one warning
+        line on stderr.
         """
         if self.first_step_s is not None:
             return self._step(micro_batches, grad_clip)
         inputs = micro_batches[0][0]
-        self.loss_impl = self.raw.loss_impl = choose_loss(
+        self.raw.loss_impl = choose_loss(
             inputs.numel(), self.raw.config.vocab_size, self.dtype, free_memory(self.device))
         start = time.perf_counter()
         try:

@@ -11,16 +11,15 @@
 dir (its val split). A text document is scored as <eos> document <eos>: the leading eos is
 context only (its first token is predicted as a training document's is), the trailing a target.
 
-Sliding window: a sequence longer than the window (the model's n_positions, or --seq_len) is
-scored in windows that start every --stride tokens (default half the window); each window
-scores only the targets no earlier window did, so every token is scored exactly once and, past
-the first window, with at least window - stride tokens of context (the method of Hugging Face's
-perplexity guide). Stride = window scores disjoint chunks, as the training loop's eval does;
-a smaller stride costs window / stride times the compute for lower, truer loss.
+Sliding window: a sequence longer than the window (the model's n_positions, or --seq_len) is scored
+in windows that start every --stride tokens (default half the window); each window scores only the
+targets no earlier window did, so every token is scored exactly once and, past the first window,
+with at least window - stride tokens of context (the method of Hugging Face's perplexity guide).
+Stride = window scores disjoint chunks, as the training loop's eval does; a smaller stride costs
+window / stride times the compute for lower, truer loss.
 
 The job:
-  1. Driver: flags, model dir, tokenizer and corpus are checked; a bad one ends here, before Ray
-     starts, in one sentence with exit status 2.
+  1. Driver: flags, model dir, tokenizer and corpus checked; bad input ends here, before Ray.
   2. Sequences: Ray Data tasks read and tokenize the text, or read_parquet the val rows.
   3. Scoring: map_batches over a pool of Scorer actors, each holding the model once (sent
      through the object store, so nodes need not see the driver's disk), a GPU each when the
@@ -216,9 +215,9 @@ class EvalPlan:
 
 def plan(cfg: EvaluateConfig) -> EvalPlan:
     """Check everything that can be checked before Ray starts."""
-    from gpt2core import TokenizerError
     from gpt2core.model import state_shapes
     from gpt2core.modelfile import read_weights
+    from gpt2core.tokenizer import TokenizerError
     from pipelines.common.modeldir import context_length, dir_tokenizer, open_model, same_vocabulary
 
     config, tokenizer = open_model(cfg.model_path, cfg.vocab_path)
@@ -336,8 +335,7 @@ def summarize(parts: list[dict], job: EvalPlan, cfg: EvaluateConfig, mode: str,
 
 
 def scoring(job: EvalPlan, windows: int) -> str:
-    """How the tokens were scored, in words: a dataset's rows each on its own, text documents
-    in sliding windows."""
+    """How the tokens were scored, in words: dataset rows each alone, text in sliding windows."""
     if job.val is not None:
         whole = windows == job.val.rows
         return (f"as the dataset's {job.val.rows:,} val rows, each on its own"

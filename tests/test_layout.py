@@ -28,12 +28,12 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path, typing_only: bool = True) -> set[str]:
+def imports(path: Path, type_only_too: bool = True) -> set[str]:
     """Every module `path` imports, absolute, as written (`from a.b import c` gives a.b and
-    a.b.c: c may be a module); with typing_only=False, not those under `if TYPE_CHECKING:`."""
+    a.b.c: c may be a module); with type_only_too=False, not those under `if TYPE_CHECKING:`."""
     found = set()
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = set() if typing_only else {
+    skipped = set() if type_only_too else {
         id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
         and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
     for node in ast.walk(tree):
@@ -121,7 +121,7 @@ def test_no_source_file_is_longer_than_about_400_lines():
 def circles() -> list[list[str]]:
     """The import circles among this repo's modules (type-only imports left out): every strongly
     connected part of the graph with more than one module (Tarjan's algorithm)."""
-    graph = {m: {i for i in imports(p, typing_only=False) if i in SOURCES and i != m}
+    graph = {m: {i for i in imports(p, type_only_too=False) if i in SOURCES and i != m}
              for m, p in SOURCES.items()}
     index: dict[str, int] = {}
     low: dict[str, int] = {}

@@ -12,10 +12,10 @@ Whitespace-only documents are skipped. A document over --max_doc_bytes M becomes
 k holds the lines starting in bytes [k*M, (k+1)*M), so a big .txt is read by many tasks and has
 a validation split; chunks (and the split) never change when other files are added.
 
-Split: a document goes to validation when the first 8 bytes of its BLAKE2b hash, as a fraction
-of 2**64, fall below --val_fraction (or just above the smallest hash when none does); identical
-documents always land in the same split. UTF-8: invalid bytes become U+FFFD and are counted per
-file; the caller warns, or refuses a file where they are too many.
+Split: a document goes to validation when the first 8 bytes of its BLAKE2b hash, as a fraction of
+2**64, fall below --val_fraction (or just above the smallest hash when none does); identical
+documents always land in the same split. Invalid UTF-8 becomes U+FFFD, counted per file (the caller
+warns, or refuses a file with too much).
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ class Source:
 
 def sources(paths: list[str], *, role: str, per_line: bool, text_field: str,
             check: str = "first") -> Iterator[Source]:
-    """--corpus arguments -> sources, in a stable order (arguments in order, each sorted by
-    path). check="first": the first file of each kind is checked here (Parquet column, first
-    JSON line), the others by the tasks that read them; "all": every file."""
+    """--corpus arguments -> sources in a stable order (arguments in order, each sorted by path).
+    check="first": the first file of each kind is checked here (Parquet column, first JSON line),
+    the others by the tasks that read them; "all": every file."""
     checked = set()
     for arg in paths:
         for uri, size, mtime_ns in _sample_files() if arg == SAMPLE else _expand(arg):
@@ -229,8 +229,7 @@ def read_documents(seg: dict, text_field: str, max_doc_bytes: int,
 
 def _piece_documents(data: bytes, seg: dict, text_field: str, max_doc_bytes: int,
                      counts: list[int], line: int | None) -> Iterator[str]:
-    """Documents of whole lines of a file; `line`: lines before them (None: count from the
-    segment's start, and say so)."""
+    """Whole lines' documents; `line`: lines before them (None: counted from the segment start)."""
     text, bad = decode_utf8(data)
     counts[0] += bad
     counts[1] += len(data)

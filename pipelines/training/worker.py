@@ -89,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
         if first and rank == 0:  # its time is in the first throughput figure too
             say(f"[rank 0] first step {state.first_step_s:.1f} s ("
                 + ("compiling" if compile and not state.compile_error else "warm-up")
-                + f"); loss: {state.loss_impl} cross-entropy")
+                + f"); loss: {state.raw.loss_impl} cross-entropy")
         worker.after_step(pos)
 
 

@@ -201,8 +201,11 @@ def test_both_losses_agree_with_float64_on_fp32_and_bf16_logits(impl, dtype):
     (g_ref,) = torch.autograd.grad(ref, exact)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
-    torch.testing.assert_close(grad.double(), g_ref, **tol)  # bf16: 8 bits of mantissa
+    # in units of the largest gradient, so the absolute tolerance has a meaning; float32's
+    # 1e-5 (rounding differs between CPU kinds), bf16's 8 bits of mantissa
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    scale = g_ref.abs().max()
+    torch.testing.assert_close(grad.double() / scale, g_ref / scale, **tol)
     assert grad[3].abs().sum() == 0
 
 

@@ -46,7 +46,7 @@ def test_without_a_process_group_the_model_stays_and_compile_comes_last():
 
 
 def test_fsdp_with_one_rank_leaves_the_model_whole_as_ddp_does(group):
-    """Nothing to shard: FSDP2 on one GPU only adds its casts and gathers (0.5x on an H200)."""
+    """Nothing to shard: FSDP2 on one GPU only adds its casts and gathers (issue 27)."""
     model = tiny()
     wrapped = parallel.wrap(model, "fsdp", device=CPU, dtype=None, compile=True)
     assert not parallel.is_sharded(model) and wrapped._orig_mod is model

@@ -161,7 +161,7 @@ def test_a_compile_that_fails_falls_back_to_eager_with_one_warning(capsys):
         "warning: torch.compile failed at the first step (BackendCompilerFailed") \
         and "no compiler here" in err and err.endswith("training eagerly instead.\n")
     assert type(failing.model) is GPT2 and failing.compile_error.startswith("BackendCompiler")
-    assert failing.first_step_s > 0 and failing.loss_impl == eager.loss_impl == "torch"
+    assert failing.first_step_s > 0 and failing.raw.loss_impl == eager.raw.loss_impl == "torch"
 
 
 def test_an_error_outside_compilation_is_raised():
