@@ -290,3 +290,16 @@ def check_shared(path: str, flag: str, marker: str | None = None) -> None:
     if blind:
         raise UserError(f"{flag} {path} is a local path that {len(blind)} of the cluster's "
                         f"{len(nodes)} nodes cannot see (e.g. {blind[0]}); {fix}.")
+
+
+def free_cpus() -> float:
+    return ray().available_resources().get("CPU", 0.0)
+
+
+def wait_for_tasks(free_before: float, timeout_s: float = 30.0) -> None:
+    """Until the CPUs free before some tasks started are free again (a task still running
+    holds its CPU; Ray Data cancels a failed dataset's tasks without waiting for them), at most
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and free_cpus() < free_before:
+        time.sleep(0.1)

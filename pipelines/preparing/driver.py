@@ -1,5 +1,5 @@
 """The driver of the prepare job (pipelines/prepare.py tells it top to bottom): list, plan,
-train or load the tokenizer, tokenize with Ray tasks, write the manifest last."""
+train or load the tokenizer, tokenize with Ray Data, write the manifest last."""
 
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ from pipelines.preparing.config import NOT_FINGERPRINTED, PrepareConfig
 from pipelines.preparing.passes import Passes, listing, tidy
 from pipelines.text import corpus
 from pipelines.text.encoding import encoder_spec
-
-IN_FLIGHT_PER_CPU = 2  # tasks submitted ahead: enough to keep the CPUs busy, bounded memory
-
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the job; returns timings and counts. Raises CorpusError/TokenizerError on bad input."""
@@ -51,8 +48,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     print(f"{inputs.files} files, {inputs.bytes / 1e6:.2f} MB, in work items of "
           f"{target / 2**20:.2f} MiB on {cpus} CPUs (Ray start-up {ray_s:.1f} s)"
           + ("; resuming an interrupted run" if state == "resume" else ""))
-    passes = Passes(cfg, out, target, IN_FLIGHT_PER_CPU * cpus, inputs, fingerprint,
-              NOT_FINGERPRINTED)
+    passes = Passes(cfg, out, target, inputs, fingerprint, NOT_FINGERPRINTED)
     try:
         tokenizer, sample_s = passes.tokenizer(tokenizer, config, resume=state == "resume")
         t2 = time.perf_counter()

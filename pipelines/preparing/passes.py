@@ -1,26 +1,30 @@
 """The Ray side of the prepare job (pipelines/prepare.py): passes over the work items.
 
-    passes = Passes(cfg, out, target, window, listing(cfg), fingerprint, NOT_FINGERPRINTED)
+    passes = Passes(cfg, out, target, listing(cfg), fingerprint, NOT_FINGERPRINTED)
     tokenizer, sample_s = passes.tokenizer(given, config, resume=False)   # sample pass (+ BPE)
     records, invalid = passes.tokenize(None)                              # tokenize pass
     manifest = passes.manifest(records, invalid)                          # split rules, counts
 
-Work items are planned from a fresh, streamed listing each pass (`items`), so the driver holds
-no list of files or items; `run` keeps at most `window` tasks in flight and hands back their
-small results as they finish. What the tasks do is pipelines/preparing/worker.py.
+Each pass plans its work items from a fresh, streamed listing (`items`: a few paths and byte
+ranges each, so the driver's list grows with the files, not the bytes) and runs them as a Ray
+Data pipeline (pipelines/preparing/dataflow.py); the driver gets back small records, never
+text or ids. What the workers do is pipelines/preparing/worker.py. (dataflow, and Ray, load
+only when a pass runs: bad input ends the command before Ray is imported.)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
+import logging
 import math
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -29,7 +33,7 @@ import numpy as np
 from gpt2core import storage
 from pipelines.common import dataset, ray_session
 from pipelines.preparing.config import PrepareConfig
-from pipelines.preparing.worker import RECORDS, ItemRecord, TaskSpec, sample_item, tokenize_item
+from pipelines.preparing.worker import RECORDS, ItemRecord, TaskSpec, item_key, segments_digest
 from pipelines.text import corpus
 from pipelines.text.encoding import encoder_spec
 
@@ -88,7 +92,6 @@ class Passes:
     cfg: PrepareConfig
     out: str
     target: int  # bytes per work item
-    window: int  # tasks in flight
     inputs: Listing
     fingerprint: str
     not_fingerprinted: tuple[str, ...]  # flags left out of the fingerprint and the manifest
@@ -106,34 +109,6 @@ class Passes:
         if seen.digest != self.inputs.digest:
             raise corpus.CorpusError("the corpus changed while it was being prepared (files "
                                      "added, removed or rewritten); run prepare again.")
-
-    def run(self, fn, calls: Iterator[tuple]):
-        """fn(*args) as Ray tasks for each (key, args), at most `window` running; yields
-        (key, result) as they finish. Stopped early (an error), it cancels and waits for the
-        tasks still running, so none writes after it returns."""
-        ray = ray_session.ray()
-        task, pending = ray.remote(fn), {}
-        try:
-            for key, args in calls:
-                pending[task.remote(*args)] = key
-                while len(pending) >= self.window:
-                    yield from self._finished(ray, pending)
-            while pending:
-                yield from self._finished(ray, pending)
-        finally:
-            for ref in pending:
-                ray.cancel(ref)
-            for ref in pending:
-                try:
-                    ray.get(ref)
-                except Exception:  # noqa: BLE001 -- cancelled or failed: either way, done
-                    pass
-
-    @staticmethod
-    def _finished(ray, pending: dict):
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            yield pending.pop(ref), ray.get(ref)
 
     def tokenizer(self, given: Tokenizer | None, config: dict,
                   resume: bool) -> tuple[Tokenizer, float]:
@@ -159,55 +134,70 @@ class Passes:
         self.spec = TaskSpec(
             self.out, self.fingerprint[:12], corpus.threshold(cfg.val_fraction),
             tokenizer.sha256(), spec, dtype.str, cfg.seq_len,
-            (cfg.shard_mb << 20) // row, max(1, GROUP_BYTES // row), cfg.text_field,
-            cfg.max_doc_bytes, cfg.max_invalid_utf8)
+            (cfg.shard_mb << 20) // row, max(1, GROUP_BYTES // row))
         return tokenizer, sample_s
 
     def sample(self, budget: int, spread: bool) -> list[str]:
         """Text of the train split for the tokenizer: each item's share of `budget`, from its
         start (spread), or only the first items' (a probe)."""
-        cfg, total = self.cfg, self.inputs.bytes
-        items = self.items() if spread else itertools.islice(
-            self.items(), max(1, math.ceil(budget / self.target)))
-        calls = ((i, (segs, math.ceil(budget * sum(s["bytes"] for s in segs) / total)
-                      if spread else budget, corpus.threshold(cfg.val_fraction),
-                      cfg.text_field, cfg.max_doc_bytes)) for i, segs in items)
-        texts = {}
-        with closing(self.run(sample_item, calls)) as results:
-            for i, got in results:
-                if got.error:
-                    raise corpus.CorpusError(got.error)
-                texts[i] = got.texts
-        return [t for i in sorted(texts) for t in texts[i]]
+        from pipelines.preparing import dataflow
+
+        cfg = self.cfg
+        items = list(self.items() if spread else itertools.islice(
+            self.items(), max(1, math.ceil(budget / self.target))))
+        read = functools.partial(dataflow.read_sample, budget, self.inputs.bytes, spread,
+                                 corpus.threshold(cfg.val_fraction), cfg.text_field,
+                                 cfg.max_doc_bytes)
+        with _failures():
+            rows = _dataset(items, read).take_all()
+        return [t for row in sorted(rows, key=lambda r: r["item"]) for t in row["texts"]]
 
     def tokenize(self, only: set[int] | None,
                  cut: int | None = None) -> tuple[dict[int, ItemRecord], list[int]]:
         """The tokenize pass (or, with `only`, its rerun of those items with another cut):
-        records by item, and [replaced bytes, files with some]."""
-        from tqdm import tqdm
+        records by item, and [replaced bytes, files with some]. Items an interrupted run
+        finished are checked and skipped before the dataset is built."""
+        from pipelines.preparing import dataflow
 
-        spec = ray_session.ray().put(self.spec)
-        calls = ((i, (segs, i, spec, cut)) for i, segs in self.items()
-                 if only is None or i in only)
-        records, partial, invalid = {}, {}, [0, 0]
-        bar = tqdm(total=self.inputs.bytes, unit="B", unit_scale=True, desc="tokenize",
-                   disable=not sys.stderr.isatty() or only is not None)
-        with closing(self.run(tokenize_item, calls)) as results, bar:
-            for i, record in results:
-                if record.error:
-                    raise corpus.CorpusError(record.error)
-                invalid = [invalid[0] + record.invalid, invalid[1] + record.invalid_files]
-                for uri, (bad, n, planned, size) in record.partial.items():
-                    seen = [a + b for a, b in zip(partial.pop(uri, [0, 0, 0]), (bad, n, planned))]
-                    if seen[2] < size:  # more of the file is in other items
-                        partial[uri] = seen
-                        continue
-                    corpus.check_file_utf8(uri, seen[0], seen[1], self.cfg.max_invalid_utf8)
-                    invalid = [invalid[0] + seen[0], invalid[1] + (seen[0] > 0)]
-                record.partial = {}
-                records[i] = record
-                bar.update(sum(s.bytes for s in record.splits.values()))
+        cfg, cut = self.cfg, self.spec.cut if cut is None else cut
+        items = [(i, segs) for i, segs in self.items() if only is None or i in only]
+        records = self._finished(items, cut)
+        todo = [(i, segs) for i, segs in items if i not in records]
+        if todo:
+            sink = dataflow.Shards(self.spec)
+            read = functools.partial(dataflow.read_text, cut, cfg.text_field,
+                                     cfg.max_doc_bytes, cfg.max_invalid_utf8)
+            with _failures():
+                _dataset(todo, read).map_batches(
+                    dataflow.tokenize, fn_kwargs={"spec": self.spec}, batch_size=1,
+                    batch_format="pyarrow", zero_copy_batch=True).write_datasink(sink)
+            records.update(sink.records)
+        partial, invalid = {}, [0, 0]
+        for record in records.values():
+            invalid = [invalid[0] + record.invalid, invalid[1] + record.invalid_files]
+            for uri, (bad, n, planned, size) in record.partial.items():
+                seen = [a + b for a, b in zip(partial.pop(uri, [0, 0, 0]), (bad, n, planned))]
+                if seen[2] < size:  # more of the file is in other items
+                    partial[uri] = seen
+                    continue
+                corpus.check_file_utf8(uri, seen[0], seen[1], cfg.max_invalid_utf8)
+                invalid = [invalid[0] + seen[0], invalid[1] + (seen[0] > 0)]
         return records, invalid
+
+    def _finished(self, items: list[tuple[int, list[dict]]], cut: int) -> dict[int, ItemRecord]:
+        """The records of items an interrupted run finished, their shards checked (size and
+        sha256) on the cluster."""
+        found = {name.removesuffix(".json") for name in
+                 storage.listdir(storage.join(self.out, RECORDS))}
+        candidates = [{"item": i, "segments": segments_digest(segs)} for i, segs in items
+                      if item_key(self.spec, i, cut) in found]
+        if not candidates:
+            return {}
+        from pipelines.preparing import dataflow
+
+        rows = ray_session.ray().data.from_items(candidates).map(
+            functools.partial(dataflow.check_record, self.spec, cut)).take_all()
+        return {r["item"]: ItemRecord.from_json(r["record"]) for r in rows if r["record"]}
 
     def manifest(self, records: dict[int, ItemRecord], invalid: list[int]) -> dataset.Manifest:
         """The records added up, in corpus order; the split rules applied (and, when no
@@ -246,6 +236,41 @@ class Passes:
             config={k: v for k, v in asdict(cfg).items() if k not in self.not_fingerprinted},
             fingerprint=self.fingerprint,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def _dataset(items: list[tuple[int, list[dict]]], read):
+    """A dataset with one read task, and one row, per work item."""
+    from pipelines.preparing import dataflow
+
+    return ray_session.ray().data.read_datasource(dataflow.WorkItems(items, read),
+                                                  override_num_blocks=max(1, len(items)))
+
+
+@contextmanager
+def _failures():
+    """A pass that fails on bad input raises the CorpusError or TokenizerError a worker raised,
+    as its one sentence (not Ray Data's wrapping, traceback and retry advice), once no task of
+    the pass still runs (Ray Data cancels them without waiting; the caller may delete --out
+    next). Any other failure is raised as it came, with its traceback."""
+    from gpt2core.tokenizer import TokenizerError
+
+    free, data_log = ray_session.free_cpus(), logging.getLogger("ray.data")
+    level = data_log.level
+    data_log.setLevel(logging.CRITICAL)  # its ERROR lines repeat what is raised here
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 -- looked through, re-raised
+        ray_session.wait_for_tasks(free)
+        cause = e
+        while cause is not None and type(cause) not in (corpus.CorpusError, TokenizerError):
+            cause = getattr(cause, "cause", None) or cause.__cause__  # RayTaskError's first
+        if cause is None:
+            raise
+        if cause.args and isinstance(cause.args[0], str):  # Ray Data appends its retry advice
+            cause.args = (cause.args[0].partition("\nFailed to ")[0], *cause.args[1:])
+        raise cause from None
+    finally:
+        data_log.setLevel(level)
 
 
 def _add_up(records: dict[int, ItemRecord]) -> dict[str, dataset.Split]:

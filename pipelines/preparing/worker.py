@@ -1,20 +1,22 @@
-"""The Ray tasks of pipelines/prepare.py, and what crosses the boundary to and from them.
+"""What runs on the workers of pipelines/prepare.py, and what crosses the boundary.
 
-Pure functions of one work item (a list of corpus segments), run and tested without Ray:
+Pure functions of one work item (a list of corpus segments), run and tested without Ray; the
+Ray Data pipeline that calls them is pipelines/preparing/dataflow.py:
 
     sample_item(segments, quota, cut, text_field, max_doc_bytes) -> Sample
         the first `quota` bytes of the item's train documents, for the tokenizer; reads
         only that much
-    tokenize_item(segments, item, spec, cut=None) -> ItemRecord
-        every document read once, its split decided by its hash as it comes, encoded in runs
-        of ~ENCODE_BYTES, packed into rows (an item's own stream: its last row may be short)
-        and written as Parquet shards straight to the dataset dir; then the item's record is
-        written beside them. The record is the item's commit marker: a rerun with the same
-        flags finds it, checks the shards it names (size and sha256), and returns it without
-        reading the corpus. Shards without a record are never used.
-
-A task's memory is a few runs of text and ids plus one shard being assembled (--shard_mb),
-however big the item.
+    read_item(segments, item, cut, text_field, max_doc_bytes, max_invalid_utf8)
+        -> (ItemRecord, {split: texts})       every document read once, its split decided
+        by its hash as it comes; counts, the lowest hash and UTF-8 damage in the record
+    pack_split(texts, spec) -> (rows, lengths, tokens)
+        one split's documents encoded in runs of ~ENCODE_BYTES, each followed by eos, and
+        packed into rows (an item's own stream: its last row may be short)
+    write_item(record, packed, spec) -> ItemRecord
+        the rows as Parquet shards straight to the dataset dir, then the item's record beside
+        them. The record is the item's commit marker: a rerun with the same flags finds it,
+        checks the shards it names (`intact`: size and sha256) and skips the item. Shards
+        without a record are never used.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from gpt2core import storage
 from pipelines.common import dataset
-from pipelines.common.packing import PackWriter
+from pipelines.common.packing import RowPacker, ShardWriter
 from pipelines.text import corpus
 from pipelines.text.encoding import get_encoder
 
@@ -39,7 +41,7 @@ NO_HASH = 2**64 - 1
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What every tokenize task needs beside its item (sent once, through the object store)."""
+    """What tokenizing and writing an item need beside it (sent once per pass)."""
 
     out: str  # the dataset dir, local or a URI
     prefix: str  # the flags' fingerprint, cut short: names an item's shards and record
@@ -50,20 +52,12 @@ class TaskSpec:
     seq_len: int
     shard_rows: int
     group_rows: int
-    text_field: str
-    max_doc_bytes: int
-    max_invalid_utf8: float
-
-
-@dataclass
-class Sample:
-    texts: list[str]
-    error: str = ""
 
 
 @dataclass
 class ItemRecord:
-    """What a tokenize task tells the driver (and leaves in its record file)."""
+    """What an item's pass through the pipeline tells the driver (and leaves in its record
+    file): read_item starts it, write_item finishes it."""
 
     item: int
     cut: int
@@ -76,9 +70,8 @@ class ItemRecord:
     invalid_files: int = 0
     # uri -> [invalid, read, bytes planned here, size] of files only partly in this item
     partial: dict[str, list[int]] = field(default_factory=dict)
-    error: str = ""
     reused: bool = False
-    seconds: float = 0.0  # the task's wall time (what a rate per CPU is measured from)
+    seconds: float = 0.0  # read + encode + write time (what a rate per CPU is measured from)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -101,63 +94,82 @@ def record_path(spec: TaskSpec, key: str) -> str:
 
 
 def sample_item(segments: list[dict], quota: int, cut: int, text_field: str,
-                max_doc_bytes: int) -> Sample:
+                max_doc_bytes: int) -> list[str]:
     texts, taken = [], 0
-    try:
-        for text, data, h, role in corpus.item_documents(segments, text_field, max_doc_bytes,
-                                                         {}):
-            if taken >= quota:
-                break
-            if not corpus.is_val(role, h, cut):
-                texts.append(text[:quota - taken])
-                taken += len(data)
-    except corpus.CorpusError as e:
-        return Sample([], str(e))
-    return Sample(texts)
+    for text, data, h, role in corpus.item_documents(segments, text_field, max_doc_bytes, {}):
+        if taken >= quota:
+            break
+        if not corpus.is_val(role, h, cut):
+            texts.append(text[:quota - taken])
+            taken += len(data)
+    return texts
 
 
-def tokenize_item(segments: list[dict], item: int, spec: TaskSpec,
-                  cut: int | None = None) -> ItemRecord:
-    start, cut = time.perf_counter(), spec.cut if cut is None else cut
-    key = item_key(spec, item, cut)
-    record = ItemRecord(item, cut, spec.tokenizer_sha256, hashlib.sha256(
-        json.dumps(segments, sort_keys=True).encode()).hexdigest())
-    done = _finished(spec, key, record)
-    if done is not None:
-        return done
+def segments_digest(segments: list[dict]) -> str:
+    """sha256 of an item's segments: a record is reused for the same item only."""
+    return hashlib.sha256(json.dumps(segments, sort_keys=True).encode()).hexdigest()
+
+
+def read_item(segments: list[dict], item: int, cut: int, text_field: str, max_doc_bytes: int,
+              max_invalid_utf8: float) -> tuple[ItemRecord, dict[str, list[str]]]:
+    """The item's documents by split, and its record so far (counts, lowest hash, UTF-8).
+    Raises CorpusError on a damaged input."""
+    start = time.perf_counter()
+    record = ItemRecord(item, cut, "", segments_digest(segments),
+                        splits={s: dataset.Split() for s in dataset.SPLITS})
+    texts: dict[str, list[str]] = {s: [] for s in dataset.SPLITS}
+    invalid: dict[str, list[int]] = {}
+    for text, data, h, role in corpus.item_documents(segments, text_field, max_doc_bytes,
+                                                     invalid):
+        split = "val" if corpus.is_val(role, h, cut) else "train"
+        if role == "auto" and split == "train" and h <= record.low:
+            record.low_count = record.low_count + 1 if h == record.low else 1
+            record.low = h
+        texts[split].append(text)
+        counts = record.splits[split]
+        counts.documents, counts.bytes = counts.documents + 1, counts.bytes + len(data)
+    _utf8(segments, invalid, max_invalid_utf8, record)
+    record.seconds = time.perf_counter() - start
+    return record, texts
+
+
+def pack_split(texts: list[str], spec: TaskSpec) -> tuple[np.ndarray, np.ndarray, int]:
+    """One split's documents -> (rows (k, seq_len + 1), their lengths, tokens in the stream):
+    encoded in runs of ~ENCODE_BYTES, each document followed by eos."""
     encode, dtype = get_encoder(spec.encoder), np.dtype(spec.dtype)
     eos = np.array([spec.encoder["eos_id"]], dtype)
-    writer = PackWriter(spec.out, key + "-", spec.seq_len, spec.encoder["eos_id"], dtype,
-                        spec.shard_rows, spec.group_rows)
-    texts = {s: [] for s in dataset.SPLITS}
-    count = {s: [0, 0] for s in dataset.SPLITS}  # documents, bytes
+    packer = RowPacker(spec.seq_len, spec.encoder["eos_id"], dtype)
+    rows, tokens, run, size = [], 0, [], 0
+    for i, text in enumerate(texts):
+        run.append(text)
+        size += len(text)
+        if size >= ENCODE_BYTES or i == len(texts) - 1:
+            ids = np.concatenate([a for doc in encode(run) for a in (doc.astype(dtype), eos)])
+            rows.append(packer.add(ids))
+            tokens, run, size = tokens + len(ids), [], 0
+    lengths = [np.full(len(r), spec.seq_len + 1, np.int32) for r in rows]
+    last = packer.finish()
+    if last is not None:
+        rows.append(last[0][None])
+        lengths.append(np.array([last[1]], np.int32))
+    if not rows:
+        return np.zeros((0, spec.seq_len + 1), dtype), np.zeros(0, np.int32), 0
+    return np.concatenate(rows), np.concatenate(lengths), tokens
 
-    def flush() -> None:
-        for s in dataset.SPLITS:
-            ids = [a for doc in encode(texts[s]) for a in (doc.astype(dtype), eos)]
-            writer.add(s, np.concatenate(ids) if ids else np.zeros(0, dtype), *count[s])
-            texts[s], count[s] = [], [0, 0]
 
-    invalid, waiting = {}, 0
-    try:
-        for text, data, h, role in corpus.item_documents(segments, spec.text_field,
-                                                         spec.max_doc_bytes, invalid):
-            split = "val" if corpus.is_val(role, h, cut) else "train"
-            if role == "auto" and split == "train" and h <= record.low:
-                record.low_count = record.low_count + 1 if h == record.low else 1
-                record.low = h
-            texts[split].append(text)
-            count[split] = [count[split][0] + 1, count[split][1] + len(data)]
-            waiting += len(data)
-            if waiting >= ENCODE_BYTES:
-                flush()
-                waiting = 0
-        flush()
-        _utf8(segments, invalid, spec.max_invalid_utf8, record)
-    except corpus.CorpusError as e:
-        return ItemRecord(item, cut, spec.tokenizer_sha256, record.segments, error=str(e))
-    record.splits = writer.close()
-    record.seconds = time.perf_counter() - start
+def write_item(record: ItemRecord, packed: dict[str, tuple[np.ndarray, np.ndarray, int]],
+               spec: TaskSpec) -> ItemRecord:
+    """Each split's rows as shards `<split>/<key>-00000.parquet`, …, then the record."""
+    start, key = time.perf_counter(), item_key(spec, record.item, record.cut)
+    for name, (rows, lengths, tokens) in packed.items():
+        writer = ShardWriter(spec.out, name, key + "-", spec.seq_len, np.dtype(spec.dtype),
+                             spec.shard_rows, spec.group_rows)
+        writer.add(rows, lengths)
+        split = record.splits[name]
+        split.shards, split.tokens, split.rows = writer.close(), tokens, len(rows)
+        split.padding = split.rows * spec.seq_len - tokens
+    record.tokenizer_sha256 = spec.tokenizer_sha256
+    record.seconds += time.perf_counter() - start
     storage.write_text(record_path(spec, key), record.to_json())
     return record
 
@@ -178,14 +190,15 @@ def _utf8(segments: list[dict], invalid: dict[str, list[int]], max_fraction: flo
         record.invalid_files += bad > 0
 
 
-def _finished(spec: TaskSpec, key: str, new: ItemRecord) -> ItemRecord | None:
+def intact(spec: TaskSpec, item: int, cut: int, segments: str) -> ItemRecord | None:
     """This item's record from an earlier run of the same prepare, if its shards are intact."""
     try:
-        record = ItemRecord.from_json(storage.read_text(record_path(spec, key)))
+        record = ItemRecord.from_json(storage.read_text(record_path(
+            spec, item_key(spec, item, cut))))
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
-    same = ("item", "cut", "tokenizer_sha256", "segments")
-    if any(getattr(record, k) != getattr(new, k) for k in same):
+    expected = (item, cut, spec.tokenizer_sha256, segments)
+    if (record.item, record.cut, record.tokenizer_sha256, record.segments) != expected:
         return None
     for split in record.splits.values():
         for shard in split.shards:
@@ -195,5 +208,5 @@ def _finished(spec: TaskSpec, key: str, new: ItemRecord) -> ItemRecord | None:
                 return None
             if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
                 return None
-    record.reused = True
+    record.reused, record.seconds = True, 0.0
     return record
