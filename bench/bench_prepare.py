@@ -13,11 +13,14 @@ core) and a warm-up prepare first (worker start-up is not counted); best of --re
                the whole job's: the driver and every process under it (GCS, raylet, workers)
   CPU rate     MB of text per CPU-second of the whole job: time per GB on N nodes is
                projected from it and from the driver's CPU per work item
-Side by side: the same measurements of the prepare before issue 14 (the driver packs and
-writes every shard; git commit OLD, run from a copy of that commit's code) and a one-thread
-tiktoken baseline (read + encode, no Ray, no writing).
+Side by side: the same measurements of the prepare before issue 28 ("tasks": a window of
+plain Ray tasks, one per work item; git commit OLD, run from a copy of that commit's code) and
+a one-thread tiktoken baseline (read + encode, no Ray, no writing); "Ray Data" is this
+checkout's pipeline.
 
-Targets (issue 14): the driver's peak RSS at x64 <= 1.2 x at x1; its CPU share at x64 <= 5 %.
+Targets (issues 14 and 28): Ray Data's MB/s >= 0.9 x the tasks version's at every size; the
+driver's peak RSS at x64 <= 1.2 x at x1, and at most ~1 KB more per input file at 10,000 files;
+its CPU share at x64 <= 5 %.
 
 Run:
     .venv/bin/python bench/bench_prepare.py                 # ~6 min on 2 cores
@@ -40,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-OLD = "34d5e68^"  # the last commit before workers wrote their own shards
+OLD = "8a2aac2"  # the last commit of the Ray tasks version (issue 28 made it Ray Data)
 SMALL_FILES = 10_000
 NODE_CPUS = 16  # the projection's node size
 
@@ -173,10 +176,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--val_fraction", type=float, default=0.05,
                         help="0.05: a chunk of tinyshakespeare hashes below it (0.023), so "
-                        "the copies corpora never take the lowest-hash fallback, which the "
-                        "new prepare pays for by tokenizing again every item holding it")
+                        "the copies corpora never take the lowest-hash fallback, which "
+                        "prepare pays for by tokenizing again every item holding it")
     parser.add_argument("--no-old", dest="old", action="store_false",
-                        help="skip the pre-issue-14 prepare")
+                        help="skip the tasks version (commit OLD)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/bench_prepare.json")
     args = parser.parse_args()
     if not args.text.is_file():
@@ -243,24 +246,32 @@ def markdown(report: dict) -> str:
     first = next(iter(scales.values()))
     nan = {"mb_s": float("nan"), "driver_peak_mb": float("nan"), "driver_share": float("nan"),
            "job_cpu_s": float("nan")}
+    per_file = scales[f"{SMALL_FILES:,} files"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, Python {m['python']}; "
         f"load average {m['load_avg'][0]:.2f} before, {m['load_avg_after'][0]:.2f} after "
-        f"({report['date']}). Old: the prepare of commit {report['old_commit']}.", "",
-        "| corpus | MB | files | MB/s new | MB/s old | tiktoken 1 thread | work items | "
-        "driver peak RSS new (x first) | old | driver CPU share new | old | MB per job "
-        "CPU-second new | old | padding (train) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        f"({report['date']}). Tasks: the prepare of commit {report['old_commit']}.", "",
+        "| corpus | MB | files | MB/s Ray Data | MB/s tasks | Ray Data / tasks (target >= 0.9) "
+        "| tiktoken 1 thread | work items | driver peak RSS Ray Data (x first) | tasks | driver "
+        "CPU share Ray Data | tasks | MB per job CPU-second Ray Data | tasks | padding (train) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in scales.items():
         new, old = r["new"], r.get("old", nan)
         lines.append(
             f"| {name} | {r['mb']:.1f} | {r['files']:,} | {new['mb_s']:.2f} | "
-            f"{old['mb_s']:.2f} | {r['tiktoken/1']['mb_s']:.2f} | {new['items']} | "
+            f"{old['mb_s']:.2f} | {new['mb_s'] / old['mb_s']:.2f} | "
+            f"{r['tiktoken/1']['mb_s']:.2f} | {new['items']} | "
             f"{new['driver_peak_mb']:.0f} MB "
             f"({new['driver_peak_mb'] / first['new']['driver_peak_mb']:.2f}x) | "
             f"{old['driver_peak_mb']:.0f} MB | {100 * new['driver_share']:.1f} % | "
             f"{100 * old['driver_share']:.1f} % | {r['mb'] / new['job_cpu_s']:.2f} | "
             f"{r['mb'] / old['job_cpu_s']:.2f} | {new['padding']['train']:,} tokens |")
+    for variant, label in (("new", "Ray Data"), ("old", "tasks")):
+        if variant in per_file:
+            extra = per_file[variant]["driver_peak_mb"] - first[variant]["driver_peak_mb"]
+            lines.append(f"\nDriver memory per input file ({label}): peak RSS at "
+                         f"{SMALL_FILES:,} files minus at the first corpus, "
+                         f"{extra * 2**20 / SMALL_FILES / 1024:.2f} KB a file.")
     big = max(scales.values(), key=lambda r: r["mb"] if r["files"] < 1000 else 0)["new"]
     rate = big["bytes"] / 1e6 / big["job_cpu_s"]  # every process's CPU, per MB
     many, one = report["small_items"], scales[f"{SMALL_FILES:,} files"]["new"]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 # name -> (module whose main(argv) runs the stage, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("pipelines.prepare", "tokenize, pack and shard text into a dataset dir "
-                "(Ray tasks)"),
+                "(Ray Data)"),
     "train": ("pipelines.train", "train a GPT-2 on a dataset dir into a model dir (Ray Train)"),
     "tune": ("pipelines.tune", "search hyperparameters over the train loop (Ray Tune)"),
     "evaluate": ("pipelines.evaluate", "loss, perplexity and bits per byte of a model dir"),

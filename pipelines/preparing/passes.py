@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -33,7 +31,14 @@ import numpy as np
 from gpt2core import storage
 from pipelines.common import dataset, ray_session
 from pipelines.preparing.config import PrepareConfig
-from pipelines.preparing.worker import RECORDS, ItemRecord, TaskSpec, item_key, segments_digest
+from pipelines.preparing.worker import (
+    RECORDS,
+    ItemRecord,
+    TaskSpec,
+    item_key,
+    sample_item,
+    segments_digest,
+)
 from pipelines.text import corpus
 from pipelines.text.encoding import encoder_spec
 
@@ -139,17 +144,23 @@ class Passes:
 
     def sample(self, budget: int, spread: bool) -> list[str]:
         """Text of the train split for the tokenizer: each item's share of `budget`, from its
-        start (spread), or only the first items' (a probe)."""
+        start, read by a Ray Data pass (spread); or the first `budget` bytes, read here (a
+        probe of 64 KiB: a pass would cost more than it reads)."""
         from pipelines.preparing import dataflow
 
-        cfg = self.cfg
-        items = list(self.items() if spread else itertools.islice(
-            self.items(), max(1, math.ceil(budget / self.target))))
-        read = functools.partial(dataflow.read_sample, budget, self.inputs.bytes, spread,
-                                 corpus.threshold(cfg.val_fraction), cfg.text_field,
-                                 cfg.max_doc_bytes)
-        with _failures():
-            rows = _dataset(items, read).take_all()
+        cfg, cut = self.cfg, corpus.threshold(self.cfg.val_fraction)
+        if not spread:
+            texts = []
+            for _, segments in self.items():
+                texts += sample_item(segments, budget - sum(map(len, texts)), cut,
+                                     cfg.text_field, cfg.max_doc_bytes)
+                if sum(map(len, texts)) >= budget:
+                    break
+            return texts
+        read = functools.partial(dataflow.read_sample, budget, self.inputs.bytes, cut,
+                                 cfg.text_field, cfg.max_doc_bytes)
+        with _execution():
+            rows = _dataset(list(self.items()), read).take_all()
         return [t for row in sorted(rows, key=lambda r: r["item"]) for t in row["texts"]]
 
     def tokenize(self, only: set[int] | None,
@@ -167,7 +178,7 @@ class Passes:
             sink = dataflow.Shards(self.spec)
             read = functools.partial(dataflow.read_text, cut, cfg.text_field,
                                      cfg.max_doc_bytes, cfg.max_invalid_utf8)
-            with _failures():
+            with _execution():
                 _dataset(todo, read).map_batches(
                     dataflow.tokenize, fn_kwargs={"spec": self.spec}, batch_size=1,
                     batch_format="pyarrow", zero_copy_batch=True).write_datasink(sink)
@@ -195,8 +206,9 @@ class Passes:
             return {}
         from pipelines.preparing import dataflow
 
-        rows = ray_session.ray().data.from_items(candidates).map(
-            functools.partial(dataflow.check_record, self.spec, cut)).take_all()
+        with _execution():
+            rows = ray_session.ray().data.from_items(candidates).map(
+                functools.partial(dataflow.check_record, self.spec, cut)).take_all()
         return {r["item"]: ItemRecord.from_json(r["record"]) for r in rows if r["record"]}
 
     def manifest(self, records: dict[int, ItemRecord], invalid: list[int]) -> dataset.Manifest:
@@ -247,18 +259,20 @@ def _dataset(items: list[tuple[int, list[dict]]], read):
 
 
 @contextmanager
-def _failures():
-    """A pass that fails on bad input raises the CorpusError or TokenizerError a worker raised,
-    as its one sentence (not Ray Data's wrapping, traceback and retry advice), once no task of
-    the pass still runs (Ray Data cancels them without waiting; the caller may delete --out
-    next). Any other failure is raised as it came, with its traceback."""
+def _execution():
+    """A pass's Ray Data execution, on all CPUs (ray_session.all_cpus). One that fails on bad
+    input raises the CorpusError or TokenizerError a worker raised, as its one sentence (not
+    Ray Data's wrapping, traceback and retry advice), once no task of the pass still runs (Ray
+    Data cancels them without waiting; the caller may delete --out next). Any other failure is
+    raised as it came, with its traceback."""
     from gpt2core.tokenizer import TokenizerError
 
     free, data_log = ray_session.free_cpus(), logging.getLogger("ray.data")
     level = data_log.level
     data_log.setLevel(logging.CRITICAL)  # its ERROR lines repeat what is raised here
     try:
-        yield
+        with ray_session.all_cpus():
+            yield
     except Exception as e:  # noqa: BLE001 -- looked through, re-raised
         ray_session.wait_for_tasks(free)
         cause = e

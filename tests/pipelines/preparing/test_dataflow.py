@@ -1,0 +1,64 @@
+"""pipelines/preparing/dataflow.py: the Ray Data pipeline over work items writes, for every
+item, the shards and record that its worker functions write without Ray; an item stays one
+row, and one stream of rows, even when Ray Data's blocks are tiny."""
+
+import functools
+
+import pytest
+
+from gpt2core import storage
+from gpt2core.tokenizer import Tokenizer
+from pipelines.common import dataset
+from pipelines.preparing import dataflow
+from pipelines.preparing import worker as prepare_worker
+from pipelines.text import corpus
+from pipelines.text.encoding import encoder_spec
+
+
+@pytest.mark.slow
+def test_the_pipeline_writes_what_the_worker_functions_write(ray_local, tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(12):
+        (d / f"{i:02d}.txt").write_text(f"document {i} says " + "words and more " * (20 + i))
+    sources = corpus.resolve([str(d)], role="auto", per_line=False, text_field="text")
+    items = list(enumerate(corpus.group(corpus.plan(sources, 1 << 16), 1200)))
+    assert len(items) >= 4
+    tok = Tokenizer.train(["document says words and more"] * 20, vocab_size=300)
+    cut = corpus.threshold(0.3)
+
+    def spec(out):
+        return prepare_worker.TaskSpec(str(out), "a" * 12, cut, tok.sha256(),
+                                       encoder_spec(tok, pretokenized=False, probe=[]), "<u2",
+                                       seq_len=16, shard_rows=8, group_rows=4)
+
+    ctx = ray_local.data.DataContext.get_current()
+    saved, ctx.target_max_block_size = ctx.target_max_block_size, 1024  # tiny blocks
+    try:
+        sink = dataflow.Shards(spec(tmp_path / "ray"))
+        read = functools.partial(dataflow.read_text, cut, "text", 1 << 16, 0.01)
+        ds = ray_local.data.read_datasource(dataflow.WorkItems(items, read),
+                                            override_num_blocks=len(items))
+        ds.map_batches(dataflow.tokenize, fn_kwargs={"spec": sink.spec}, batch_size=1,
+                       batch_format="pyarrow", zero_copy_batch=True).write_datasink(sink)
+    finally:
+        ctx.target_max_block_size = saved
+    assert sorted(sink.records) == [i for i, _ in items]
+
+    alone = spec(tmp_path / "alone")
+    for i, segments in items:
+        record, texts = prepare_worker.read_item(segments, i, cut, "text", 1 << 16, 0.01)
+        packed = {s: prepare_worker.pack_split(texts[s], alone) for s in dataset.SPLITS}
+        record = prepare_worker.write_item(record, packed, alone)
+        got = sink.records[i]
+        assert (got.low, got.low_count, got.segments) == \
+            (record.low, record.low_count, record.segments)
+        for s in dataset.SPLITS:
+            a, b = got.splits[s], record.splits[s]
+            assert (a.documents, a.bytes, a.tokens, a.rows, a.padding) == \
+                (b.documents, b.bytes, b.tokens, b.rows, b.padding)
+            assert [(x.file, x.rows, x.sha256) for x in a.shards] == \
+                [(x.file, x.rows, x.sha256) for x in b.shards]
+    assert sum(r.splits["val"].documents for r in sink.records.values()) > 0
+    # the records are the items' commit markers, beside their shards
+    assert len(storage.listdir(tmp_path / "ray" / prepare_worker.RECORDS)) == len(items)
