@@ -62,3 +62,29 @@ def test_the_pipeline_writes_what_the_worker_functions_write(ray_local, tmp_path
     assert sum(r.splits["val"].documents for r in sink.records.values()) > 0
     # the records are the items' commit markers, beside their shards
     assert len(storage.listdir(tmp_path / "ray" / prepare_worker.RECORDS)) == len(items)
+
+
+def test_the_driver_holds_under_a_kilobyte_per_input_file(tmp_path):
+    """What the driver keeps for a pass is its work items and their read tasks: a few paths
+    and byte ranges per item, so it grows with the files, never with their bytes; under 1 KB
+    a file in memory and as Ray ships the tasks."""
+    import tracemalloc
+
+    from ray import cloudpickle
+
+    d = tmp_path / "many"
+    for i in range(2000):
+        (d / f"{i // 100:02d}").mkdir(parents=True, exist_ok=True)
+        (d / f"{i // 100:02d}" / f"{i:05d}.txt").write_text("words " * (i % 50 + 1))
+    tracemalloc.start()
+    sources = corpus.sources([str(d)], role="auto", per_line=False, text_field="text",
+                             check="first")
+    items = list(enumerate(corpus.iter_groups(corpus.plan(sources, 1 << 16), 64 << 10)))
+    read = functools.partial(dataflow.read_text, 0, "text", 1 << 16, 0.01)
+    tasks = dataflow.WorkItems(items, read).get_read_tasks(len(items))
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(tasks) == len(items) > 1 and all(t.metadata.num_rows == 1 for t in tasks)
+    assert sum(len(s) for _, s in items) == 2000
+    assert held / 2000 < 1024, held / 2000
+    assert sum(len(cloudpickle.dumps(t)) for t in tasks) / 2000 < 1024
