@@ -10,7 +10,8 @@ core) and a warm-up prepare first (worker start-up is not counted); best of --re
   MB/s         MB of source text per second of prepare()'s wall time (Ray start-up excluded)
   driver RSS   peak resident memory of the driver process, sampled every 20 ms
   driver CPU   CPU-seconds of the driver process (its sampling thread excluded), as a share of
-               the whole job's: the driver and every process under it (GCS, raylet, workers)
+               the whole job's: the driver and every process under it (GCS, raylet, workers,
+               Ray Data's actors; one that exits keeps the CPU it had when last sampled)
   CPU rate     MB of text per CPU-second of the whole job: time per GB on N nodes is
                projected from it and from the driver's CPU per work item
 Side by side: the same measurements of the prepare before issue 28 ("tasks": a window of
@@ -65,27 +66,33 @@ if args.get("item_bytes"):  # the driver's cost per work item, measured with man
 me = psutil.Process()
 
 
+seen = {}  # pid -> its CPU-seconds when last seen: a process that exits keeps its count
+
+
 class Sampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
         self.peak, self.cpu, self.running = 0, 0.0, True
 
     def run(self):
+        n = 0
         while self.running:
             self.peak = max(self.peak, me.memory_info().rss)
+            if n % 10 == 0:
+                tree_cpu()
+            n += 1
             self.cpu = time.thread_time()
             time.sleep(0.02)
 
 
 def tree_cpu():
-    total = 0.0
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            seen[p.pid] = t.user + t.system
         except psutil.Error:
             pass
-    return total
+    return sum(seen.values())
 
 
 def driver_cpu(sampler):

@@ -1,11 +1,10 @@
 """The prepare job's Ray Data pipeline (pipelines/preparing/passes.py runs it, once per pass):
 
-    ray.data.read_datasource(WorkItems(items, read))     a read task per work item: its
-                                                         documents, split by hash, one row
-        .map_batches(tokenize, fn_kwargs={"spec": spec}) encoded and packed into rows
-        .write_datasink(Shards(spec))                    shards + record written by the
-                                                         workers; on_write_complete hands
-                                                         the records to the driver
+    items_dataset(items, read)     ray.data.read_datasource(WorkItems(...)): a read task
+                                   per work item, its documents split by hash, one row
+        .map_batches(tokenize)     encoded and packed into rows          = tokenized(...)
+        .write_datasink(Shards)    shards + record written by the workers; on_write_complete
+                                   hands the records to the driver
 
 A work item is a few paths and byte ranges (pipelines/text/corpus.py plans them) and travels
 the pipeline as ONE row, so its rows are packed and named as one stream whatever Ray Data
@@ -60,6 +59,22 @@ class WorkItems(Datasource):
 
     def get_name(self) -> str:
         return "WorkItems"
+
+
+def items_dataset(items: list[Item], read):
+    """A dataset with one read task, and one row, per work item (as many blocks as items:
+    Ray Data then neither splits them nor keeps the read from fusing with what follows)."""
+    import ray.data
+
+    return ray.data.read_datasource(WorkItems(items, read), override_num_blocks=max(1, len(items)))
+
+
+def tokenized(items: list[Item], read, spec: TaskSpec):
+    """The tokenize pass up to its write: read and tokenize fuse into one task per item
+    (batch_size=None: a batch is the item's one-row block), and the write after them."""
+    return items_dataset(items, read).map_batches(
+        tokenize, fn_kwargs={"spec": spec}, batch_size=None, batch_format="pyarrow",
+        zero_copy_batch=True)
 
 
 def _read_one(read, index: int, segments: list[dict]) -> Iterable[pa.Table]:

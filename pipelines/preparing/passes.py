@@ -160,7 +160,7 @@ class Passes:
         read = functools.partial(dataflow.read_sample, budget, self.inputs.bytes, cut,
                                  cfg.text_field, cfg.max_doc_bytes)
         with _execution():
-            rows = _dataset(list(self.items()), read).take_all()
+            rows = dataflow.items_dataset(list(self.items()), read).take_all()
         return [t for row in sorted(rows, key=lambda r: r["item"]) for t in row["texts"]]
 
     def tokenize(self, only: set[int] | None,
@@ -179,9 +179,7 @@ class Passes:
             read = functools.partial(dataflow.read_text, cut, cfg.text_field,
                                      cfg.max_doc_bytes, cfg.max_invalid_utf8)
             with _execution():
-                _dataset(todo, read).map_batches(
-                    dataflow.tokenize, fn_kwargs={"spec": self.spec}, batch_size=1,
-                    batch_format="pyarrow", zero_copy_batch=True).write_datasink(sink)
+                dataflow.tokenized(todo, read, self.spec).write_datasink(sink)
             records.update(sink.records)
         partial, invalid = {}, [0, 0]
         for record in records.values():
@@ -248,14 +246,6 @@ class Passes:
             config={k: v for k, v in asdict(cfg).items() if k not in self.not_fingerprinted},
             fingerprint=self.fingerprint,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-
-
-def _dataset(items: list[tuple[int, list[dict]]], read):
-    """A dataset with one read task, and one row, per work item."""
-    from pipelines.preparing import dataflow
-
-    return ray_session.ray().data.read_datasource(dataflow.WorkItems(items, read),
-                                                  override_num_blocks=max(1, len(items)))
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from pipelines.text.encoding import encoder_spec
 
 
 @pytest.mark.slow
-def test_the_pipeline_writes_what_the_worker_functions_write(ray_local, tmp_path):
+def test_the_pipeline_writes_what_the_worker_functions_write(ray_local, tmp_path, capsys):
     d = tmp_path / "corpus"
     d.mkdir()
     for i in range(12):
@@ -37,10 +37,12 @@ def test_the_pipeline_writes_what_the_worker_functions_write(ray_local, tmp_path
     try:
         sink = dataflow.Shards(spec(tmp_path / "ray"))
         read = functools.partial(dataflow.read_text, cut, "text", 1 << 16, 0.01)
-        ds = ray_local.data.read_datasource(dataflow.WorkItems(items, read),
-                                            override_num_blocks=len(items))
-        ds.map_batches(dataflow.tokenize, fn_kwargs={"spec": sink.spec}, batch_size=1,
-                       batch_format="pyarrow", zero_copy_batch=True).write_datasink(sink)
+        ds = dataflow.tokenized(items, read, sink.spec)
+        # one task per item reads and tokenizes it (and writes it: Write fuses after a map)
+        ds.explain()
+        assert "TaskPoolMapOperator[ReadWorkItems->MapBatches(tokenize)]\n+- InputDataBuffer" \
+            in capsys.readouterr().out
+        ds.write_datasink(sink)
     finally:
         ctx.target_max_block_size = saved
     assert sorted(sink.records) == [i for i, _ in items]
