@@ -3,7 +3,7 @@
 Pure functions of one work item (a list of corpus segments), run and tested without Ray; the
 Ray Data pipeline that calls them is pipelines/preparing/dataflow.py:
 
-    sample_item(segments, quota, cut, text_field, max_doc_bytes) -> Sample
+    sample_item(segments, quota, cut, text_field, max_doc_bytes) -> texts
         the first `quota` bytes of the item's train documents, for the tokenizer; reads
         only that much
     read_item(segments, item, cut, text_field, max_doc_bytes, max_invalid_utf8)
