@@ -30,6 +30,7 @@ import numpy as np
 
 from gpt2core import storage
 from pipelines.common import dataset, ray_session
+from pipelines.common.flags import verbose
 from pipelines.preparing.config import PrepareConfig
 from pipelines.preparing.worker import (
     RECORDS,
@@ -254,12 +255,13 @@ def _execution():
     input raises the CorpusError or TokenizerError a worker raised, as its one sentence (not
     Ray Data's wrapping, traceback and retry advice), once no task of the pass still runs (Ray
     Data cancels them without waiting; the caller may delete --out next). Any other failure is
-    raised as it came, with its traceback."""
+    raised as it came, with its traceback. With --verbose Ray Data logs as it does."""
     from gpt2core.tokenizer import TokenizerError
 
     free, data_log = ray_session.free_cpus(), logging.getLogger("ray.data")
     level = data_log.level
-    data_log.setLevel(logging.CRITICAL)  # its ERROR lines repeat what is raised here
+    if not verbose():  # its ERROR lines repeat what is raised here
+        data_log.setLevel(logging.CRITICAL)
     try:
         with ray_session.all_cpus():
             yield
