@@ -24,7 +24,7 @@ driver's peak RSS at x64 <= 1.2 x at x1, and at most ~1 KB more per input file a
 its CPU share at x64 <= 5 %.
 
 Run:
-    .venv/bin/python bench/bench_prepare.py                 # ~6 min on 2 cores
+    .venv/bin/python bench/bench_prepare.py                 # ~8 min on 2 cores
     .venv/bin/python bench/bench_prepare.py --scales 1 16 --repeats 1 --no-old
 It prints a markdown table and writes JSON (default bench/results/bench_prepare.json).
 """
