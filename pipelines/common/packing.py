@@ -1,8 +1,9 @@
 """Writing a dataset dir's rows: token streams packed into rows, rows into Parquet shards.
 
-The format is pipelines/common/dataset.py's. A prepare task (pipelines/preparing/worker.py)
-holds one PackWriter for its work item: per split, a RowPacker cuts the item's stream into rows
-and a ShardWriter writes them, straight to the dataset dir (local or object storage).
+The format is pipelines/common/dataset.py's. Prepare (pipelines/preparing/worker.py) packs an
+item's stream with a RowPacker in its tokenize step and writes the rows with a ShardWriter in
+its write step, straight to the dataset dir (local or object storage); PackWriter does both at
+once for a whole dataset written in one process (DatasetWriter).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 from ray.data import Datasink, Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
@@ -57,15 +58,10 @@ class WorkItems(Datasource):
                          per_task_row_limit=per_task_row_limit)
                 for i, segments in self.items]
 
-    def get_name(self) -> str:
-        return "WorkItems"
-
 
 def items_dataset(items: list[Item], read):
     """A dataset with one read task, and one row, per work item (as many blocks as items:
     Ray Data then neither splits them nor keeps the read from fusing with what follows)."""
-    import ray.data
-
     return ray.data.read_datasource(WorkItems(items, read), override_num_blocks=max(1, len(items)))
 
 
@@ -149,6 +145,3 @@ class Shards(Datasink[list[str]]):
             for text in returned:
                 record = ItemRecord.from_json(text)
                 self.records[record.item] = record
-
-    def get_name(self) -> str:
-        return "Shards"

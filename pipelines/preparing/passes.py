@@ -151,11 +151,12 @@ class Passes:
 
         cfg, cut = self.cfg, corpus.threshold(self.cfg.val_fraction)
         if not spread:
-            texts = []
+            texts, taken = [], 0
             for _, segments in self.items():
-                texts += sample_item(segments, budget - sum(map(len, texts)), cut,
-                                     cfg.text_field, cfg.max_doc_bytes)
-                if sum(map(len, texts)) >= budget:
+                texts += sample_item(segments, budget - taken, cut, cfg.text_field,
+                                     cfg.max_doc_bytes)
+                taken = sum(map(len, texts))
+                if taken >= budget:
                     break
             return texts
         read = functools.partial(dataflow.read_sample, budget, self.inputs.bytes, cut,

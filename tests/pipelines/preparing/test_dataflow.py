@@ -3,6 +3,7 @@ item, the shards and record that its worker functions write without Ray; an item
 row, and one stream of rows, even when Ray Data's blocks are tiny."""
 
 import functools
+from dataclasses import replace
 
 import pytest
 
@@ -52,15 +53,8 @@ def test_the_pipeline_writes_what_the_worker_functions_write(ray_local, tmp_path
         record, texts = prepare_worker.read_item(segments, i, cut, "text", 1 << 16, 0.01)
         packed = {s: prepare_worker.pack_split(texts[s], alone) for s in dataset.SPLITS}
         record = prepare_worker.write_item(record, packed, alone)
-        got = sink.records[i]
-        assert (got.low, got.low_count, got.segments) == \
-            (record.low, record.low_count, record.segments)
-        for s in dataset.SPLITS:
-            a, b = got.splits[s], record.splits[s]
-            assert (a.documents, a.bytes, a.tokens, a.rows, a.padding) == \
-                (b.documents, b.bytes, b.tokens, b.rows, b.padding)
-            assert [(x.file, x.rows, x.sha256) for x in a.shards] == \
-                [(x.file, x.rows, x.sha256) for x in b.shards]
+        # all of it (counts, lowest hash, shards by name and sha256) but the time it took
+        assert replace(sink.records[i], seconds=0) == replace(record, seconds=0)
     assert sum(r.splits["val"].documents for r in sink.records.values()) > 0
     # the records are the items' commit markers, beside their shards
     assert len(storage.listdir(tmp_path / "ray" / prepare_worker.RECORDS)) == len(items)
