@@ -109,7 +109,7 @@ def profile_step(device: str, quick: bool) -> list[dict]:
 
     from gpt2core import Tokenizer
     from gpt2core.engine import Engine, Sampling
-    from serve.batching import Decoder, Job
+    from serve.batching import Decoder, Generation
 
     model = make_model(device, quick)
     tok = Tokenizer.from_pretrained(ROOT / "tests" / "assets" / "gpt2")
@@ -126,7 +126,8 @@ def profile_step(device: str, quick: bool) -> list[dict]:
             cases[f"engine {'compiled' if compile else 'eager'}"] = \
                 lambda e=engine: e.step(rows_n)[0].tolist()
         decoder = Decoder(model, tok, rows_n)
-        decoder.step([(i, Job([1, 2, 3, 4], 200, top_p=0.9, seed=i)) for i in range(rows_n)])
+        decoder.step([(i, Generation([1, 2, 3, 4], 200, top_p=0.9, seed=i))
+                      for i in range(rows_n)])
         decoder.step()
         cases["serve Decoder"] = decoder.step
         for name, fn in cases.items():

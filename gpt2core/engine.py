@@ -18,6 +18,7 @@ same numbers whatever else shares its batch, on any device, with no generator st
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from gpt2core.sampling import decode_head, draw
 
 _GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
 # = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB as int64 (SplitMix64's constants)
+RECOMPILE_LIMIT = 64  # compiled steps torch keeps per process (a server's sizes: 1..64: 7)
 
 
 def _shr(z: torch.Tensor, n: int) -> torch.Tensor:
@@ -116,13 +118,18 @@ class Engine:
     `admit` prefills prompts (any lengths <= max_len, right-padded, each from position 0) into
     the slots given, and samples their first tokens; `step(n)` feeds slots [0, n) their last
     token at their next position and samples the next: one forward pass whose shapes depend
-    on n (and, eager, on the longest slot) only, so with `compile=True` each batch size is
-    compiled once (on CUDA with mode "reduce-overhead": a CUDA graph, replayed; the step then
-    attends to all max_len columns) and gives the eager step's tokens. A free slot inside
-    [0, n) decodes garbage that nobody reads. Penalties and logit_bias (dense (rows, V)
-    tensors, made when a row first asks) are applied before sampling, on the device.
-    `shortcut` as gpt2core.sampling.draw takes it. Returns of both: the sampled ids (n,) and
-    the raw logits (n, V) they came from (for logprobs), valid until the next call.
+    on n (and, eager, on the longest slot) only. A free slot inside [0, n) decodes garbage
+    that nobody reads. Penalties and logit_bias (dense (rows, V) tensors) are applied before
+    sampling, on the device. `shortcut` as gpt2core.sampling.draw takes it. Returns of both:
+    the sampled ids (n,) and the raw logits (n, V) they came from (for logprobs), valid until
+    the next call.
+
+    With `compile=True` the step goes through torch.compile (on CUDA with mode
+    "reduce-overhead": a CUDA graph, replayed; it then attends to all max_len columns) and
+    gives the eager step's tokens. It runs at the smallest of `sizes` (powers of two, and
+    `rows`) that holds n, so the slots up to that size step too and must be free; that is one
+    graph per size and nothing else to recompile for (the penalty and bias tensors exist from
+    the start). `warm_up` makes them all before the first row, so no row waits on a compile.
     """
 
     def __init__(self, model: GPT2, rows: int, max_len: int, *, compile: bool = False,
@@ -148,8 +155,17 @@ class Engine:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._step = torch.compile(self._eager_step, mode=mode, fullgraph=True,
                                        dynamic=False)
+            vocab = self.head.size(1)
+            self.counts = torch.zeros(rows, vocab, device=self.device)
+            self.bias = torch.zeros(rows, vocab, device=self.device)
             self._static(self.cache.k, self.cache.v, self.cache.cols, self.cache.rows,
-                         self.pos, self.counter, self.last, *vars(self.params).values())
+                         self.pos, self.counter, self.last, self.counts, self.bias,
+                         *vars(self.params).values())
+            # dynamo keeps 8 graphs per function by default, and under fullgraph the 9th
+            # fails the call (FailOnRecompileLimitHit): engines of other sizes in the process
+            # add to this one's len(sizes) graphs
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
 
     def _static(self, *tensors: torch.Tensor) -> None:
         """The step's state keeps its address from one call to the next: a CUDA graph reads
@@ -165,6 +181,26 @@ class Engine:
     @property
     def rows(self) -> int:
         return len(self.ends)
+
+    @property
+    def sizes(self) -> list[int]:
+        """The batch sizes a compiled step runs at: the powers of two below `rows`, and rows."""
+        return [1 << i for i in range((self.rows - 1).bit_length())] + [self.rows]
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Compile (on CUDA also capture) the step at every size before the first row is
+        admitted, on the thread that will step (CUDA graphs are kept per thread); returns the
+        seconds it took. The free slots it steps hold garbage that `admit` overwrites."""
+        if not self.compiled:
+            return 0.0
+        if any(self.live):
+            raise ValueError("warm_up steps every slot: call it before admitting a row")
+        start = time.perf_counter()
+        for n in self.sizes:
+            for _ in range(3):  # compile; cudagraph trees then warm up, record and replay
+                self._step(n, self.max_len)[0].tolist()
+        return time.perf_counter() - start
 
     @torch.inference_mode()
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], params: Sampling,
@@ -217,11 +253,15 @@ class Engine:
     @torch.inference_mode()
     def step(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next token of slots [0, n) (n,), and the raw logits (n, V) it came from."""
+        run = min(s for s in self.sizes if s >= n) if self.compiled else n
+        if any(self.live[n:run]):
+            raise ValueError(f"slots [{n}, {run}) hold rows, but a compiled step of {n} rows "
+                             f"also steps them (it runs {run}); keep rows packed from slot 0")
         longest = max((e for e, live in zip(self.ends[:n], self.live) if live), default=0)
         span = self.max_len if self.compiled else min(self.max_len, longest + 1)
-        out = self._step(n, span)
-        self.ends[:n] = [min(e + 1, self.max_len - 1) for e in self.ends[:n]]
-        return out
+        ids, logits = self._step(run, span)
+        self.ends[:run] = [min(e + 1, self.max_len - 1) for e in self.ends[:run]]
+        return ids[:n], logits[:n]
 
     def _eager_step(self, n: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.cache.span = span

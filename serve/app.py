@@ -37,7 +37,7 @@ from serve import completions as cmpl
 from serve.args import AppArgs
 from serve.batching import Generation
 from serve.http import BodyLimit, api, sse_events
-from serve.metrics import metrics
+from serve.metrics import logger, metrics
 from serve.openai import (
     ERRORS,
     SEED_MAX,
@@ -92,6 +92,10 @@ class GPT2Server:
         compile = device == "cuda" if args.compile == "auto" else args.compile == "on"
         decoder = Decoder(self.model, self.tokenizer, args.max_batch_size, compile=compile)
         self.scheduler = Scheduler(decoder, args.batch_wait_timeout_s, self.metrics.on_step)
+        if compile:  # every batch size's graph now, not while the first requests wait
+            seconds = self.scheduler.warm_up()
+            logger.info("compiled the decode step for batch sizes %s in %.1f s",
+                        decoder.engine.sizes, seconds)
         self.created = int(time.time())
 
     def check_health(self) -> None:

@@ -159,7 +159,8 @@ class Decoder:
     Delta per row that produced a token, keyed by the caller's key. A row's last Delta has a
     finish_reason and the row is gone from the batch after it. Not thread-safe: one caller.
     `compile`: the engine's step through torch.compile, CUDA graphs on CUDA (one per batch
-    size, powers of two: the step then runs over a few free slots too).
+    size, powers of two: the step then runs over a few free slots too); `warm_up` makes them
+    before the first request.
     """
 
     def __init__(self, model: GPT2, tokenizer: Tokenizer, max_rows: int, *,
@@ -170,10 +171,14 @@ class Decoder:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every row (after an error, say)."""
+        """Forget every row (after an error, say): a new engine, the same compiled steps."""
         self.engine = Engine(self.model, self.max_rows, self.model.config.n_positions,
                              compile=self.compile)
         self.rows: list[_Row] = []  # in slot order
+
+    def warm_up(self) -> float:
+        """Compile every batch size's step now (Engine.warm_up); the seconds it took."""
+        return self.engine.warm_up()
 
     @property
     def free(self) -> int:
@@ -198,10 +203,7 @@ class Decoder:
             raise ValueError(f"{len(new)} new jobs but room for {self.free}")
         out = []
         if self.rows:
-            n = self.rows[-1].slot + 1
-            if self.compile:  # a graph per power of two
-                n = min(self.max_rows, 1 << (n - 1).bit_length())
-            ids, logits = self.engine.step(n)
+            ids, logits = self.engine.step(self.rows[-1].slot + 1)
             out += self._deliver(self.rows, ids, logits, [r.slot for r in self.rows])
         if new:
             try:

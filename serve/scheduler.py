@@ -44,6 +44,11 @@ class Scheduler:
         # teams competing for the cores (measured: 200 vs 140 ms a step, 16 rows, 2 cores).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="decode")
 
+    def warm_up(self) -> float:
+        """The decoder's compiled steps, made on the decode thread before the first request
+        (CUDA graphs are kept per thread); the seconds it took."""
+        return self._thread.submit(self.decoder.warm_up).result()
+
     async def run(self, job: Generation) -> AsyncIterator[Delta]:
         """The Deltas of one job, as they are decoded; the last has a finish_reason."""
         key, queue = object(), asyncio.Queue()
