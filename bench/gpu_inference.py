@@ -171,11 +171,13 @@ def serve_levels(device: str, clients: list[int], quick: bool) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = Path(tmp) / "gpt2-124m-random"
             make_model_dir(model_dir, smoke=quick)
+            # compiled on a CPU too (a GPU's default), so a CPU run tries the same path; the
+            # replica compiles and captures every batch size before it takes a request
             serve.run(app(AppArgs(model_dir=str(model_dir), num_gpus=1 if device == "cuda"
-                                  else 0, max_batch_size=max(clients))),
+                                  else 0, max_batch_size=max(clients), compile="on")),
                       name="inference", route_prefix="/")
             url = f"http://127.0.0.1:{port}"
-            asyncio.run(level(url, 1, 2, 8))  # warm-up: first requests compile and capture
+            asyncio.run(level(url, 1, 2, 8))  # warm-up: the client's connections
             return [asyncio.run(level(url, c, 2 if c < 64 else 1, 64)) for c in clients]
     finally:
         serve.shutdown()

@@ -30,7 +30,7 @@ from gpt2core.sampling import decode_head, draw
 
 _GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
 # = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB as int64 (SplitMix64's constants)
-RECOMPILE_LIMIT = 64  # compiled steps torch keeps per process (a server's sizes: 1..64: 7)
+RECOMPILE_LIMIT = 64  # compiled steps dynamo keeps for the engine, all shapes
 
 
 def _shr(z: torch.Tensor, n: int) -> torch.Tensor:
@@ -127,9 +127,11 @@ class Engine:
     With `compile=True` the step goes through torch.compile (on CUDA with mode
     "reduce-overhead": a CUDA graph, replayed; it then attends to all max_len columns) and
     gives the eager step's tokens. It runs at the smallest of `sizes` (powers of two, and
-    `rows`) that holds n, so the slots up to that size step too and must be free; that is one
-    graph per size and nothing else to recompile for (the penalty and bias tensors exist from
-    the start). `warm_up` makes them all before the first row, so no row waits on a compile.
+    `rows`) that holds n, so the slots up to that size step too and must be free. That is
+    two compilations (one row; then the batch size dynamic, as torch.compile makes a size
+    that changes) and a CUDA graph per size, captured in milliseconds; nothing else makes it
+    compile again (the penalty and bias tensors exist from the start). `warm_up` does it all
+    before the first row, so no row waits on a compile.
     """
 
     def __init__(self, model: GPT2, rows: int, max_len: int, *, compile: bool = False,
@@ -154,7 +156,7 @@ class Engine:
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._step = torch.compile(self._eager_step, mode=mode, fullgraph=True,
-                                       dynamic=False)
+                                       dynamic=None)
             vocab = self.head.size(1)
             self.counts = torch.zeros(rows, vocab, device=self.device)
             self.bias = torch.zeros(rows, vocab, device=self.device)
@@ -162,8 +164,8 @@ class Engine:
                          self.pos, self.counter, self.last, self.counts, self.bias,
                          *vars(self.params).values())
             # dynamo keeps 8 graphs per function by default, and under fullgraph the 9th
-            # fails the call (FailOnRecompileLimitHit): engines of other sizes in the process
-            # add to this one's len(sizes) graphs
+            # fails the call (FailOnRecompileLimitHit): every engine shape in the process
+            # (rows, max_len, dtype) adds its own
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
 

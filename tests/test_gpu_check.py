@@ -81,3 +81,26 @@ def test_the_training_part_runs_end_to_end_on_a_cpu(tmp_path):
     assert "error" not in row, row
     assert row["pipeline"]["windows"] >= 2 and 0 < row["ratio"] < 10
     assert "pipeline compiled" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_inference_part_runs_end_to_end_on_a_cpu(tmp_path):
+    """bench/gpu_inference.py --device cpu --quick: decode beside transformers, the per-step
+    profile and the Serve app (compiled, as on a GPU) under 1, 16 and 64 clients, tiny."""
+    out = tmp_path / "inference.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_inference.py"),
+                           "--device", "cpu", "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert not [k for k in result if k.endswith("_error")], result
+    assert [r["batch"] for r in result["decode"]] == [1, 8, 32, 128]
+    assert all(r["generate_tok_s"] > 0 and r["engine_compiled_tok_s"] > 0
+               for r in result["decode"])
+    steps = {(r["what"], r["rows"]): r for r in result["profile"]}
+    assert set(steps) == {(w, n) for w in ("engine eager", "engine compiled", "serve Decoder")
+                          for n in (1, 16)}
+    assert steps["engine compiled", 16]["syncs_per_step"] == 0  # no host read in the step
+    assert [r["clients"] for r in result["serve"]] == [1, 16, 64]
+    assert all(r["tokens_per_s"] > 0 for r in result["serve"])
+    assert "serve  64 clients" in done.stdout

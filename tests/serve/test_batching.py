@@ -89,6 +89,25 @@ def test_a_job_decodes_the_same_alone_or_joining_a_running_batch(tok, model):
     assert together[0] == tok.decode(ids)  # and the same as gpt2core's own sampler
 
 
+@pytest.mark.slow
+def test_a_compiled_decoder_warmed_up_decodes_the_eager_text_and_compiles_nothing_more(
+        tok, model):
+    from torch._dynamo.utils import counters
+
+    # no nucleus here: a tiny random model's probabilities tie exactly at the cut now and
+    # then, and an ulp of difference between the steps then keeps one token more or less
+    js = [Generation(j.prompt_ids, j.max_tokens, j.temperature, 1.0, j.seed) for j in jobs(tok)]
+    js[1] = Generation(js[1].prompt_ids, 5, 0.7, seed=2, frequency_penalty=1.0,
+                       logit_bias=((tok.encode("e")[0], 3.0),))
+    schedule = {0: [(0, js[0]), (1, js[1])], 3: [(2, js[2])], 6: [(3, js[3])],
+                14: [(4, js[4])]}
+    compiled = Decoder(model, tok, 3, compile=True)
+    assert compiled.warm_up() > 0 and compiled.engine.sizes == [1, 2, 3]
+    graphs = counters["stats"]["unique_graphs"]
+    assert decode(compiled, schedule) == decode(Decoder(model, tok, 3), schedule)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_finish_reasons_and_cancel(tok, model):
     decoder = Decoder(model, tok, 4)
     greedy = Generation(tok.encode("ROMEO:"), 6, 0.0)
