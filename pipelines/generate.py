@@ -53,8 +53,9 @@ class GenerateConfig:
     temperature: float = option(1.0, "divides the logits before sampling; 0 = greedy")
     top_k: int = option(0, "draw from the k likeliest tokens only; 0 = off")
     use_gpu: bool = option(False, "run on the GPU (CUDA)")
-    compile: bool = option(False, "decode steps through torch.compile, on a GPU as CUDA "
-                           "graphs: faster tokens after a one-time compile of tens of seconds")
+    compile: bool | None = option(None, "decode steps through torch.compile, on a GPU as "
+                                  "CUDA graphs: faster tokens after a one-time compile of "
+                                  "tens of seconds; without it on with --use_gpu, off on CPUs")
     dtype: str | None = option(None, "weights for decoding: float32, bfloat16, int8 (CPUs: "
                                "int8 weights, per-channel scales) or auto (the best for the CPU "
                                "or GPU at hand); without it float32 on CPUs, bf16/fp16 on GPUs")
@@ -120,9 +121,11 @@ def generate_text(model: GPT2, tokenizer: Tokenizer, prompt: str, cfg: GenerateC
                             f"--seq_len {limit}; shorten it.")
     produced: list[int] = []
     shown = 0
+    compile = cfg.compile if cfg.compile is not None else \
+        next(model.parameters()).device.type == "cuda"
     for token in stream(model, ids, min(room, cfg.max_tokens), temperature=cfg.temperature,
                         top_p=cfg.nucleus_prob, top_k=cfg.top_k, eos_id=tokenizer.eos_id,
-                        seed=seed, compile=cfg.compile):
+                        seed=seed, compile=compile):
         produced.append(token)
         text = tokenizer.decode(produced)
         ready = len(text.rstrip("\ufffd"))

@@ -113,6 +113,28 @@ def test_without_a_length_it_stops_after_the_default_max_tokens(model_dir, tok, 
     assert capsys.readouterr().out == tok.decode(ids) + "\n" and len(ids) == 256
 
 
+@pytest.mark.slow
+def test_compile_gives_the_eager_text_and_is_off_by_default_on_a_cpu(model_dir, capsys,
+                                                                      monkeypatch):
+    import gpt2core.generation
+
+    compiled = []
+    real = gpt2core.generation.Engine
+
+    def engine(*args, compile=False, **kwargs):
+        compiled.append(compile)
+        return real(*args, compile=compile, **kwargs)
+
+    monkeypatch.setattr(gpt2core.generation, "Engine", engine)
+    texts = []
+    for flags in ([], ["--compile"]):
+        assert gen.main(["--model_path", str(model_dir), "--prompt", "ROMEO:", "--seed", "1",
+                         "--nucleus_prob", "1", "--max_tokens", "24", *flags]) == 0
+        texts.append(capsys.readouterr().out)
+    assert compiled == [False, True]
+    assert texts[0] == texts[1] and len(texts[0]) > 10
+
+
 def test_a_model_dir_on_s3_generates_what_the_local_one_does(model_dir, bucket, capsys):
     from gpt2core import storage
 
