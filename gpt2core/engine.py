@@ -206,11 +206,16 @@ class Engine:
 
     @torch.inference_mode()
     def admit(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], params: Sampling,
-              bias: Sequence[Sequence[tuple[int, float]]] = ()
+              bias: Sequence[Sequence[tuple[int, float]]] = (),
+              generated: Sequence[Sequence[int]] = ()
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prefill `prompts` into `slots` and sample their first tokens with `params` (one row
         each) and `bias` ((token, added logit) pairs per row). Returns (ids (n,), raw logits
-        (n, V), the prompts' hidden states (n, T, C), right-padded)."""
+        (n, V), the prompts' hidden states (n, T, C), right-padded).
+
+        `generated`: per row, the tokens it had sampled already, which end its prompt (a row
+        taken up again in a new engine): its random stream and penalties go on from there, so
+        it samples what the old engine's next step would have."""
         n, lengths = len(prompts), [len(p) for p in prompts]
         T = max(lengths)
         if min(lengths) == 0:
@@ -227,7 +232,9 @@ class Engine:
         self.cache.k[:, index, :, :T] = prefill.k
         self.cache.v[:, index, :, :T] = prefill.v
         last = torch.as_tensor(lengths, device=self.device) - 1
-        self.pos[index], self.counter[index] = last + 1, 0
+        done = [len(g) for g in generated] or [0] * n
+        self.pos[index] = last + 1
+        self.counter[index] = torch.as_tensor(done, device=self.device)
         for slot, length in zip(slots, lengths):
             self.ends[slot], self.live[slot] = length, True
         self.params.put(index, params)
@@ -236,6 +243,9 @@ class Engine:
             self._static(self.counts)
         if self.counts is not None:
             self.counts[index] = 0
+            for row, tokens in zip(slots, generated):
+                self.counts[row].index_add_(0, torch.as_tensor(tokens, device=self.device),
+                                            torch.ones(len(tokens), device=self.device))
         if self.bias is None and any(bias):
             self.bias = torch.zeros(self.rows, self.head.size(1), device=self.device)
             self._static(self.bias)

@@ -157,7 +157,9 @@ class Decoder:
     `step(new)` advances every running row by one token (one forward pass over all of them),
     then admits `new` jobs (one prefill into free slots; their first token) and returns one
     Delta per row that produced a token, keyed by the caller's key. A row's last Delta has a
-    finish_reason and the row is gone from the batch after it. Not thread-safe: one caller.
+    finish_reason and the row is gone from the batch after it. A step that fails is not the
+    rows' end: they go on in a new engine, each prefilled again with what it had generated
+    (`_rebuild`); only when that fails too does `step` raise. Not thread-safe: one caller.
     `compile`: the engine's step through torch.compile, CUDA graphs on CUDA (one per batch
     size, powers of two: the step then runs over a few free slots too); `warm_up` makes them
     before the first request.
@@ -203,8 +205,13 @@ class Decoder:
             raise ValueError(f"{len(new)} new jobs but room for {self.free}")
         out = []
         if self.rows:
-            ids, logits = self.engine.step(self.rows[-1].slot + 1)
-            out += self._deliver(self.rows, ids, logits, [r.slot for r in self.rows])
+            try:
+                ids, logits = self.engine.step(self.rows[-1].slot + 1)
+                at = [r.slot for r in self.rows]
+            except Exception:  # rebuilt once; a failure of that is the caller's
+                ids, logits = self._rebuild()
+                at = list(range(len(self.rows)))
+            out += self._deliver(self.rows, ids, logits, at)
         if new:
             try:
                 out += self._admit(new)
@@ -214,16 +221,31 @@ class Decoder:
                 raise AdmitFailed(list(keys), out) from e
         return out
 
+    def _rebuild(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """After a failed step (a fault in a CUDA graph, say): a new engine, each row prefilled
+        again with its prompt and the tokens it generated, into its slot; their next tokens
+        and logits, in row order, as the failed step would have sampled them."""
+        rows = self.rows
+        self.reset()
+        self.rows = rows
+        jobs = [r.job for r in rows]
+        ids, logits, _ = self.engine.admit(
+            [r.slot for r in rows], [r.job.prompt_ids + r.generated for r in rows],
+            self._sampling(jobs), [j.logit_bias for j in jobs], [r.generated for r in rows])
+        return ids, logits
+
+    def _sampling(self, jobs: Sequence[Generation]) -> Sampling:
+        return Sampling.of(len(jobs), self.device, temperature=[j.temperature for j in jobs],
+                           top_p=[j.top_p for j in jobs], seed=[j.seed for j in jobs],
+                           presence=[j.presence_penalty for j in jobs],
+                           frequency=[j.frequency_penalty for j in jobs])
+
     def _admit(self, new: Sequence[tuple[Hashable, Generation]]) -> list[tuple[Hashable, Delta]]:
         used = {r.slot for r in self.rows}
         slots = [s for s in range(self.max_rows) if s not in used][:len(new)]
         jobs = [job for _, job in new]
-        params = Sampling.of(len(jobs), self.device, temperature=[j.temperature for j in jobs],
-                             top_p=[j.top_p for j in jobs], seed=[j.seed for j in jobs],
-                             presence=[j.presence_penalty for j in jobs],
-                             frequency=[j.frequency_penalty for j in jobs])
-        ids, logits, h = self.engine.admit(slots, [j.prompt_ids for j in jobs], params,
-                                           [j.logit_bias for j in jobs])
+        ids, logits, h = self.engine.admit(slots, [j.prompt_ids for j in jobs],
+                                           self._sampling(jobs), [j.logit_bias for j in jobs])
         rows = [_Row(key, job, self.tokenizer, slot,
                      self._prompt_logprobs(h[i], job) if job.prompt_logprobs else ())
                 for i, ((key, job), slot) in enumerate(zip(new, slots))]

@@ -128,3 +128,26 @@ def test_finish_reasons_and_cancel(tok, model):
     assert (d.text, d.tokens, d.finish_reason) == ("", 0, "stop")
     with pytest.raises(ValueError, match="room for 1"):
         Decoder(model, tok, 1).step([("x", greedy), ("y", greedy)])
+
+
+def test_a_failed_step_costs_a_prefill_not_the_rows(tok, model):
+    """The engine's step fails once mid-batch (a fault in a CUDA graph, say): the decoder
+    takes every row up again in a new engine from what it generated, and each row's text is
+    the uninterrupted one, its seeded stream and penalties going on where they were."""
+    js = [Generation(tok.encode("ROMEO:"), 12, 1.0, 1.0, 1, frequency_penalty=0.8),
+          Generation(tok.encode("The quick brown"), 9, 0.0, seed=2),
+          Generation(tok.encode("What light"), 10, 0.7, seed=3)]
+    schedule = {0: [(0, js[0]), (1, js[1])], 2: [(2, js[2])]}
+    whole = decode(Decoder(model, tok, 3), schedule)
+    decoder = Decoder(model, tok, 3)
+    real, calls = decoder.engine.step, []
+
+    def failing(n):
+        calls.append(n)
+        if len(calls) == 4:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(n)
+
+    decoder.engine.step = failing
+    assert decode(decoder, schedule) == whole
+    assert len(calls) == 4  # the fourth step failed, and the rest ran in a new engine
