@@ -47,6 +47,38 @@ def test_text_stream_cuts_at_a_stop_string_across_tokens(tok):
     assert not any("l" in p for p in pieces)  # the held-back start of the stop never leaked
 
 
+class CountingTokenizer:
+    """The tokenizer, noting how many ids each decode is given."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def decode(self, ids, **kwargs):
+        self.lengths.append(len(ids))
+        return self.tok.decode(ids, **kwargs)
+
+
+def test_text_stream_decodes_a_few_tokens_per_push_however_long_the_text(tok):
+    ids = tok.encode(" ".join(TEXTS) * 12)
+    counting = CountingTokenizer(tok)
+    ts = TextStream(counting, stop=("zzz",))
+    text = "".join(ts.push(i) for i in ids) + ts.finish()
+    assert len(ids) > 400 and text == tok.decode(ids)
+    assert max(counting.lengths) <= 6  # a character's bytes and the tokens before it
+
+
+def test_text_stream_shows_bytes_that_are_not_utf8_at_once(tok):
+    from pipelines.text.encoding import byte_decoder
+
+    stray = tok.backend.token_to_id({b: c for c, b in byte_decoder().items()}[0x80])
+    ts = TextStream(tok)
+    assert [ts.push(i) for i in tok.encode("ab")] == ["a", "b"]
+    assert ts.push(stray) == "\ufffd"  # a lone continuation byte: no character to wait for
+    first = tok.encode("é")
+    assert len(first) == 2 and ts.push(first[0]) == ""  # é's first byte waits for its second
+    assert ts.push(first[1]) == "é" and ts.finish() == ""
+
+
 JOBS = [("ROMEO:", 12, 1.0, 0.9, 1), ("The quick brown", 5, 0.7, 1.0, 2),
         ("naïve", 20, 1.0, 0.5, 3), ("What light", 30, 0.0, 1.0, 4),
         ("ROMEO: What light through yonder window", 9, 1.2, 0.8, 5)]
