@@ -16,7 +16,12 @@ sys.path.insert(0, str(repo))
 import torch  # noqa: E402
 
 from gpt2core import GPT2, GPT2Config, Tokenizer  # noqa: E402
-from serve.batching import Decoder, Job  # noqa: E402
+from serve.batching import Decoder  # noqa: E402
+
+try:  # the job's class was serve.batching.Job before issue 30's names
+    from serve.batching import Generation as Job  # noqa: E402
+except ImportError:
+    from serve.batching import Job  # noqa: E402
 
 
 def main() -> None:
