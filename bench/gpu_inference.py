@@ -12,7 +12,9 @@
    copies and host syncs per step, CPU and device ms per step;
 3. serve: the Serve app (serve/app.py) on one replica given the GPU, a 124M-shape model with
    OpenAI's vocabulary, streaming clients at 1, 16 and 64 concurrent (64 new tokens, top_p
-   0.9): tokens/s, time to first token p50/p99 (bench/bench_serve.py's client).
+   0.9): tokens/s, time to first token p50/p99 (bench/bench_serve.py's client), and from the
+   replica's /healthz the median decode step and the median gap between steps (the event
+   loop's round trip, when the GPU idles).
 
 Targets (issue 26, one H200): batch-1 greedy >= 1,000 tokens/s and >= 2x transformers' eager
 generate at batch 1, 8 and 32; served 16 clients >= 10x one client and >= 3,000 tokens/s, 64
@@ -156,8 +158,9 @@ def serve_levels(device: str, clients: list[int], quick: bool) -> list[dict]:
     import asyncio
     import socket
 
+    import httpx
     import ray
-    from bench_serve import level, make_model_dir
+    from bench_serve import level, make_model_dir, steps
     from ray import serve
 
     from serve.app import AppArgs, app
@@ -178,7 +181,11 @@ def serve_levels(device: str, clients: list[int], quick: bool) -> list[dict]:
                       name="inference", route_prefix="/")
             url = f"http://127.0.0.1:{port}"
             asyncio.run(level(url, 1, 2, 8))  # warm-up: the client's connections
-            return [asyncio.run(level(url, c, 2 if c < 64 else 1, 64)) for c in clients]
+            levels = []
+            for c in clients:
+                row = asyncio.run(level(url, c, 2 if c < 64 else 1, 64))
+                levels.append({**row, **steps(httpx.get(f"{url}/healthz", timeout=60).json())})
+            return levels
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -201,7 +208,8 @@ def table(results: dict) -> str:
     for r in results.get("serve", []):
         lines.append(f"  serve {r['clients']:>3} clients  {r['tokens_per_s']:>9,.0f} tok/s  "
                      f"TTFT p50 {1e3 * r['ttft_p50_s']:.0f} ms p99 {1e3 * r['ttft_p99_s']:.0f}"
-                     f" ms  latency p50 {r['p50_s']:.2f} s")
+                     f" ms  latency p50 {r['p50_s']:.2f} s  step {r.get('step_ms_p50')} ms, "
+                     f"gap {r.get('gap_ms_p50')} ms")
     for part in ("decode", "profile", "serve"):
         if f"{part}_error" in results:
             lines.append(f"  {part}: FAIL {results[f'{part}_error']}")

@@ -36,6 +36,12 @@ class Scheduler:
         self.queues: dict[object, asyncio.Queue] = {}
         self.cancelled: set[object] = set()
         self.batch_sizes: deque[int] = deque(maxlen=256)  # rows of recent steps, for /healthz
+        # seconds of recent steps on the decode thread, and of the gaps between one step and
+        # the next while rows were decoding (the event loop's round trip: deltas routed,
+        # jobs admitted), for /healthz: a GPU idles through the gaps
+        self.step_s: deque[float] = deque(maxlen=256)
+        self.gap_s: deque[float] = deque(maxlen=256)
+        self._ended: float | None = None  # when the last step ended, rows still decoding
         self.steps = 0  # decode steps so far
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -84,13 +90,14 @@ class Scheduler:
             self.step_started = time.monotonic()
             try:
                 deltas = await asyncio.get_running_loop().run_in_executor(
-                    self._thread, self.decoder.step, new)
+                    self._thread, self._timed_step, new)
             except AdmitFailed as e:  # only the newcomers fail; the running rows go on
                 for key in e.keys:
                     if key in self.queues:
                         self.queues[key].put_nowait(e.__cause__)
                 deltas = e.deltas
             except Exception as e:  # fail this batch's requests, keep serving the next ones
+                self._ended = None
                 self.decoder.reset()
                 for key in keys:
                     if key in self.queues:
@@ -105,6 +112,18 @@ class Scheduler:
             for key, delta in deltas:
                 if key in self.queues:
                     self.queues[key].put_nowait(delta)
+
+    def _timed_step(self, new: list[tuple[object, Generation]]) -> list[tuple[object, Delta]]:
+        """Decoder.step on the decode thread, its time and the gap before it noted."""
+        start = time.monotonic()
+        if self._ended is not None:
+            self.gap_s.append(start - self._ended)
+        self._ended = None
+        deltas = self.decoder.step(new)
+        end = time.monotonic()
+        self.step_s.append(end - start)
+        self._ended = end if self.decoder.rows else None
+        return deltas
 
     def check(self, stuck_after_s: float) -> None:
         """Raise RuntimeError when the decode loop died or one step has run `stuck_after_s`

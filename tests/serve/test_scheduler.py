@@ -47,6 +47,10 @@ def test_a_late_request_joins_the_running_batch(tok, model):
     assert late == alone  # same seed, same text, batched or not
     assert 2 in s.batch_sizes and s.steps < 105  # shared steps, not 100 + 5
     assert s.decoder.rows == []
+    # every step timed; a gap before each step that found rows still decoding, none after
+    # the last one: the two requests ran ~100 steps back to back
+    assert len(s.step_s) == s.steps and s.steps - 3 <= len(s.gap_s) < s.steps
+    assert s._ended is None
 
 
 def test_a_reader_that_goes_away_frees_its_row(tok, model):
