@@ -1,20 +1,23 @@
-"""Inference the way users meet it, in a fresh process: decode, a per-step profile, Serve.
+"""Inference the way users meet it, in a fresh process: Serve, a per-step profile, decode.
 
     python bench/gpu_inference.py                       # on CUDA (gpu_check runs it)
     python bench/gpu_inference.py --device cpu --quick  # the same code on a tiny model, CPU
 
-1. decode: greedy tokens/s of GPT-2 124M (random weights, bf16 on GPUs) at batch 1, 8, 32 and
-   128, 16-token prompts: gpt2core.generate (eager engine, as `gpt2 generate` runs), one
-   gpt2core.engine.Engine kept across runs with its step compiled (CUDA graphs; as Serve keeps
-   its engine), transformers' generate (eager; and with its static cache + compile);
-2. profile: one decoding step of the engine at 1 and 16 rows, eager and compiled, and of
-   Serve's Decoder at 1 and 16 rows, under torch.profiler: kernels launched, device-to-host
-   copies and host syncs per step, CPU and device ms per step;
-3. serve: the Serve app (serve/app.py) on one replica given the GPU, a 124M-shape model with
+In the order they run (Serve first: a run cut short by its budget keeps the headline):
+
+1. serve: the Serve app (serve/app.py) on one replica given the GPU, a 124M-shape model with
    OpenAI's vocabulary, streaming clients at 1, 16 and 64 concurrent (64 new tokens, top_p
    0.9): tokens/s, time to first token p50/p99 (bench/bench_serve.py's client), and from the
    replica's /healthz the median decode step and the median gap between steps (the event
-   loop's round trip, when the GPU idles).
+   loop's round trip, when the GPU idles);
+2. profile: one decoding step of the engine at 1 and 16 rows, eager and compiled, and of
+   Serve's Decoder at 1 and 16 rows, under torch.profiler: kernels launched, device-to-host
+   copies and host syncs per step, CPU and device ms per step;
+3. decode: greedy tokens/s of GPT-2 124M (random weights, bf16 on GPUs) at batch 1, 8, 32 and
+   128, 16-token prompts: gpt2core.generate (its default, the eager engine), one
+   gpt2core.engine.Engine kept across runs with its step compiled (CUDA graphs: how Serve and
+   `gpt2 generate` decode on GPUs), transformers' generate (eager; and with its static cache
+   + compile).
 
 Targets (issue 26, one H200): batch-1 greedy >= 1,000 tokens/s and >= 2x transformers' eager
 generate at batch 1, 8 and 32; served 16 clients >= 10x one client and >= 3,000 tokens/s, 64
@@ -221,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = part_parser(__doc__, "gpu_inference", "decode profile serve").parse_args(argv)
     new_tokens = 16 if args.quick else 128
-    parts = {"decode": lambda: decode(args.device, [1, 8, 32, 128], new_tokens, args.quick),
+    # the headline first: a run cut short by its budget loses transformers' compiles, last
+    parts = {"serve": lambda: serve_levels(args.device, [1, 16, 64], args.quick),
              "profile": lambda: profile_step(args.device, args.quick),
-             "serve": lambda: serve_levels(args.device, [1, 16, 64], args.quick)}
+             "decode": lambda: decode(args.device, [1, 8, 32, 128], new_tokens, args.quick)}
     parts = {k: v for k, v in parts.items() if k not in args.skip}
     return run_parts(parts, {"device": args.device}, Path(args.json), table)
 
