@@ -121,8 +121,7 @@ def generate_text(model: GPT2, tokenizer: Tokenizer, prompt: str, cfg: GenerateC
                             f"--seq_len {limit}; shorten it.")
     produced: list[int] = []
     shown = 0
-    compile = cfg.compile if cfg.compile is not None else \
-        next(model.parameters()).device.type == "cuda"
+    compile = cfg.compile if cfg.compile is not None else cfg.use_gpu  # on with CUDA
     for token in stream(model, ids, min(room, cfg.max_tokens), temperature=cfg.temperature,
                         top_p=cfg.nucleus_prob, top_k=cfg.top_k, eos_id=tokenizer.eos_id,
                         seed=seed, compile=compile):
