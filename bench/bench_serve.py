@@ -44,11 +44,14 @@ def machine() -> dict:
     return machine_info(ray=ray.__version__)
 
 
-def steps(health: dict) -> dict:
-    """A replica's /healthz: median ms of its recent decode steps and of the gaps between
-    them while rows decode (the event loop's round trip, when a GPU would sit idle)."""
-    return {"step_ms_p50": health["batches"]["step_ms_p50"],
-            "gap_ms_p50": health["batches"]["gap_ms_p50"]}
+def steps(before: dict, after: dict) -> dict:
+    """From a replica's /healthz before and after a level: the mean ms of its decode steps
+    and of the gaps between them while rows decode (the event loop's round trip, when a GPU
+    would sit idle)."""
+    a, b = after["batches"], before["batches"]
+    return {"step_ms": 1e3 * (a["step_seconds"] - b["step_seconds"])
+            / max(1, a["count"] - b["count"]),
+            "gap_ms": 1e3 * (a["gap_seconds"] - b["gap_seconds"]) / max(1, a["gaps"] - b["gaps"])}
 
 
 def make_model_dir(path: Path, smoke: bool, standin: bool = False) -> None:
@@ -159,17 +162,18 @@ def main(argv: list[str] | None = None) -> int:
             for mode, batch in modes.items():
                 # about the same number of requests at every level (>= rounds per client)
                 per_client = max(args.rounds, args.rounds * top // (4 * clients))
+                before = httpx.get(f"{urls[mode]}/healthz", timeout=60).json()
                 r = asyncio.run(level(urls[mode], clients, per_client, args.max_tokens))
                 health = httpx.get(f"{urls[mode]}/healthz", timeout=60).json()
                 r.update(mode=mode, max_batch_size=batch, load_avg=os.getloadavg()[0],
                          recent_batch_sizes=health["batches"]["recent"][-8:],
-                         **steps(health))
+                         **steps(before, health))
                 results.append(r)
                 print(f"{mode:>17} {clients:3d} clients: {r['tokens_per_s']:7.1f} tok/s  "
                       f"p50 {r['p50_s']:6.2f} s  p99 {r['p99_s']:6.2f} s  "
                       f"TTFT p50 {r['ttft_p50_s']:5.2f} s p99 {r['ttft_p99_s']:5.2f} s  "
                       f"({r['requests']} requests, rows per step {r['recent_batch_sizes']}, "
-                      f"step {r['step_ms_p50']} ms, gap {r['gap_ms_p50']} ms, "
+                      f"step {r['step_ms']:.2f} ms, gap {r['gap_ms']:.2f} ms, "
                       f"load {r['load_avg']:.1f})", flush=True)
     serve.shutdown()
     ray.shutdown()

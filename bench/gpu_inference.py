@@ -8,8 +8,8 @@ In the order they run (Serve first: a run cut short by its budget keeps the head
 1. serve: the Serve app (serve/app.py) on one replica given the GPU, a 124M-shape model with
    OpenAI's vocabulary, streaming clients at 1, 16 and 64 concurrent (64 new tokens, top_p
    0.9): tokens/s, time to first token p50/p99 (bench/bench_serve.py's client), and from the
-   replica's /healthz the median decode step and the median gap between steps (the event
-   loop's round trip, when the GPU idles);
+   replica's /healthz the mean decode step and the mean gap between steps over the level (the
+   event loop's round trip, when the GPU idles);
 2. profile: one decoding step of the engine at 1 and 16 rows, eager and compiled, and of
    Serve's Decoder at 1 and 16 rows, under torch.profiler: kernels launched, device-to-host
    copies and host syncs per step, CPU and device ms per step;
@@ -186,8 +186,10 @@ def serve_levels(device: str, clients: list[int], quick: bool) -> list[dict]:
             asyncio.run(level(url, 1, 2, 8))  # warm-up: the client's connections
             levels = []
             for c in clients:
+                before = httpx.get(f"{url}/healthz", timeout=60).json()
                 row = asyncio.run(level(url, c, 2 if c < 64 else 1, 64))
-                levels.append({**row, **steps(httpx.get(f"{url}/healthz", timeout=60).json())})
+                after = httpx.get(f"{url}/healthz", timeout=60).json()
+                levels.append({**row, **steps(before, after)})
             return levels
     finally:
         serve.shutdown()
@@ -211,8 +213,8 @@ def table(results: dict) -> str:
     for r in results.get("serve", []):
         lines.append(f"  serve {r['clients']:>3} clients  {r['tokens_per_s']:>9,.0f} tok/s  "
                      f"TTFT p50 {1e3 * r['ttft_p50_s']:.0f} ms p99 {1e3 * r['ttft_p99_s']:.0f}"
-                     f" ms  latency p50 {r['p50_s']:.2f} s  step {r.get('step_ms_p50')} ms, "
-                     f"gap {r.get('gap_ms_p50')} ms")
+                     f" ms  latency p50 {r['p50_s']:.2f} s  step {r.get('step_ms', 0):.2f}"
+                     f" ms, gap {r.get('gap_ms', 0):.2f} ms")
     for part in ("decode", "profile", "serve"):
         if f"{part}_error" in results:
             lines.append(f"  {part}: FAIL {results[f'{part}_error']}")

@@ -36,11 +36,11 @@ class Scheduler:
         self.queues: dict[object, asyncio.Queue] = {}
         self.cancelled: set[object] = set()
         self.batch_sizes: deque[int] = deque(maxlen=256)  # rows of recent steps, for /healthz
-        # seconds of recent steps on the decode thread, and of the gaps between one step and
-        # the next while rows were decoding (the event loop's round trip: deltas routed,
+        # seconds in all of the steps on the decode thread, and of the gaps between one step
+        # and the next while rows were decoding (the event loop's round trip: deltas routed,
         # jobs admitted), for /healthz: a GPU idles through the gaps
-        self.step_s: deque[float] = deque(maxlen=256)
-        self.gap_s: deque[float] = deque(maxlen=256)
+        self.step_seconds = self.gap_seconds = 0.0
+        self.gaps = 0
         self._ended: float | None = None  # when the last step ended, rows still decoding
         self.steps = 0  # decode steps so far
         self._wake = asyncio.Event()
@@ -97,7 +97,6 @@ class Scheduler:
                         self.queues[key].put_nowait(e.__cause__)
                 deltas = e.deltas
             except Exception as e:  # fail this batch's requests, keep serving the next ones
-                self._ended = None
                 self.decoder.reset()
                 for key in keys:
                     if key in self.queues:
@@ -117,11 +116,12 @@ class Scheduler:
         """Decoder.step on the decode thread, its time and the gap before it noted."""
         start = time.monotonic()
         if self._ended is not None:
-            self.gap_s.append(start - self._ended)
+            self.gap_seconds += start - self._ended
+            self.gaps += 1
         self._ended = None
         deltas = self.decoder.step(new)
         end = time.monotonic()
-        self.step_s.append(end - start)
+        self.step_seconds += end - start
         self._ended = end if self.decoder.rows else None
         return deltas
 
