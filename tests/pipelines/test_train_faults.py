@@ -134,7 +134,11 @@ def test_elastic_training_shrinks_with_a_lost_node_and_grows_back(tmp_path, trai
     steps = [r["step"] for r in logged]
     assert steps == sorted(set(steps)) and steps[-1] == grown  # none twice, in order
     workers = [r["train/workers"] for r in logged]
-    assert workers[0] == 2 and 1 in workers and 2 in workers[workers.index(1):]  # 2, 1, 2
+    # 2, then 1, then 2 again. The run may begin with 1: Ray Train's elastic policy starts
+    # with the workers its autoscaling coordinator sees room for, and on a loaded machine it
+    # can see one node before the other; it grows to 2 within GPT2_RESIZE_S then.
+    two = workers.index(2)
+    assert 1 in workers[two:] and 2 in workers[workers.index(1, two):], workers
     per_step = {(b["train/tokens"] - a["train/tokens"]) / (b["step"] - a["step"])
                 for a, b in zip(logged, logged[1:])}
     assert len(per_step) == 1  # the global batch: the same on 2 workers and on 1
