@@ -1,4 +1,4 @@
-"""Host time per decode step spent turning tokens into text (serve.batching.TextStream), for
+"""Host time per decode step spent turning tokens into text (gpt2core.TextStream), for
 rows of a given length, this checkout beside an older commit's TextStream in one run.
 
     .venv/bin/python bench/bench_detokenize.py            # against c7b008c (whole-text decode)
@@ -26,12 +26,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 
 def text_stream_at(ref: str) -> type:
-    """TextStream as serve/batching.py had it at commit `ref`."""
-    source = subprocess.run(["git", "show", f"{ref}:serve/batching.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    module = sys.modules[f"batching_{ref}"] = types.ModuleType(f"batching_{ref}")
-    exec(compile(source, f"{ref}:serve/batching.py", "exec"), module.__dict__)
-    return module.TextStream
+    """TextStream as commit `ref` had it: gpt2core/detokenize.py, serve/batching.py before."""
+    for path in ("gpt2core/detokenize.py", "serve/batching.py"):
+        shown = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=ROOT, capture_output=True,
+                               text=True)
+        if shown.returncode == 0 and "class TextStream" in shown.stdout:
+            module = sys.modules[f"text_stream_{ref}"] = types.ModuleType(f"text_stream_{ref}")
+            exec(compile(shown.stdout, f"{ref}:{path}", "exec"), module.__dict__)
+            return module.TextStream
+    raise SystemExit(f"commit {ref} has no TextStream; give --ref a commit from c7b008c on.")
 
 
 def ms_per_step(stream: type, tok, ids: list[int], length: int, rows: int) -> float:
@@ -55,8 +58,7 @@ def ms_per_step(stream: type, tok, ids: list[int], length: int, rows: int) -> fl
 def main() -> None:
     from machine import machine_info, write_results
 
-    from gpt2core import Tokenizer
-    from serve.batching import TextStream
+    from gpt2core import TextStream, Tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ref", default="c7b008c", help="the commit to compare with")

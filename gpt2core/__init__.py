@@ -10,14 +10,16 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {"PRESETS": "config", "GPT2Config": "config", "GPT2": "model", "KVCache": "model",
             "ModelFileError": "modelfile", "generate": "generation", "sample": "sampling",
-            "stream": "generation", "Tokenizer": "tokenizer", "TokenizerError": "tokenizer",
-            "to_inference_dtype": "quant", "UserError": "errors"}
+            "stream": "generation", "TextStream": "detokenize", "Tokenizer": "tokenizer",
+            "TokenizerError": "tokenizer", "to_inference_dtype": "quant", "UserError": "errors"}
 
-__all__ = ["GPT2", "GPT2Config", "KVCache", "ModelFileError", "PRESETS", "Tokenizer",
-           "TokenizerError", "UserError", "generate", "sample", "stream", "to_inference_dtype"]
+__all__ = ["GPT2", "GPT2Config", "KVCache", "ModelFileError", "PRESETS", "TextStream",
+           "Tokenizer", "TokenizerError", "UserError", "generate", "sample", "stream",
+           "to_inference_dtype"]
 
 if TYPE_CHECKING:
     from gpt2core.config import PRESETS, GPT2Config
+    from gpt2core.detokenize import TextStream
     from gpt2core.errors import UserError
     from gpt2core.generation import generate, stream
     from gpt2core.model import GPT2, KVCache

@@ -108,34 +108,28 @@ def generate_text(model: GPT2, tokenizer: Tokenizer, prompt: str, cfg: GenerateC
                   limit: int, seed: int, out: TextIO) -> str:
     """Write the continuation of `prompt` to `out` as it is produced; return it.
 
-    The whole continuation is decoded at each token and only the new characters are written,
-    so a character whose bytes span several tokens prints once it is complete (until then the
-    decoder shows U+FFFD, which is held back); one the length limit cuts off is left out.
+    Text is written as it becomes final (gpt2core.TextStream: a few tokens decoded per token,
+    however long the continuation), so a character whose bytes span several tokens prints once
+    it is complete; one the length limit cuts off is left out.
     """
-    from gpt2core import stream
+    from gpt2core import TextStream, stream
 
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     room = limit - len(ids)
     if room < 1:
         raise PromptTooLong(f"the prompt is {len(ids)} tokens, which leaves no room within "
                             f"--seq_len {limit}; shorten it.")
-    produced: list[int] = []
-    shown = 0
+    text = TextStream(tokenizer)
     compile = cfg.compile if cfg.compile is not None else cfg.use_gpu  # on with CUDA
     for token in stream(model, ids, min(room, cfg.max_tokens), temperature=cfg.temperature,
                         top_p=cfg.nucleus_prob, top_k=cfg.top_k, eos_id=tokenizer.eos_id,
                         seed=seed, compile=compile):
-        produced.append(token)
-        text = tokenizer.decode(produced)
-        ready = len(text.rstrip("\ufffd"))
-        if ready > shown:
-            out.write(text[shown:ready])
+        if piece := text.push(token):
+            out.write(piece)
             out.flush()
-            shown = ready
-    text = tokenizer.decode(produced, partial=True)  # never ends inside a character
-    out.write(text[shown:])  # a genuine U+FFFD at the very end
+    out.write(text.finish(partial=True))  # never ends inside a character
     out.flush()
-    return text
+    return text.text
 
 
 def interactive(model: GPT2, tokenizer: Tokenizer, cfg: GenerateConfig, limit: int,

@@ -1,11 +1,11 @@
-"""serve/batching.py without Ray: text release, stop strings, continuous batching on the
-engine's slots."""
+"""serve/batching.py without Ray: continuous batching on the engine's slots (text release:
+tests/gpt2core/test_detokenize.py)."""
 
 import pytest
 import torch
 
 from gpt2core import GPT2, GPT2Config, Tokenizer, generate
-from serve.batching import Decoder, Generation, TextStream
+from serve.batching import Decoder, Generation
 
 TEXTS = ["ROMEO: What light through yonder window breaks?", "naïve café 你好 🙂",
          "The quick brown fox jumps over the lazy dog."]
@@ -21,62 +21,6 @@ def model(tok):
     torch.manual_seed(0)
     return GPT2(GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2,
                            n_head=2)).eval()
-
-
-def run_text(tok, text: str, stop=()) -> tuple[list[str], TextStream]:
-    ts = TextStream(tok, stop)
-    pieces = []
-    for i in tok.encode(text):
-        pieces.append(ts.push(i))
-        if ts.stopped:
-            break
-    pieces.append(ts.finish())
-    return pieces, ts
-
-
-def test_text_stream_releases_exactly_the_text(tok):
-    text = "naïve café 你好 🙂 ROMEO"
-    pieces, _ = run_text(tok, text)
-    assert "".join(pieces) == text
-    assert not any("\ufffd" in p for p in pieces)  # split UTF-8 characters are held back
-
-
-def test_text_stream_cuts_at_a_stop_string_across_tokens(tok):
-    pieces, ts = run_text(tok, "ROMEO: What light through", stop=("light", "zzz"))
-    assert ts.stopped and "".join(pieces) == "ROMEO: What "
-    assert not any("l" in p for p in pieces)  # the held-back start of the stop never leaked
-
-
-class CountingTokenizer:
-    """The tokenizer, noting how many ids each decode is given."""
-
-    def __init__(self, tok):
-        self.tok, self.lengths = tok, []
-
-    def decode(self, ids, **kwargs):
-        self.lengths.append(len(ids))
-        return self.tok.decode(ids, **kwargs)
-
-
-def test_text_stream_decodes_a_few_tokens_per_push_however_long_the_text(tok):
-    ids = tok.encode(" ".join(TEXTS) * 12)
-    counting = CountingTokenizer(tok)
-    ts = TextStream(counting, stop=("zzz",))
-    text = "".join(ts.push(i) for i in ids) + ts.finish()
-    assert len(ids) > 400 and text == tok.decode(ids)
-    assert max(counting.lengths) <= 6  # a character's bytes and the tokens before it
-
-
-def test_text_stream_shows_bytes_that_are_not_utf8_at_once(tok):
-    from pipelines.text.encoding import byte_decoder
-
-    stray = tok.backend.token_to_id({b: c for c, b in byte_decoder().items()}[0x80])
-    ts = TextStream(tok)
-    assert [ts.push(i) for i in tok.encode("ab")] == ["a", "b"]
-    assert ts.push(stray) == "\ufffd"  # a lone continuation byte: no character to wait for
-    first = tok.encode("é")
-    assert len(first) == 2 and ts.push(first[0]) == ""  # é's first byte waits for its second
-    assert ts.push(first[1]) == "é" and ts.finish() == ""
 
 
 JOBS = [("ROMEO:", 12, 1.0, 0.9, 1), ("The quick brown", 5, 0.7, 1.0, 2),
