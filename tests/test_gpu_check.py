@@ -22,6 +22,31 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: run make gpu-check")
+def test_the_device_script_unpacks_the_bundle_and_runs_the_check(tmp_path):
+    """bench/gpu_device.sh, what a lent GPU machine runs: here (no CUDA) it unpacks a bundle,
+    runs gpu_check.py with the checkout on PYTHONPATH and keeps its log; a missing bundle is
+    one sentence and exit 2."""
+    import tarfile
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "bundle_probe.py").write_text("")
+    with tarfile.open(tmp_path / "bundle.tar.xz", "w:xz") as tar:
+        tar.add(site, arcname=".")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    script = [str(ROOT / "bench" / "gpu_device.sh")]
+    out = subprocess.run(["bash", *script, str(tmp_path / "bundle.tar.xz"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "no CUDA device is visible" in log and (tmp_path / "out" / "gpu.txt").exists()
+    assert "torch " in out.stdout and "| ray 2." in out.stdout  # what it runs with
+    missing = subprocess.run(["bash", *script, str(tmp_path / "none.tar.xz"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert missing.returncode == 2 and "no bundle at" in missing.stderr
+
+
 def test_the_table_shows_every_part():
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_check
