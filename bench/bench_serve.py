@@ -44,14 +44,17 @@ def machine() -> dict:
     return machine_info(ray=ray.__version__)
 
 
-def steps(before: dict, after: dict) -> dict:
-    """From a replica's /healthz before and after a level: the mean ms of its decode steps
-    and of the gaps between them while rows decode (the event loop's round trip, when a GPU
-    would sit idle)."""
+def steps(before: dict, after: dict, wall_s: float) -> dict:
+    """From a replica's /healthz before and after a level of `wall_s` seconds: the mean ms of
+    its decode steps and of the gaps between them while rows decode (the event loop's round
+    trip, when a GPU would sit idle), the mean rows a step, and how busy the decode thread
+    was (the share of the level's wall time spent in steps)."""
     a, b = after["batches"], before["batches"]
-    return {"step_ms": 1e3 * (a["step_seconds"] - b["step_seconds"])
-            / max(1, a["count"] - b["count"]),
-            "gap_ms": 1e3 * (a["gap_seconds"] - b["gap_seconds"]) / max(1, a["gaps"] - b["gaps"])}
+    count = max(1, a["count"] - b["count"])
+    return {"step_ms": 1e3 * (a["step_seconds"] - b["step_seconds"]) / count,
+            "gap_ms": 1e3 * (a["gap_seconds"] - b["gap_seconds"]) / max(1, a["gaps"] - b["gaps"]),
+            "rows_per_step": (a["rows"] - b["rows"]) / count,
+            "busy": (a["step_seconds"] - b["step_seconds"]) / wall_s}
 
 
 def make_model_dir(path: Path, smoke: bool, standin: bool = False) -> None:
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2,
                    help="requests per client at the highest level (more at lower levels)")
     p.add_argument("--max_tokens", type=int, default=64)
+    p.add_argument("--ongoing_ref", type=int, default=None, metavar="N",
+                   help="also the batched app with max_ongoing_requests=N beside the default, "
+                        "side by side at every level")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "bench_serve.json"))
     args = p.parse_args(argv)
 
@@ -137,21 +143,25 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     # Both apps are deployed at once, each replica with every core (torch threads = cores), and
     # the levels alternate between them, so drifting load hits both alike. Only the app being
-    # measured runs; Ray is told of twice the CPUs so both replicas can be placed.
-    ray.init(address="local", num_cpus=2 * cpus, include_dashboard=False, logging_level="error")
+    # measured runs; Ray is told of more CPUs so every replica can be placed.
+    modes = {"batched": {"max_batch_size": 16}, "max_batch_size=1": {"max_batch_size": 1}}
+    if args.ongoing_ref:
+        modes[f"ongoing={args.ongoing_ref}"] = {"max_batch_size": 16,
+                                                 "max_ongoing_requests": args.ongoing_ref}
+    ray.init(address="local", num_cpus=len(modes) * cpus, include_dashboard=False,
+             logging_level="error")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    modes = {"batched": 16, "max_batch_size=1": 1}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "gpt2-124m-random"
         make_model_dir(model_dir, args.smoke_test, args.standin)
         urls = {}
-        for i, (mode, batch) in enumerate(modes.items()):
-            serve.run(app(AppArgs(model_dir=str(model_dir), num_cpus=cpus, max_batch_size=batch,
-                                  max_queued_requests=256)),
+        for i, (mode, given) in enumerate(modes.items()):
+            serve.run(app(AppArgs(model_dir=str(model_dir), num_cpus=cpus,
+                                  max_queued_requests=256, **given)),
                       name=f"bench{i}", route_prefix=f"/{i}", blocking=False)
             urls[mode] = f"http://127.0.0.1:{port}/{i}"
             health = httpx.get(f"{urls[mode]}/healthz", timeout=60).json()
@@ -159,21 +169,23 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(level(urls[mode], 2, 2, 16))  # warm up
         top = max(args.clients)
         for clients in args.clients:
-            for mode, batch in modes.items():
+            for mode, given in modes.items():
                 # about the same number of requests at every level (>= rounds per client)
                 per_client = max(args.rounds, args.rounds * top // (4 * clients))
                 before = httpx.get(f"{urls[mode]}/healthz", timeout=60).json()
                 r = asyncio.run(level(urls[mode], clients, per_client, args.max_tokens))
                 health = httpx.get(f"{urls[mode]}/healthz", timeout=60).json()
-                r.update(mode=mode, max_batch_size=batch, load_avg=os.getloadavg()[0],
+                r.update(mode=mode, max_batch_size=given["max_batch_size"],
+                         load_avg=os.getloadavg()[0],
                          recent_batch_sizes=health["batches"]["recent"][-8:],
-                         **steps(before, health))
+                         **steps(before, health, r["wall_s"]))
                 results.append(r)
                 print(f"{mode:>17} {clients:3d} clients: {r['tokens_per_s']:7.1f} tok/s  "
                       f"p50 {r['p50_s']:6.2f} s  p99 {r['p99_s']:6.2f} s  "
                       f"TTFT p50 {r['ttft_p50_s']:5.2f} s p99 {r['ttft_p99_s']:5.2f} s  "
-                      f"({r['requests']} requests, rows per step {r['recent_batch_sizes']}, "
-                      f"step {r['step_ms']:.2f} ms, gap {r['gap_ms']:.2f} ms, "
+                      f"({r['requests']} requests, {r['rows_per_step']:.1f} rows a step, last "
+                      f"{r['recent_batch_sizes']}, step {r['step_ms']:.2f} ms, gap "
+                      f"{r['gap_ms']:.2f} ms, decode thread busy {100 * r['busy']:.0f} %, "
                       f"load {r['load_avg']:.1f})", flush=True)
     serve.shutdown()
     ray.shutdown()
@@ -185,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'bs=1 TTFT p50/p99':>17}")
     summary = []
     for clients in args.clients:
-        b = next(r for r in results if r["clients"] == clients and r["max_batch_size"] == 16)
-        o = next(r for r in results if r["clients"] == clients and r["max_batch_size"] == 1)
+        b, o = (next(r for r in results if r["clients"] == clients and r["mode"] == mode)
+                for mode in ("batched", "max_batch_size=1"))
         ratio = b["tokens_per_s"] / o["tokens_per_s"]
         summary.append({"clients": clients, "throughput_ratio": ratio,
                         "batched_p99_over_p50": b["p99_s"] / b["p50_s"]})
@@ -194,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{ratio:5.2f} | {b['p50_s']:7.2f} / {b['p99_s']:7.2f} | "
               f"{o['p50_s']:6.2f} / {o['p99_s']:6.2f} | {b['ttft_p50_s']:9.2f} / "
               f"{b['ttft_p99_s']:8.2f} | {o['ttft_p50_s']:7.2f} / {o['ttft_p99_s']:7.2f}")
+        if args.ongoing_ref:  # the default max_ongoing_requests against the given one
+            ref = next(r for r in results if r["clients"] == clients
+                       and r["mode"] == f"ongoing={args.ongoing_ref}")
+            summary[-1]["vs_ongoing_ref"] = b["tokens_per_s"] / ref["tokens_per_s"]
+            print(f"{'':7} | max_ongoing_requests={args.ongoing_ref}: {ref['tokens_per_s']:.1f}"
+                  f" tok/s, {ref['rows_per_step']:.1f} rows a step; the default "
+                  f"{b['rows_per_step']:.1f}: x{summary[-1]['vs_ongoing_ref']:.2f}")
     last = summary[-1]
     print(f"\ntarget at {last['clients']} clients: >= 4x throughput (got "
           f"{last['throughput_ratio']:.2f}x), p99 <= 2x p50 (got "

@@ -189,7 +189,7 @@ def serve_levels(device: str, clients: list[int], quick: bool) -> list[dict]:
                 before = httpx.get(f"{url}/healthz", timeout=60).json()
                 row = asyncio.run(level(url, c, 2 if c < 64 else 1, 64))
                 after = httpx.get(f"{url}/healthz", timeout=60).json()
-                levels.append({**row, **steps(before, after)})
+                levels.append({**row, **steps(before, after, row["wall_s"])})
             return levels
     finally:
         serve.shutdown()
@@ -214,7 +214,8 @@ def table(results: dict) -> str:
         lines.append(f"  serve {r['clients']:>3} clients  {r['tokens_per_s']:>9,.0f} tok/s  "
                      f"TTFT p50 {1e3 * r['ttft_p50_s']:.0f} ms p99 {1e3 * r['ttft_p99_s']:.0f}"
                      f" ms  latency p50 {r['p50_s']:.2f} s  step {r.get('step_ms', 0):.2f}"
-                     f" ms, gap {r.get('gap_ms', 0):.2f} ms")
+                     f" ms, gap {r.get('gap_ms', 0):.2f} ms, {r.get('rows_per_step', 0):.1f} "
+                     f"rows, busy {100 * r.get('busy', 0):.0f} %")
     for part in ("decode", "profile", "serve"):
         if f"{part}_error" in results:
             lines.append(f"  {part}: FAIL {results[f'{part}_error']}")

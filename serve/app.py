@@ -153,9 +153,10 @@ class GPT2Server:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        """Liveness; rows decoding and jobs waiting; rows per recent decode step; seconds in
-        all steps and in the gaps between them while rows decode (a client takes the
-        differences over its own window: bench/bench_serve.py's `steps`)."""
+        """Liveness; rows decoding and jobs waiting; rows per recent decode step; the steps
+        and their rows in all, seconds in all steps and in the gaps between them while rows
+        decode (a client takes the differences over its own window: bench/bench_serve.py's
+        `steps`)."""
         self.check_health()
         sizes = list(self.scheduler.batch_sizes)
         s = self.scheduler
@@ -166,7 +167,8 @@ class GPT2Server:
                 "running": len(self.scheduler.decoder.rows),
                 "waiting": len(self.scheduler.waiting),
                 "batches": {"count": self.scheduler.steps, "max_size": max(sizes, default=0),
-                            "recent": sizes[-32:], "step_seconds": s.step_seconds,
+                            "recent": sizes[-32:], "rows": s.stepped_rows,
+                            "step_seconds": s.step_seconds,
                             "gaps": s.gaps, "gap_seconds": s.gap_seconds}}
 
     @api.get("/v1/models", response_model=ModelList)

@@ -45,8 +45,10 @@ class AppArgs(BaseModel):
     body_limit: int = Field(64 * 1024, ge=1024)
     """largest request body in bytes; a bigger one gets 413"""
     max_ongoing_requests: int | None = Field(None, ge=1)
-    """requests one replica holds at once; None: 2 x max_batch_size (a full batch decoding
-    and as many waiting to join as rows free up)"""
+    """requests one replica holds at once; None: 4 x max_batch_size (a full batch decoding and
+    three more waiting in the replica to join as rows free up: Serve's router, once a replica
+    is full, retries after a backoff of up to 0.5 s, longer than a GPU takes to decode a
+    64-token batch, so a shallower queue leaves rows empty)"""
     max_queued_requests: int = Field(64, ge=-1)
     """requests waiting for a replica before Serve answers 503 with Retry-After; -1: no limit"""
     stuck_after_s: float = Field(60.0, gt=0)
@@ -56,4 +58,4 @@ class AppArgs(BaseModel):
     @property
     def ongoing_requests(self) -> int:
         """max_ongoing_requests, derived from max_batch_size unless given."""
-        return self.max_ongoing_requests or 2 * self.max_batch_size
+        return self.max_ongoing_requests or 4 * self.max_batch_size

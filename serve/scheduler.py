@@ -42,7 +42,7 @@ class Scheduler:
         self.step_seconds = self.gap_seconds = 0.0
         self.gaps = 0
         self._ended: float | None = None  # when the last step ended, rows still decoding
-        self.steps = 0  # decode steps so far
+        self.steps = self.stepped_rows = 0  # decode steps so far, and their rows in all
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         # One thread for every step, not asyncio's pool: torch's OpenMP keeps a team of worker
@@ -107,6 +107,7 @@ class Scheduler:
             if self.on_step is not None:
                 self.on_step(len(self.decoder.rows), len(self.waiting))
             self.steps += 1
+            self.stepped_rows += len(deltas)
             self.batch_sizes.append(len(deltas))
             for key, delta in deltas:
                 if key in self.queues:

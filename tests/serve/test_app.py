@@ -107,7 +107,7 @@ def test_16_concurrent_requests_succeed_and_are_batched(client, server):
         return httpx.post(f"{server}/v1/completions", timeout=120,
                           json={"prompt": f"Request {i}:", "max_tokens": 24, "seed": i})
 
-    before = client.get("/healthz").json()["batches"]["count"]
+    before, before_rows = (client.get("/healthz").json()["batches"][k] for k in ("count", "rows"))
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(ask, range(16)))
     assert [r.status_code for r in responses] == [200] * 16
@@ -120,6 +120,8 @@ def test_16_concurrent_requests_succeed_and_are_batched(client, server):
     assert tokens > 16 and steps <= tokens / 4, (steps, tokens, new)
     # the step's time and the event loop's gap between steps, as a GPU run reads them
     assert batches["step_seconds"] > 0 and batches["gaps"] > 0 and batches["gap_seconds"] > 0
+    # rows over all steps: a token each, and one more for each row that ended at eos
+    assert tokens <= batches["rows"] - before_rows <= tokens + 16
 
 
 def test_a_disconnected_stream_stops_decoding(client, server):

@@ -31,7 +31,7 @@ def test_config_args_are_the_builder_args():
 def test_max_ongoing_requests_follows_max_batch_size(model_dir):
     from serve.app import AppArgs, app
 
-    for batch, given, expected in [(16, None, 32), (4, None, 8), (4, 3, 3)]:
+    for batch, given, expected in [(16, None, 64), (4, None, 16), (4, 3, 3)]:
         built = app(AppArgs(model_dir=str(model_dir), max_batch_size=batch,
                             max_ongoing_requests=given))
         assert built._bound_deployment._deployment_config.max_ongoing_requests == expected
