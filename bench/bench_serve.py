@@ -46,8 +46,8 @@ def machine() -> dict:
 
 def steps(before: dict, after: dict, wall_s: float) -> dict:
     """From a replica's /healthz before and after a level of `wall_s` seconds: the mean ms of
-    its decode steps and of the gaps between them while rows decode (the event loop's round
-    trip, when a GPU would sit idle), the mean rows a step, and how busy the decode thread
+    its decode steps and of the gaps between them while rows decode (the decode thread's
+    work between steps, when a GPU would sit idle), the mean rows a step, and how busy it
     was (the share of the level's wall time spent in steps)."""
     a, b = after["batches"], before["batches"]
     count = max(1, a["count"] - b["count"])

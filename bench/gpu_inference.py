@@ -9,7 +9,8 @@ In the order they run (Serve first: a run cut short by its budget keeps the head
    OpenAI's vocabulary, streaming clients at 1, 16 and 64 concurrent (64 new tokens, top_p
    0.9): tokens/s, time to first token p50/p99 (bench/bench_serve.py's client), and from the
    replica's /healthz the mean decode step and the mean gap between steps over the level (the
-   event loop's round trip, when the GPU idles);
+   decode thread's own work between steps, when the GPU idles), the rows a step and the
+   decode thread's busy share;
 2. profile: one decoding step of the engine at 1 and 16 rows, eager and compiled, and of
    Serve's Decoder at 1 and 16 rows, under torch.profiler: kernels launched, device-to-host
    copies and host syncs per step, CPU and device ms per step;

@@ -98,6 +98,11 @@ class GPT2Server:
                         decoder.engine.sizes, seconds)
         self.created = int(time.time())
 
+    def __del__(self) -> None:
+        """Serve deletes the replica: its decode thread stops after the step it is in."""
+        if hasattr(self, "scheduler"):
+            self.scheduler.close()
+
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy (replaced)."""
         self.scheduler.check(self.args.stuck_after_s)

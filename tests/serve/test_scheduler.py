@@ -53,6 +53,27 @@ def test_a_late_request_joins_the_running_batch(tok, model):
     assert s._ended is None
 
 
+def test_the_decode_thread_steps_on_while_the_event_loop_is_busy(tok, model):
+    """The next step does not wait for the event loop to route the last one's Deltas (on a
+    GPU it would idle meanwhile): with the loop blocked, the rows still advance."""
+    import time
+
+    async def main():
+        s = Scheduler(Decoder(model, tok, 2))
+        task = asyncio.create_task(collect(s, Generation(tok.encode("ROMEO:"), 120, seed=1)))
+        while s.steps < 3:
+            await asyncio.sleep(0.001)
+        before = s.steps
+        time.sleep(0.5)  # the event loop busy (blocked): nothing routed meanwhile
+        during = s.steps - before
+        text = await task
+        return during, text
+
+    during, text = asyncio.run(main())
+    assert during >= 10, during  # a step of this model takes ~1 ms
+    assert text[1:] == ("length", 120)
+
+
 def test_a_reader_that_goes_away_frees_its_row(tok, model):
     async def main():
         s = Scheduler(Decoder(model, tok, 2))
@@ -64,7 +85,8 @@ def test_a_reader_that_goes_away_frees_its_row(tok, model):
 
     s, text = asyncio.run(main())
     assert text[1:] == ("length", 3)
-    assert s.steps < 10 and s.decoder.rows == [] and not s.queues
+    # the row left the batch long before its 100 tokens (the decode thread runs on meanwhile)
+    assert s.steps < 50 and s.decoder.rows == [] and not s.queues
 
 
 def test_a_failing_step_fails_its_requests_and_the_next_ones_work(tok, model):
@@ -139,15 +161,25 @@ def test_check_fails_while_a_step_is_stuck_and_recovers(tok, model):
     asyncio.run(main())
 
 
-def test_check_fails_when_the_decode_loop_died(tok, model):
+def test_check_fails_when_the_decode_loop_died_and_its_requests_fail(tok, model):
     async def main():
         s = Scheduler(Decoder(model, tok, 2))
-        s.cancelled = None  # the loop's next admission fails outside its error handling
-        s._task = asyncio.create_task(s._loop())
-        await asyncio.sleep(0.01)
-        s._wake.set()
-        await asyncio.sleep(0.1)
+
+        def broken():  # the thread's admission fails outside a step's error handling
+            raise KeyError("a bug")
+
+        s._admit = broken
+        with pytest.raises(KeyError, match="a bug"):  # the request fails, it does not hang
+            await asyncio.wait_for(collect(s, Generation(tok.encode("ROMEO:"), 3, seed=1)), 30)
         with pytest.raises(RuntimeError, match="decode loop died"):
             s.check(stuck_after_s=60)
 
     asyncio.run(main())
+
+
+def test_close_stops_the_decode_thread(tok, model):
+    s = Scheduler(Decoder(model, tok, 2))
+    assert s._thread.is_alive()
+    s.close()
+    s._thread.join(timeout=10)
+    assert not s._thread.is_alive() and s.died is None
