@@ -27,7 +27,7 @@ def test_flags_are_the_app_args_fields_with_their_defaults():
     assert defaults["model_dir"] == "m"  # --model_path is model_dir's older spelling
     assert parser.parse_args(["--model_dir", "m", "--gpus", "1"]).num_gpus == 1.0
     text = " ".join(parser.format_help().split("options:")[1].split())
-    for flag in ("max_batch_size", "max_tokens_cap", "body_limit", "batch_wait_timeout_s"):
+    for flag in ("max_batch_size", "max_tokens_cap", "body_limit", "stuck_after_s"):
         help_line = text[text.index(f"--{flag} "):]
         help_line = help_line[:help_line.index("(default:") + 40].split(" --")[0]
         assert help_line.count("default") == 1, help_line  # once, by the formatter
