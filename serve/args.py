@@ -48,8 +48,8 @@ class AppArgs(BaseModel):
     max_ongoing_requests: int | None = Field(None, ge=1)
     """requests one replica holds at once; None: 4 x max_batch_size (a full batch decoding and
     three more waiting in the replica to join as rows free up: Serve's router, once a replica
-    is full, retries after a backoff of up to 0.5 s, longer than a GPU takes to decode a
-    64-token batch, so a shallower queue leaves rows empty)"""
+    is full, retries after a backoff of up to 0.5 s, so with 2x a batch of 16 ran 8.5 rows a
+    step at 64 clients on the CPU stand-in)"""
     max_queued_requests: int = Field(64, ge=-1)
     """requests waiting for a replica before Serve answers 503 with Retry-After; -1: no limit"""
     stuck_after_s: float = Field(60.0, gt=0)
