@@ -16,6 +16,7 @@ Run:
     .venv/bin/python bench/bench_serve.py               # full, ~3 min on 2 CPU cores
     .venv/bin/python bench/bench_serve.py --smoke-test  # a tiny model, seconds
     .venv/bin/python bench/bench_serve.py --standin --clients 1 16  # launch-bound stand-in
+    .venv/bin/python bench/bench_serve.py --standin --ref max_ongoing_requests=32  # A/B a field
 It prints a table and writes JSON (default bench/results/bench_serve.json) naming the machine.
 """
 
