@@ -64,6 +64,8 @@ class Scheduler:
         (CUDA graphs are kept per thread); the seconds it took."""
         done: Future = Future()
         self._inbox.put(("call", self.decoder.warm_up, done))
+        if self.died is not None:  # nobody takes it (set before the thread's last drain)
+            raise self._death()
         return done.result()
 
     def close(self) -> None:
@@ -76,6 +78,9 @@ class Scheduler:
         key, items = object(), asyncio.Queue()
         self.queues[key] = items
         self._inbox.put(("job", key, job))
+        if self.died is not None:  # nobody takes it (set before the thread's last drain)
+            del self.queues[key]
+            raise self._death()
         finished = False
         try:
             while not finished:
@@ -93,11 +98,14 @@ class Scheduler:
         """Raise RuntimeError when the decode thread died or one step has run `stuck_after_s`
         seconds (a hung kernel, a deadlock): Serve's health check then replaces the replica."""
         if self.died is not None:
-            raise RuntimeError(f"the decode loop died: {self.died!r}")
+            raise self._death()
         started = self.step_started
         if started is not None and time.monotonic() - started > stuck_after_s:
             raise RuntimeError(f"a decode step has run {time.monotonic() - started:.0f} s, "
                                f"over {stuck_after_s} s: the decode thread is stuck")
+
+    def _death(self) -> RuntimeError:
+        return RuntimeError(f"the decode loop died: {self.died!r}")
 
     # --- on the decode thread ---
 
@@ -108,8 +116,17 @@ class Scheduler:
                 if self.decoder.rows or new:
                     self._step(new)
         except BaseException as e:  # a bug outside a step's handling: fail every request
-            self.died = e
+            self.died = e  # first: a request sent after the drain below refuses itself
             keys = [row.key for row in self.decoder.rows] + [key for key, _ in self.waiting]
+            while True:  # and what was sent already
+                try:
+                    message = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if message[0] == "job":
+                    keys.append(message[1])
+                elif message[0] == "call":
+                    message[2].set_exception(self._death())
             self._send([(key, e) for key in keys])
 
     def _take(self, block: bool) -> bool:

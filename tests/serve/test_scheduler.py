@@ -173,6 +173,10 @@ def test_check_fails_when_the_decode_loop_died_and_its_requests_fail(tok, model)
             await asyncio.wait_for(collect(s, Generation(tok.encode("ROMEO:"), 3, seed=1)), 30)
         with pytest.raises(RuntimeError, match="decode loop died"):
             s.check(stuck_after_s=60)
+        with pytest.raises(RuntimeError, match="decode loop died"):  # at once, not a hang
+            await asyncio.wait_for(collect(s, Generation(tok.encode("What"), 3, seed=2)), 30)
+        with pytest.raises(RuntimeError, match="decode loop died"):
+            s.warm_up()  # nobody would answer it
 
     asyncio.run(main())
 
