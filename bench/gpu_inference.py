@@ -19,6 +19,10 @@ In the order they run (Serve first: a run cut short by its budget keeps the head
    gpt2core.engine.Engine kept across runs with its step compiled (CUDA graphs: how Serve and
    `gpt2 generate` decode on GPUs), transformers' generate (eager; and with its static cache
    + compile).
+4. gil: Serve's Decoder step at 1 and 16 rows (compiled on CUDA, as a replica runs it) with
+   another Python thread idle, busy half of every 2 ms, and busy throughout: what sharing the
+   GIL with a busy event loop costs the decode thread (each GIL hand-off waits for the other
+   thread; an eager step hands off once per op, a CUDA-graph step a few times).
 
 Targets (issue 26, one H200): batch-1 greedy >= 1,000 tokens/s and >= 2x transformers' eager
 generate at batch 1, 8 and 32; served 16 clients >= 10x one client and >= 3,000 tokens/s, 64
@@ -157,6 +161,46 @@ def profile_step(device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def gil_steps(device: str, quick: bool) -> list[dict]:
+    """Median ms of Serve's Decoder step beside a Python thread busy 0, 50 and 100 % of the
+    time (1 ms busy, 1 ms asleep at 50 %)."""
+    import statistics
+    import threading
+
+    from gpt2core import Tokenizer
+    from serve.batching import Decoder, Generation
+
+    model = make_model(device, quick)
+    tok = Tokenizer.from_pretrained(ROOT / "tests" / "assets" / "gpt2")
+    out = []
+    for rows_n in (1, 16):
+        decoder = Decoder(model, tok, rows_n, compile=device == "cuda")
+        decoder.warm_up()
+        decoder.step([(i, Generation([1, 2, 3, 4], 200, seed=i)) for i in range(rows_n)])
+        row = {"rows": rows_n}
+        for duty in (0.0, 0.5, 1.0):
+            stop = threading.Event()
+
+            def busy(duty=duty, stop=stop) -> None:  # pure Python, as an event loop runs
+                while not stop.is_set():
+                    start = time.perf_counter()
+                    while time.perf_counter() - start < 1e-3:
+                        pass
+                    if duty < 1:
+                        time.sleep(1e-3)
+
+            other = threading.Thread(target=busy, daemon=True)
+            if duty:
+                other.start()
+            times = [timed(device, decoder.step) for _ in range(15)]
+            stop.set()
+            if duty:
+                other.join()
+            row[f"busy_{int(100 * duty)}_ms"] = 1e3 * statistics.median(times[3:])
+        out.append(row)
+    return out
+
+
 def serve_levels(device: str, clients: list[int], quick: bool) -> list[dict]:
     """The Serve app on one replica (the GPU, when there is one), streaming clients."""
     import asyncio
@@ -217,7 +261,11 @@ def table(results: dict) -> str:
                      f" ms  latency p50 {r['p50_s']:.2f} s  step {r.get('step_ms', 0):.2f}"
                      f" ms, gap {r.get('gap_ms', 0):.2f} ms, {r.get('rows_per_step', 0):.1f} "
                      f"rows, busy {100 * r.get('busy', 0):.0f} %")
-    for part in ("decode", "profile", "serve"):
+    for r in results.get("gil", []):
+        lines.append(f"  step beside a busy Python thread, rows {r['rows']:>2}: idle "
+                     f"{r['busy_0_ms']:.2f} ms, busy half {r['busy_50_ms']:.2f} ms, busy "
+                     f"{r['busy_100_ms']:.2f} ms")
+    for part in ("decode", "profile", "serve", "gil"):
         if f"{part}_error" in results:
             lines.append(f"  {part}: FAIL {results[f'{part}_error']}")
     return "\n".join(lines)
@@ -226,12 +274,13 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from gpu_check import part_parser, run_parts
 
-    args = part_parser(__doc__, "gpu_inference", "decode profile serve").parse_args(argv)
+    args = part_parser(__doc__, "gpu_inference", "decode profile serve gil").parse_args(argv)
     new_tokens = 16 if args.quick else 128
     # the headline first: a run cut short by its budget loses transformers' compiles, last
     parts = {"serve": lambda: serve_levels(args.device, [1, 16, 64], args.quick),
              "profile": lambda: profile_step(args.device, args.quick),
-             "decode": lambda: decode(args.device, [1, 8, 32, 128], new_tokens, args.quick)}
+             "decode": lambda: decode(args.device, [1, 8, 32, 128], new_tokens, args.quick),
+             "gil": lambda: gil_steps(args.device, args.quick)}
     parts = {k: v for k, v in parts.items() if k not in args.skip}
     return run_parts(parts, {"device": args.device}, Path(args.json), table)
 

@@ -111,7 +111,8 @@ def test_the_training_part_runs_end_to_end_on_a_cpu(tmp_path):
 @pytest.mark.slow
 def test_the_inference_part_runs_end_to_end_on_a_cpu(tmp_path):
     """bench/gpu_inference.py --device cpu --quick: decode beside transformers, the per-step
-    profile and the Serve app (compiled, as on a GPU) under 1, 16 and 64 clients, tiny."""
+    profile, the Serve app (compiled, as on a GPU) under 1, 16 and 64 clients, and the step
+    beside a busy Python thread, tiny."""
     out = tmp_path / "inference.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_inference.py"),
                            "--device", "cpu", "--quick", "--json", str(out)],
@@ -130,3 +131,6 @@ def test_the_inference_part_runs_end_to_end_on_a_cpu(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["gap_ms"] > 0
                for r in result["serve"])  # the replica's step, and the gap between steps
     assert "serve  64 clients" in done.stdout
+    assert [r["rows"] for r in result["gil"]] == [1, 16]  # the step beside a busy thread
+    assert all(r["busy_0_ms"] > 0 and r["busy_100_ms"] > 0 for r in result["gil"])
+    assert "step beside a busy Python thread, rows 16" in done.stdout
