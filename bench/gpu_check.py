@@ -12,7 +12,8 @@
 3. inference, in a fresh process (bench/gpu_inference.py): greedy decode tokens/s at batch 1,
    8, 32 and 128 (gpt2core.generate, a compiled engine, transformers eager and static-cache),
    a per-step profile (kernels, copies, syncs, ms) of the engine and of Serve's Decoder, and
-   the Serve app on the GPU under 1, 16 and 64 streaming clients (tokens/s, TTFT p50/p99).
+   the Serve app on the GPU under 1, 16 and 64 streaming clients (tokens/s, TTFT p50/p99),
+   and Serve's step beside a busy Python thread (the GIL).
 4. evaluate on the GPU (pipelines/evaluate.py --smoke-test: a tiny model with and without Ray)
 5. a Serve completion request to a replica given one GPU
 
