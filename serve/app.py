@@ -163,15 +163,15 @@ class GPT2Server:
         decode (a client takes the differences over its own window: bench/bench_serve.py's
         `steps`)."""
         self.check_health()
-        sizes = list(self.scheduler.batch_sizes)
         s = self.scheduler
+        sizes = list(s.batch_sizes)
         return {"status": "ok", "model": self.model_name, "pid": os.getpid(),
                 "dtype": inference_dtype(self.model),
                 "n_positions": self.n_positions,
                 "max_tokens_cap": self.max_tokens_cap, "torch_threads": self.threads,
-                "running": len(self.scheduler.decoder.rows),
-                "waiting": len(self.scheduler.waiting),
-                "batches": {"count": self.scheduler.steps, "max_size": max(sizes, default=0),
+                "running": len(s.decoder.rows),
+                "waiting": len(s.waiting),
+                "batches": {"count": s.steps, "max_size": max(sizes, default=0),
                             "recent": sizes[-32:], "rows": s.stepped_rows,
                             "step_seconds": s.step_seconds,
                             "gaps": s.gaps, "gap_seconds": s.gap_seconds}}

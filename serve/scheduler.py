@@ -63,9 +63,7 @@ class Scheduler:
         """The decoder's compiled steps, made on the decode thread before the first request
         (CUDA graphs are kept per thread); the seconds it took."""
         done: Future = Future()
-        self._inbox.put(("call", self.decoder.warm_up, done))
-        if self.died is not None:  # nobody takes it (set before the thread's last drain)
-            raise self._death()
+        self._post(("call", self.decoder.warm_up, done))
         return done.result()
 
     def close(self) -> None:
@@ -77,12 +75,9 @@ class Scheduler:
         self._loop = asyncio.get_running_loop()
         key, items = object(), asyncio.Queue()
         self.queues[key] = items
-        self._inbox.put(("job", key, job))
-        if self.died is not None:  # nobody takes it (set before the thread's last drain)
-            del self.queues[key]
-            raise self._death()
         finished = False
         try:
+            self._post(("job", key, job))
             while not finished:
                 item = await items.get()
                 if isinstance(item, BaseException):
@@ -103,6 +98,13 @@ class Scheduler:
         if started is not None and time.monotonic() - started > stuck_after_s:
             raise RuntimeError(f"a decode step has run {time.monotonic() - started:.0f} s, "
                                f"over {stuck_after_s} s: the decode thread is stuck")
+
+    def _post(self, message: tuple) -> None:
+        """Send the decode thread a message; raise when it died, so nothing waits on it (a
+        message sent before its last drain of the inbox is failed there)."""
+        self._inbox.put(message)
+        if self.died is not None:
+            raise self._death()
 
     def _death(self) -> RuntimeError:
         return RuntimeError(f"the decode loop died: {self.died!r}")
@@ -170,21 +172,18 @@ class Scheduler:
         if self._ended is not None:
             self.gap_seconds += start - self._ended
             self.gaps += 1
-        failed = False
         try:
             out: list = self.decoder.step(new)
         except AdmitFailed as e:  # only the newcomers fail; the running rows go on
             out = e.deltas + [(key, e.__cause__) for key in e.keys]
         except Exception as e:  # fail this batch's requests, keep serving the next ones
             self.decoder.reset()
-            out, failed = [(key, e) for key in keys], True
+            self._send([(key, e) for key in keys])
+            return
         finally:
             end, self.step_started = time.monotonic(), None
-        self.step_seconds += end - start
-        self._ended = end if self.decoder.rows else None
-        if failed:
-            self._send(out)
-            return
+            self.step_seconds += end - start
+            self._ended = end if self.decoder.rows else None
         rows = sum(isinstance(item, Delta) for _, item in out)
         self.steps += 1
         self.stepped_rows += rows
