@@ -188,9 +188,24 @@ class LocalCluster:
                 node.wait(timeout=30)
 
 
+class CountingTokenizer:
+    """A tokenizer that notes how many ids each decode is given (the rest is the tokenizer's)."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def decode(self, ids, **kwargs):
+        self.lengths.append(len(ids))
+        return self.tok.decode(ids, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
 @pytest.fixture(scope="session")
 def tools():
     """The helpers above, for test modules (conftest is not importable under importlib mode)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(LocalCluster=LocalCluster, free_port=free_port, wait_port=wait_port)
+    return SimpleNamespace(LocalCluster=LocalCluster, free_port=free_port, wait_port=wait_port,
+                           CountingTokenizer=CountingTokenizer)

@@ -38,20 +38,9 @@ def test_text_stream_cuts_at_a_stop_string_across_tokens(tok):
     assert not any("l" in p for p in pieces)  # the held-back start of the stop never leaked
 
 
-class CountingTokenizer:
-    """The tokenizer, noting how many ids each decode is given."""
-
-    def __init__(self, tok):
-        self.tok, self.lengths = tok, []
-
-    def decode(self, ids, **kwargs):
-        self.lengths.append(len(ids))
-        return self.tok.decode(ids, **kwargs)
-
-
-def test_text_stream_decodes_a_few_tokens_per_push_however_long_the_text(tok):
+def test_text_stream_decodes_a_few_tokens_per_push_however_long_the_text(tok, tools):
     ids = tok.encode(" ".join(TEXTS) * 12)
-    counting = CountingTokenizer(tok)
+    counting = tools.CountingTokenizer(tok)
     ts = TextStream(counting, stop=("zzz",))
     text = "".join(ts.push(i) for i in ids) + ts.finish()
     assert len(ids) > 400 and text == tok.decode(ids)

@@ -171,26 +171,18 @@ def test_multibyte_characters_print_whole(tok, monkeypatch):
     assert "\ufffd" not in "".join(out.parts) and "你" in out.parts
 
 
-def test_a_long_continuation_decodes_a_few_tokens_per_token(tok, monkeypatch, capsys):
+def test_a_long_continuation_decodes_a_few_tokens_per_token(tok, monkeypatch, capsys, tools):
     """Printing token by token does not decode the whole continuation each time (the host work
     per token on a GPU would grow with its length)."""
     import gpt2core
 
     tokens = tok.encode("ROMEO: What light through yonder window breaks? 你好 " * 30)
     monkeypatch.setattr(gpt2core, "stream", lambda *a, **k: iter(tokens))
-    lengths = []
-
-    class Counting:
-        eos_id, encode = tok.eos_id, tok.encode
-
-        def decode(self, ids, **kwargs):
-            lengths.append(len(ids))
-            return tok.decode(ids, **kwargs)
-
+    counting = tools.CountingTokenizer(tok)
     cfg = gen.GenerateConfig(model_path="unused")
-    text = gen.generate_text(None, Counting(), "x", cfg, limit=10_000, seed=0, out=sys.stdout)
+    text = gen.generate_text(None, counting, "x", cfg, limit=10_000, seed=0, out=sys.stdout)
     assert len(tokens) > 300 and text == tok.decode(tokens) == capsys.readouterr().out
-    assert max(lengths) <= 6
+    assert max(counting.lengths) <= 6
 
 
 def test_dtype_int8_generates_what_an_int8_gpt2core_model_does(model_dir, tok, capsys):
